@@ -1,0 +1,54 @@
+"""The ``ktc`` command line. Sub-commands load lazily, so ``ktc --help`` imports neither torch nor timm.
+
+Errors a user can cause are ``kt_cache.errors.KtError`` s; they are printed as one paragraph without a
+traceback, with exit code 2 for usage errors and 1 for runtime failures.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from kt_cache.errors import KtError
+
+COMMANDS = {
+    "extract": ("kt_cache.cli_extract", "extract", "Run teachers over a dataset into a Zarr v3 store."),
+    "info": ("kt_cache.cli_info", "info", "Describe a store: teachers, outputs, completion, bytes."),
+}
+
+
+class KtcGroup(click.Group):
+    """A click group with lazily imported sub-commands and ktc's error policy."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attr, _ = COMMANDS[name]
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, help_text) for name, (_, _, help_text) in COMMANDS.items()]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KtError as err:
+            failure = click.ClickException(str(err))
+            failure.exit_code = err.exit_code
+            raise failure from None
+
+
+@click.group(cls=KtcGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ktc")
+def cli() -> None:
+    """ktc: knowledge transfer from many pretrained vision models through one shared teacher cache."""
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,98 @@
+"""``ktc extract``: options -> ``kt_cache.extract`` -> a printed plan or run summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from kt_cache.extract import ExtractOptions, parse_bytes
+
+
+@click.command()
+@click.option("--manifest", "-m", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Teachers manifest (YAML, data only); see docs/manifest.md.")
+@click.option("--out", "-o", type=click.Path(path_type=Path), help="Store path; overrides the manifest's `store`.")
+@click.option("--dry-run", is_flag=True, help="Resolve every teacher offline and print the plan; load no weights.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Images per decode batch (each with all its views); teachers split it by their own batch_size.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0), help="DataLoader decode workers.")
+@click.option("--limit", type=click.IntRange(min=1), help="Use only N samples (the first N rows of the recorded order).")
+@click.option("--only", multiple=True, metavar="ID", help="Run only these teacher ids (repeatable).")
+@click.option("--overwrite", multiple=True, metavar="ID", help="Recompute these teachers even if stored (repeatable).")
+@click.option("--max-teacher-memory", default="8GB", show_default=True,
+              help="Parameter memory per wave; teachers beyond it run in later passes over the data.")
+@click.option("--strict", is_flag=True, help="Fail at the first unreadable image instead of recording it.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def extract(manifest: Path, out: Path | None, dry_run: bool, device: str, batch_size: int, workers: int,
+            limit: int | None, only: tuple[str, ...], overwrite: tuple[str, ...], max_teacher_memory: str,
+            strict: bool, no_progress: bool) -> None:
+    """Run the manifest's teachers once over the dataset and write one Zarr v3 store.
+
+    Rerunning the same command resumes; a manifest with more teachers adds only the new ones.
+    """
+    from kt_cache.extract import build_plan, run_extract
+
+    options = ExtractOptions(manifest=manifest, out=out, device=device, batch_size=batch_size, workers=workers,
+                             limit=limit, only=only, overwrite=overwrite, strict=strict, dry_run=dry_run,
+                             max_teacher_memory=parse_bytes(max_teacher_memory), progress=not no_progress)
+    if dry_run:
+        click.echo(format_plan(build_plan(options)))
+        return
+    report = run_extract(options)
+    click.echo(format_report(report))
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def output_shapes(plan, n: int, views: int) -> list[tuple[str, tuple[int, ...], str, int]]:
+    from kt_cache.store import teacher_array_specs
+
+    return [(s.path, (n, *s.row_shape), s.dtype, n * s.row_bytes) for s in teacher_array_specs(plan, views)]
+
+
+def format_plan(plan) -> str:
+    """The dry-run plan: dataset, views, teachers with shapes, waves, estimated store size."""
+    views = plan.manifest.views
+    lines = [f"store     {plan.out}",
+             f"dataset   {plan.listing.description.get('kind')} {plan.listing.root}: {plan.n_samples} images "
+             f"({len(plan.listing.ids)} listed, {len(plan.listing.ignored)} non-image files ignored), "
+             f"{len(plan.listing.class_names)} target classes",
+             f"views     {views.count} per image (view 0 centre crop {views.center_crop}, seed {views.seed})",
+             f"teachers  {len(plan.plans)}"]
+    total = 0
+    for p in plan.plans:
+        lines.append(f"  {p.id}  [{p.spec.source} {p.spec.model}, {p.spec.role}]  input {p.input_size[1]}x"
+                     f"{p.input_size[2]} {p.interpolation}  weights {p.weights}  params {human_bytes(p.param_bytes)}")
+        for path, shape, dtype, nbytes in output_shapes(p, plan.n_samples, views.count):
+            lines.append(f"      {path:<20} {str(list(shape)):<24} {dtype:<8} {human_bytes(nbytes)}")
+            total += nbytes
+    lines.append(f"waves     {len(plan.waves)}")
+    for i, wave in enumerate(plan.waves, 1):
+        lines.append(f"  wave {i}: {', '.join(p.id for p in wave)} "
+                     f"({human_bytes(sum(p.param_bytes for p in wave))} of parameters)")
+    lines.append(f"estimated store size  {human_bytes(total)} before compression (zstd usually saves 5-30 %)")
+    return "\n".join(lines)
+
+
+def format_report(report) -> str:
+    """Run summary: per-teacher timing table, failures, throughput."""
+    lines = [f"store {report.plan.out}: {report.rows} images processed in {report.wall_s:.1f} s "
+             f"({report.rows / report.wall_s if report.wall_s else 0:.1f} images/s over all waves)"]
+    lines.append(f"{'teacher':<28} {'status':<10} {'load s':>8} {'forward s':>10} {'views':>8} {'views/s':>9}")
+    for teacher_id, status in report.statuses.items():
+        t = report.timings.get(teacher_id, {})
+        lines.append(f"{teacher_id:<28} {status:<10} {t.get('load_s', 0):>8.2f} {t.get('forward_s', 0):>10.2f} "
+                     f"{t.get('images', 0):>8} {t.get('images_per_s', 0):>9.1f}")
+    if report.failures:
+        lines.append(f"{len(report.failures)} images could not be decoded (recorded as samples/ok = false; "
+                     "their outputs are NaN):")
+        lines += [f"  {sample}: {reason}" for sample, reason in list(report.failures.items())[:20]]
+    return "\n".join(lines)

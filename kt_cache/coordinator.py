@@ -1,0 +1,191 @@
+"""The coordinator: the only code that creates a store, its groups and arrays, or changes attrs.
+
+It runs before any writer starts (DESIGN §4 "create, then write"), decides what an existing store
+may be reused for (resume, add a teacher) and refuses what it must not (another dataset, other views,
+a changed teacher entry without ``--overwrite``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kt_cache import store as fmt
+from kt_cache.errors import StoreMismatchError, UsageError
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries whose behaviour shapes stored values (recorded for provenance)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("ktc", "torch", "torchvision", "timm", "open_clip_torch", "zarr", "numpy", "pillow"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def json_sha256(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def row_order(n_listed: int, seed: int, limit: int | None) -> np.ndarray:
+    """The recorded row permutation: row r holds dataset sample ``order[r]`` (class-mixed blocks)."""
+    order = np.random.default_rng(seed).permutation(n_listed).astype(np.int64)
+    return order[:limit] if limit is not None else order
+
+
+def root_attrs(listing: Any, views: Any, storage: Any, order: np.ndarray, limit: int | None) -> dict[str, Any]:
+    """``attrs["ktc"]`` of a new store."""
+    n = int(order.size)
+    dataset = dict(listing.description, fingerprint=listing.fingerprint, n_listed=len(listing.ids),
+                   limit=limit, classes=list(listing.class_names))
+    return {
+        "format": fmt.FORMAT_NAME, "version": fmt.FORMAT_VERSION, "n_samples": n, "n_views": views.count,
+        "unit_rows": storage.unit_rows, "n_units": fmt.n_units(n, storage.unit_rows),
+        "chunk_bytes": storage.chunk_bytes, "dataset": dataset, "views": asdict(views),
+        "order": {"seed": storage.order_seed, "sha256": hashlib.sha256(order.tobytes()).hexdigest()},
+        "created_with": library_versions(),
+    }
+
+
+def check_output_path(path: Path) -> None:
+    """The output must be a new path or an existing ktc store directory."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"output {path} exists and is a file, not a store directory. "
+                         "Fix: choose another --out path or remove the file.")
+    if path.is_dir() and any(path.iterdir()) and not (path / "zarr.json").is_file():
+        raise UsageError(f"output {path} is a non-empty folder that is not a Zarr store. "
+                         "Fix: choose a new --out path (ktc never writes into unrelated folders).")
+
+
+def open_or_create_store(path: Path, listing: Any, views: Any, storage: Any, limit: int | None) -> Any:
+    """Open the store at ``path`` for writing, creating it with its samples arrays when new."""
+    import zarr
+
+    check_output_path(path)
+    order = row_order(len(listing.ids), storage.order_seed, limit)
+    wanted = root_attrs(listing, views, storage, order, limit)
+    if (path / "zarr.json").is_file():
+        root = fmt.open_group(str(path), mode="r+", consolidated=False)
+        check_same_store(fmt.check_root_attrs(dict(root.attrs), str(path)), wanted, path)
+        return root
+    root = zarr.open_group(str(path), mode="w")
+    create_samples(root, listing, order, views.count, storage)
+    root.create_group("teachers")
+    root.attrs[fmt.ROOT_ATTR] = wanted   # written last: a store without it is recognisably unfinished
+    return root
+
+
+def create_samples(root: Any, listing: Any, order: np.ndarray, n_views: int, storage: Any) -> None:
+    n = int(order.size)
+    specs = {spec.path: spec for spec in fmt.sample_array_specs(n_views)}
+    group = root.create_group("samples")
+    for spec in specs.values():
+        fmt.create_array(group, spec, n, storage.unit_rows, storage.chunk_bytes)
+    group["id"][:] = np.array([listing.ids[i] for i in order], dtype=str)
+    group["index"][:] = order
+    group["label"][:] = np.asarray(listing.labels, dtype=np.int32)[order]
+
+
+def check_same_store(stored: dict[str, Any], wanted: dict[str, Any], path: Path) -> None:
+    """Refuse to resume a store made from another dataset, view policy or row order."""
+    checks = [
+        ("dataset fingerprint", stored["dataset"].get("fingerprint"), wanted["dataset"]["fingerprint"]),
+        ("--limit", stored["dataset"].get("limit"), wanted["dataset"]["limit"]),
+        ("target classes", stored["dataset"].get("classes"), wanted["dataset"]["classes"]),
+        ("views policy", stored.get("views"), wanted["views"]),
+        ("row order (storage.order_seed)", stored.get("order"), wanted["order"]),
+        ("storage.unit_rows", stored.get("unit_rows"), wanted["unit_rows"]),
+    ]
+    for what, have, want in checks:
+        if have != want:
+            raise StoreMismatchError(
+                f"store {path} was made with another {what}: stored {short(have)}, this run {short(want)}. "
+                "Teacher outputs of different samples or views cannot share one store. "
+                "Fix: write to a new store (--out NEW.zarr), or rerun with the manifest and dataset the store was made from.")
+
+
+def short(value: Any, limit: int = 120) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def teacher_attrs(plan: Any, weights_sha256: str | None) -> dict[str, Any]:
+    """Provenance of one teacher, written when its group is created (timings/stats added at finalize)."""
+    spec = plan.spec
+    entry = spec.fingerprint_entry()
+    return {
+        "source": spec.source, "model": spec.model, "pretrained": spec.pretrained, "role": spec.role,
+        "weights": plan.weights, "weights_sha256": weights_sha256,
+        "preprocess": {"input_size": list(plan.input_size), "mean": list(plan.mean), "std": list(plan.std),
+                       "interpolation": plan.interpolation},
+        "outputs": list(spec.outputs), "logits_topk": spec.logits_topk, "featmap_grid": spec.featmap_grid,
+        "dtype": spec.dtype, "feature_dim": plan.feature_dim, "num_classes": plan.num_classes,
+        "featmap_dim": plan.featmap_dim, "class_names": list(plan.class_names) if plan.class_names else None,
+        "entry": entry, "entry_sha256": json_sha256(entry), "extra": plan.extra,
+        "library_versions": library_versions(),
+    }
+
+
+def weights_file_sha256(plan: Any) -> str | None:
+    """sha256 of a local weights file (what the teacher will load); None for hub or random weights."""
+    path = Path(plan.weights)
+    return file_sha256(path) if plan.weights not in ("random",) and path.is_file() else None
+
+
+def prepare_teacher(root: Any, plan: Any, overwrite: bool) -> str:
+    """Create or reuse ``teachers/<id>``. Returns "created", "resumed" or "recreated"."""
+    meta = fmt.check_root_attrs(dict(root.attrs), "store")
+    teachers = root["teachers"]
+    entry_sha = json_sha256(plan.spec.fingerprint_entry())
+    status = "created"
+    weights_sha = weights_file_sha256(plan)
+    if plan.id in teachers:
+        stored = dict(teachers[plan.id].attrs.get(fmt.TEACHER_ATTR, {}))
+        same = stored.get("entry_sha256") == entry_sha and stored.get("weights_sha256") == weights_sha
+        if not overwrite and same and stored_arrays_match(teachers[plan.id], plan, meta):
+            return "resumed"
+        if not overwrite:
+            raise StoreMismatchError(changed_teacher_message(plan, stored, weights_sha))
+        del teachers[plan.id]
+        status = "recreated"
+    group = teachers.create_group(plan.id)
+    for spec in fmt.teacher_array_specs(plan, meta["n_views"]):
+        fmt.create_array(group, spec, meta["n_samples"], meta["unit_rows"], meta["chunk_bytes"])
+    fmt.create_done_array(group, meta["n_units"])
+    group.attrs[fmt.TEACHER_ATTR] = teacher_attrs(plan, weights_sha)
+    return status
+
+
+def stored_arrays_match(group: Any, plan: Any, meta: dict[str, Any]) -> bool:
+    """True when the stored arrays have the shapes this plan would create (same model, same outputs)."""
+    for spec in fmt.teacher_array_specs(plan, meta["n_views"]):
+        if spec.path not in group or tuple(group[spec.path].shape[1:]) != spec.row_shape:
+            return False
+    return "done" in group
+
+
+def changed_teacher_message(plan: Any, stored: dict[str, Any], weights_sha: str | None) -> str:
+    old, new = dict(stored.get("entry", {})), plan.spec.fingerprint_entry()
+    old["weights sha256"], new["weights sha256"] = stored.get("weights_sha256"), weights_sha
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)) or ["(stored arrays differ)"]
+    diffs = "; ".join(f"{k}: stored {short(old.get(k), 60)}, now {short(new.get(k), 60)}" for k in keys[:5])
+    return (f"teacher '{plan.id}' already exists in the store with a different manifest entry ({diffs}). "
+            f"Its stored outputs would no longer match the manifest. Fix: rerun with --overwrite {plan.id} to "
+            "recompute it, or give the changed teacher a new id so both are kept.")

@@ -1,0 +1,94 @@
+"""Finalize a store after a run: per-teacher stats and timings, consolidated metadata, object manifest.
+
+Single-process (the coordinator's job). Consolidation is redone after every run, so a teacher added
+later is never hidden from remote readers by stale consolidated metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kt_cache import store as fmt
+
+
+def feature_stats(group: Any, ok: np.ndarray, unit_rows: int) -> dict[str, Any] | None:
+    """Per-dimension mean and std of ``features`` over decoded rows of done units and all views."""
+    if "features" not in group:
+        return None
+    features, done = group["features"], np.asarray(group["done"][:], dtype=bool)
+    total = None
+    count = 0
+    for unit in np.flatnonzero(done):
+        rows = fmt.unit_slice(int(unit), features.shape[0], unit_rows)
+        block = np.asarray(features[rows], dtype=np.float64)[ok[rows]]
+        block = block.reshape(-1, block.shape[-1])
+        sums = np.stack([block.sum(0), (block**2).sum(0)])
+        total = sums if total is None else total + sums
+        count += block.shape[0]
+    if not count:
+        return None
+    mean = total[0] / count
+    std = np.sqrt(np.maximum(total[1] / count - mean**2, 0.0))
+    return {"mean": mean.astype(np.float32).tolist(), "std": std.astype(np.float32).tolist(), "count": count}
+
+
+def update_teacher_attrs(group: Any, timing: Any, ok: np.ndarray, unit_rows: int) -> None:
+    attrs = dict(group.attrs.get(fmt.TEACHER_ATTR, {}))
+    done = np.asarray(group["done"][:], dtype=bool)
+    if timing is not None:
+        before = attrs.get("timing") or {}
+        now = timing.as_dict()
+        merged = {k: round(before.get(k, 0) + now[k], 4) for k in ("load_s", "forward_s", "images")}
+        merged["images_per_s"] = round(merged["images"] / merged["forward_s"], 2) if merged["forward_s"] else 0.0
+        attrs["timing"] = merged
+        attrs["seconds"] = round(merged["load_s"] + merged["forward_s"], 4)
+        attrs["feature_stats"] = feature_stats(group, ok, unit_rows)
+    attrs["units_done"] = int(done.sum())
+    attrs["complete"] = bool(done.all())
+    group.attrs[fmt.TEACHER_ATTR] = attrs
+
+
+def finalize_store(path: Path, timings: dict[str, Any], failures: dict[int, str], ids: np.ndarray) -> None:
+    """Record stats/timings of the teachers of this run, consolidate, and write the object manifest."""
+    import zarr
+
+    root = fmt.open_group(str(path), mode="r+", consolidated=False)
+    meta = fmt.check_root_attrs(dict(root.attrs), str(path))
+    ok = np.asarray(root["samples/ok"][:], dtype=bool)
+    for teacher_id, timing in timings.items():
+        update_teacher_attrs(root[f"teachers/{teacher_id}"], timing, ok, meta["unit_rows"])
+    meta = dict(meta, failed_samples=[str(ids[row]) for row in sorted(failures)][:1000],
+                n_failed_samples=int(len(failures)))
+    root.attrs[fmt.ROOT_ATTR] = meta
+    zarr.consolidate_metadata(str(path))
+    write_object_manifest(Path(path))
+
+
+def object_digest(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def write_object_manifest(path: Path) -> dict[str, Any]:
+    """``ktc-objects.json``: size and sha256 of every stored object (key = path relative to the store)."""
+    objects = {}
+    for folder, _, files in os.walk(path):
+        for name in files:
+            full = Path(folder) / name
+            key = full.relative_to(path).as_posix()
+            if key != fmt.OBJECT_MANIFEST and not name.endswith(".partial"):
+                objects[key] = object_digest(full)
+    manifest = {"format": fmt.FORMAT_NAME, "version": fmt.FORMAT_VERSION, "objects": dict(sorted(objects.items()))}
+    tmp = path / (fmt.OBJECT_MANIFEST + ".partial")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, path / fmt.OBJECT_MANIFEST)
+    return manifest

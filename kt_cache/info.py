@@ -1,0 +1,71 @@
+"""``ktc info``: what a store holds, as a dict (``--json``) or a human summary."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kt_cache import store as fmt
+
+
+def folder_bytes(path: Path) -> int | None:
+    """Bytes on disk below a local folder; None for remote stores."""
+    if not path.is_dir():
+        return None
+    return sum((Path(d) / f).stat().st_size for d, _, files in os.walk(path) for f in files)
+
+
+def teacher_summary(reader: fmt.StoreReader, teacher_id: str) -> dict[str, Any]:
+    attrs = reader.teacher_attrs(teacher_id)
+    done = reader.done(teacher_id)
+    arrays = {name: {"shape": list(a.shape), "dtype": str(a.dtype), "chunks": list(a.chunks),
+                     "shards": list(a.shards) if a.shards else None}
+              for name, a in reader.teacher_arrays(teacher_id).items()}
+    local = Path(reader.where) / "teachers" / teacher_id
+    return {
+        "id": teacher_id, "source": attrs.get("source"), "model": attrs.get("model"), "role": attrs.get("role"),
+        "weights": attrs.get("weights"), "weights_sha256": attrs.get("weights_sha256"),
+        "preprocess": attrs.get("preprocess"), "outputs": attrs.get("outputs"), "arrays": arrays,
+        "units_done": int(done.sum()), "units": int(done.size), "complete": bool(done.all()),
+        "bytes": folder_bytes(local), "timing": attrs.get("timing"),
+    }
+
+
+def store_summary(store: str) -> dict[str, Any]:
+    reader = fmt.StoreReader(store)
+    meta = reader.meta
+    samples = reader.samples()
+    return {
+        "store": store, "format": meta["format"], "version": meta["version"],
+        "n_samples": meta["n_samples"], "n_views": meta["n_views"], "unit_rows": meta["unit_rows"],
+        "n_units": meta["n_units"], "views": meta.get("views"),
+        "dataset": {k: v for k, v in meta["dataset"].items() if k != "classes"},
+        "n_classes": len(meta["dataset"].get("classes", [])),
+        "samples_ok": int(np.asarray(samples["ok"]).sum()),
+        "labelled": int((np.asarray(samples["label"]) >= 0).sum()),
+        "bytes": folder_bytes(Path(store)),
+        "teachers": [teacher_summary(reader, t) for t in reader.teacher_ids()],
+    }
+
+
+def format_summary(info: dict[str, Any]) -> str:
+    from kt_cache.cli_extract import human_bytes
+
+    ds = info["dataset"]
+    size = human_bytes(info["bytes"]) if info["bytes"] is not None else "remote"
+    lines = [f"{info['store']}  ktc store v{info['version']}, {size} on disk",
+             f"dataset  {ds.get('kind')} {ds.get('root') or ds.get('list') or ds.get('builtin')}  "
+             f"fingerprint {str(ds.get('fingerprint'))[:16]}…",
+             f"samples  {info['n_samples']} ({info['samples_ok']} decoded, {info['labelled']} labelled, "
+             f"{info['n_classes']} classes), {info['n_views']} views each, {info['n_units']} units of {info['unit_rows']} rows",
+             f"teachers {len(info['teachers'])}"]
+    for t in info["teachers"]:
+        state = "complete" if t["complete"] else f"{t['units_done']}/{t['units']} units"
+        tb = human_bytes(t["bytes"]) if t["bytes"] is not None else "?"
+        lines.append(f"  {t['id']}  [{t['source']} {t['model']}, {t['role']}]  {state}, {tb}")
+        for name, a in t["arrays"].items():
+            lines.append(f"      {name:<20} {str(a['shape']):<24} {a['dtype']}")
+    return "\n".join(lines)

@@ -1,0 +1,234 @@
+"""Store format v1: the single definition of the ktc Zarr v3 layout, with its writer and reader.
+
+Layout (docs/store-format.md is the user-facing description of exactly this)::
+
+    <store>/                        attrs["ktc"]: format, version, samples, views, units, dataset, order
+      samples/id        [N]         str, path relative to the dataset root, in row order
+      samples/index     [N]         int64, position of the sample in the sorted dataset listing
+      samples/label     [N]         int32, -1 when unknown
+      samples/ok        [N]         bool, image decoded (written with each unit's first pass)
+      samples/views     [N, V, 5]   float32 (x0, y0, w, h, flip), normalised
+      teachers/<id>/                attrs["ktc_teacher"]: provenance, preprocessing, outputs, stats
+        features        [N, V, D]   float16|float32
+        logits          [N, V, C]   float16|float32 (full logits), or
+        logits_topk/values [N, V, k], logits_topk/index [N, V, k] (uint16 | int32)
+        logits_lse      [N, V]      float32 logsumexp over all C_t logits (always with logits)
+        label_logit     [N, V]      float32 logit of the true class, NaN when unknown / not covered
+        featmap         [N, V, g, g, d]
+        done            [n_units]   bool, one object per unit, written after the unit's data
+
+Rules: arrays are chunked along N only; a *unit* of ``unit_rows`` rows is exactly one shard (or one
+chunk) of every array, so each storage object has one writer. Only the coordinator creates arrays and
+writes ``zarr.json``/attrs; writers only write unit data and then ``done``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kt_cache.errors import StoreError
+
+FORMAT_NAME = "ktc"
+FORMAT_VERSION = 1
+ROOT_ATTR = "ktc"
+TEACHER_ATTR = "ktc_teacher"
+OBJECT_MANIFEST = "ktc-objects.json"
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of the layout: path below its group, per-row shape, dtype, fill and dimension names."""
+
+    path: str
+    row_shape: tuple[int, ...]
+    dtype: str
+    fill: Any
+    dims: tuple[str, ...]
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.row_shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+def sample_array_specs(n_views: int) -> list[ArraySpec]:
+    """The ``samples/*`` arrays (row-aligned with every teacher array)."""
+    return [
+        ArraySpec("id", (), "str", "", ("sample",)),
+        ArraySpec("index", (), "int64", -1, ("sample",)),
+        ArraySpec("label", (), "int32", -1, ("sample",)),
+        ArraySpec("ok", (), "bool", False, ("sample",)),
+        ArraySpec("views", (n_views, 5), "float32", float("nan"), ("sample", "view", "box")),
+    ]
+
+
+def index_dtype(num_classes: int) -> str:
+    """Top-k class indices: uint16 while every index fits, else int32 (never a float)."""
+    return "uint16" if num_classes <= 65535 else "int32"
+
+
+def teacher_array_specs(plan: Any, n_views: int) -> list[ArraySpec]:
+    """Arrays of one teacher group, from its ``TeacherPlan`` (outputs, dims, dtype, top-k, grid)."""
+    spec, dtype, nan = plan.spec, plan.spec.dtype, float("nan")
+    out: list[ArraySpec] = []
+    if "features" in spec.outputs:
+        out.append(ArraySpec("features", (n_views, plan.feature_dim), dtype, nan, ("sample", "view", "feature")))
+    if "logits" in spec.outputs:
+        if spec.logits_topk is None:
+            out.append(ArraySpec("logits", (n_views, plan.num_classes), dtype, nan, ("sample", "view", "class")))
+        else:
+            k = min(spec.logits_topk, plan.num_classes)
+            dims = ("sample", "view", "rank")
+            out.append(ArraySpec("logits_topk/values", (n_views, k), dtype, nan, dims))
+            out.append(ArraySpec("logits_topk/index", (n_views, k), index_dtype(plan.num_classes), 0, dims))
+        out.append(ArraySpec("logits_lse", (n_views,), "float32", nan, ("sample", "view")))
+        out.append(ArraySpec("label_logit", (n_views,), "float32", nan, ("sample", "view")))
+    if "featmap" in spec.outputs:
+        g = spec.featmap_grid
+        row = (n_views, g, g, plan.featmap_dim)
+        out.append(ArraySpec("featmap", row, dtype, nan, ("sample", "view", "grid_y", "grid_x", "channel")))
+    return out
+
+
+def chunk_rows_for(row_bytes: int, unit_rows: int, chunk_bytes: int) -> int:
+    """Largest power of two <= unit_rows whose chunk stays within ``chunk_bytes`` (at least one row)."""
+    rows = max(1, chunk_bytes // max(1, row_bytes))
+    return min(unit_rows, 1 << int(math.floor(math.log2(rows))))
+
+
+def n_units(n_samples: int, unit_rows: int) -> int:
+    return max(1, -(-n_samples // unit_rows))
+
+
+def unit_slice(unit: int, n_samples: int, unit_rows: int) -> slice:
+    return slice(unit * unit_rows, min(n_samples, (unit + 1) * unit_rows))
+
+
+def create_array(group: Any, spec: ArraySpec, n_samples: int, unit_rows: int, chunk_bytes: int) -> Any:
+    """Create one row-chunked array: a unit is one shard when chunks are smaller than a unit, else one chunk."""
+    from zarr.codecs import ZstdCodec
+
+    rows = chunk_rows_for(spec.row_bytes, unit_rows, chunk_bytes)
+    shape = (n_samples, *spec.row_shape)
+    chunks = (rows, *spec.row_shape)
+    shards = (unit_rows, *spec.row_shape) if rows < unit_rows else None
+    dtype = str if spec.dtype == "str" else spec.dtype
+    return group.create_array(
+        spec.path, shape=shape, chunks=chunks, shards=shards, dtype=dtype, fill_value=spec.fill,
+        compressors=ZstdCodec(level=1), dimension_names=spec.dims,
+    )
+
+
+def create_done_array(group: Any, units: int) -> Any:
+    """``done[u]``: one object per unit so concurrent writers of different units never share one."""
+    return group.create_array("done", shape=(units,), chunks=(1,), dtype="bool", fill_value=False,
+                              dimension_names=("unit",))
+
+
+def check_root_attrs(attrs: dict[str, Any], where: str) -> dict[str, Any]:
+    """Validate ``attrs["ktc"]`` of a store: present, our format, a version we can read."""
+    meta = attrs.get(ROOT_ATTR)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise StoreError(f"{where} is a Zarr group but not a ktc store (no attrs['{ROOT_ATTR}'] with format "
+                         f"'{FORMAT_NAME}'). Fix: point at a store written by `ktc extract`.")
+    version = meta.get("version")
+    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+        raise StoreError(f"{where} has ktc store format version {version!r}; this ktc reads versions 1..{FORMAT_VERSION}. "
+                         "Fix: upgrade ktc (pip install -U ktc) or ask for a store in a format this version reads.")
+    for key, kind in (("n_samples", int), ("n_views", int), ("unit_rows", int), ("n_units", int)):
+        value = meta.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool) or value < 0:
+            raise StoreError(f"{where}: attrs['{ROOT_ATTR}']['{key}'] must be a non-negative integer, got {value!r}. "
+                             "The store metadata is damaged; Fix: re-create the store with `ktc extract`.")
+    return meta
+
+
+def write_unit(teacher_group: Any, unit: int, rows: slice, arrays: dict[str, np.ndarray]) -> None:
+    """Write one unit's rows of every array of a teacher, then (and only then) its ``done`` flag.
+
+    Args:
+        teacher_group: the opened ``teachers/<id>`` group (mode r+).
+        unit: unit number; ``rows`` is its row range.
+        arrays: array path -> block ``[rows, ...]``; must cover every array of the group.
+    """
+    for path, block in arrays.items():
+        teacher_group[path][rows] = block
+    teacher_group["done"][unit] = True
+
+
+def write_samples_unit(root: Any, rows: slice, ok: np.ndarray, views: np.ndarray) -> None:
+    """Write the decode results of one unit. Every pass over the unit writes identical bytes."""
+    root["samples/ok"][rows] = ok
+    root["samples/views"][rows] = views
+
+
+def open_group(store: Any, mode: str = "r", consolidated: bool | None = None) -> Any:
+    """Open a store's root group: a local path, an fsspec URL, or a zarr Store."""
+    import zarr
+
+    where = str(store)
+    try:
+        return zarr.open_group(store, mode=mode, use_consolidated=consolidated)
+    except FileNotFoundError as err:
+        raise StoreError(f"{where}: no Zarr store there ({err}). Fix: check the path or URL.") from err
+    except (ValueError, KeyError, TypeError) as err:
+        raise StoreError(f"{where}: cannot be opened as a Zarr v3 group: {err}. "
+                         "Fix: point at a store written by `ktc extract`.") from err
+
+
+class StoreReader:
+    """Read-only view of a ktc store: root metadata, samples, teachers and their arrays."""
+
+    def __init__(self, store: Any, consolidated: bool | None = None) -> None:
+        self.where = str(store)
+        self.root = open_group(store, mode="r", consolidated=consolidated)
+        self.meta = check_root_attrs(dict(self.root.attrs), self.where)
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.meta["n_samples"])
+
+    @property
+    def n_views(self) -> int:
+        return int(self.meta["n_views"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta["dataset"].get("classes", []))
+
+    def teacher_ids(self) -> list[str]:
+        if "teachers" not in self.root:
+            return []
+        return sorted(name for name, _ in self.root["teachers"].groups())
+
+    def teacher(self, teacher_id: str) -> Any:
+        if teacher_id not in self.teacher_ids():
+            from kt_cache.errors import did_you_mean
+
+            raise StoreError(f"{self.where}: no teacher '{teacher_id}' (has: {', '.join(self.teacher_ids()) or 'none'})."
+                             f"{did_you_mean(teacher_id, self.teacher_ids())} Fix: pick a stored teacher id.")
+        return self.root[f"teachers/{teacher_id}"]
+
+    def teacher_attrs(self, teacher_id: str) -> dict[str, Any]:
+        return dict(self.teacher(teacher_id).attrs.get(TEACHER_ATTR, {}))
+
+    def teacher_arrays(self, teacher_id: str) -> dict[str, Any]:
+        """Array path (``features``, ``logits_topk/values`` …) -> zarr array, ``done`` excluded."""
+        group = self.teacher(teacher_id)
+        found: dict[str, Any] = {}
+        for name, member in group.members(max_depth=None):
+            if hasattr(member, "shape") and name != "done":
+                found[name] = member
+        return dict(sorted(found.items()))
+
+    def done(self, teacher_id: str) -> np.ndarray:
+        return np.asarray(self.teacher(teacher_id)["done"][:], dtype=bool)
+
+    def is_complete(self, teacher_id: str) -> bool:
+        return bool(self.done(teacher_id).all())
+
+    def samples(self) -> dict[str, np.ndarray]:
+        return {name: np.asarray(self.root[f"samples/{name}"][:]) for name in ("id", "index", "label", "ok", "views")}

@@ -1,0 +1,239 @@
+"""The one interface between the training loop and every knowledge-transfer method.
+
+A training step hands a method two things:
+
+* ``StudentOutput``: what the live student(s) produced for the batch (logits, pooled feature, spatial map);
+* ``TeacherBatch``: the cached teacher outputs for the same rows (and view), already on the student's device.
+
+and gets back a ``dict[str, Tensor]`` of named scalars (see ``Method.forward``).
+
+How a cache reader fills ``TeacherBatch`` (the contract; ``docs/methods.md`` repeats it):
+
+1. **Teacher order.** ``ids`` lists every teacher of the run in a fixed order (the order given to
+   ``MethodDims.teachers``). Every per-teacher dict is keyed by these ids; a teacher that has no output of a
+   kind (no logits, no spatial map) is simply absent from that dict.
+2. **Validity.** ``valid[id]`` is a bool ``[B]``: the teacher has *all* its outputs for that row. Rows where
+   it is False may hold anything (zeros, NaN); methods mask them out before any arithmetic.
+3. **Logits live in the global target label space ``[C]`` as raw logits** (not log-probabilities): class ``c``
+   holds the teacher's raw logit for target class ``c``; classes the teacher does not cover (and its
+   own classes with ``label_map == -1``, which are dropped) hold ``-inf``. ``covered[id]`` is the static bool
+   ``[C]`` of covered target classes. Raw logits (rather than log-probs) are needed because UNIFORM Case B
+   averages *logits* within a label group before one softmax over the union (CFL concatenation); per-teacher
+   log-probs would shift each group by a different log-partition. Use ``scatter_full_logits``.
+4. **Top-k caches** (``logits_topk/{values,index}`` + ``logits_lse``): use ``scatter_topk_logits``. The k
+   stored logits are placed exactly; every other covered class gets the tail value
+   ``r = log(exp(lse) - sum_k exp(v_k)) - log(C_t - k)`` (the unseen mass spread evenly over the teacher's
+   unseen classes), so ``log_softmax`` of the row is exact for every stored class and the row's logsumexp
+   equals the stored LSE. Also fill ``label_logit`` and ``lse`` (``[B]``, fp32 as stored): methods that need
+   the exact ``log p_y`` of the true label (Bi-KD, FG) use ``label_logit - lse`` in fp64 when both are
+   present, otherwise ``z_y - logsumexp(z)`` of the row in fp64 (the same formula is used for live students,
+   so equal logits tie exactly; a stored fp32 LSE can move an exact tie by ~1e-7). Bi-KD/FG use only
+   teachers whose ``covered`` is all of ``[C]``.
+   ``logit_mean`` / ``logit_std`` (fp32 ``[B]``, over all C_t logits, unbiased std) make logit
+   standardization exact for top-k caches; when absent it is computed over the covered classes of the row.
+5. **Features** ``[B, d_t]`` and **featmaps** ``[B, h, w, d_t]`` (channels last, as stored) in any float
+   dtype; methods upcast to fp32.
+6. ``labels``: int64 ``[B]``, ``-1`` where unknown, or ``None`` for unlabelled runs.
+7. ``reference_logits``: ``[B, C]`` raw logits of the *frozen initial student* (Fantastic Gains ``f_st``),
+   either read from the cache (it is just another frozen network) or computed by the trainer with a frozen
+   copy of the student under ``torch.no_grad()``. Only ``fg`` reads it.
+
+Nothing in a ``TeacherBatch`` needs (or should have) ``requires_grad``; methods never let gradients reach it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from kt_train.methods.options import MethodOptions
+
+ROLES = ("predictive", "descriptive", "sentinel")
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    """Static description of one teacher, known before training (from the store's attrs).
+
+    Attributes:
+        id: teacher id (the store group name).
+        role: ``predictive`` (has target-space logits), ``descriptive`` (features only) or ``sentinel``
+            (KPU's preserved model; treated like a descriptive teacher by logit methods).
+        feature_dim: ``d_t`` of the pooled feature, ``None`` when not cached.
+        featmap_dim: channels ``d_t`` of the spatial map, ``None`` when not cached.
+        has_logits: the cache holds logits for this teacher.
+        feature_mean: ``[d_t]`` per-dimension mean of the cached features (store attrs), for z-scoring.
+        feature_std: ``[d_t]`` per-dimension std, same use.
+    """
+
+    id: str
+    role: str = "predictive"
+    feature_dim: int | None = None
+    featmap_dim: int | None = None
+    has_logits: bool = False
+    feature_mean: Tensor | None = None
+    feature_std: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class MethodDims:
+    """Sizes a method needs to build its heads: student feature dim ``D``, classes ``C``, the teachers."""
+
+    student_dim: int
+    num_classes: int
+    teachers: tuple[TeacherInfo, ...] = ()
+
+    def teacher(self, tid: str) -> TeacherInfo:
+        for info in self.teachers:
+            if info.id == tid:
+                return info
+        raise KeyError(f"teacher {tid!r} is not in MethodDims.teachers ({[t.id for t in self.teachers]})")
+
+
+@dataclass
+class StudentOutput:
+    """One live student's outputs for a batch.
+
+    Attributes:
+        logits: ``[B, C]`` classifier logits over the global label space.
+        features: ``[B, D]`` pooled pre-classifier feature (ViT: CLS after the final norm).
+        featmap: ``[B, D, H, W]`` spatial map (KPU), channels first as produced by the network; or ``None``.
+    """
+
+    logits: Tensor
+    features: Tensor | None = None
+    featmap: Tensor | None = None
+
+
+@dataclass
+class TeacherBatch:
+    """Cached teacher outputs for one batch; see the module docstring for how to fill every field.
+
+    Shapes: ``B`` rows, ``C`` global classes. All tensors on the student's device.
+    """
+
+    ids: tuple[str, ...]
+    roles: dict[str, str]
+    valid: dict[str, Tensor]                                      # id -> bool [B]
+    features: dict[str, Tensor] = field(default_factory=dict)     # id -> [B, d_t]
+    logits: dict[str, Tensor] = field(default_factory=dict)       # id -> [B, C] raw, -inf where uncovered
+    covered: dict[str, Tensor] = field(default_factory=dict)      # id -> bool [C]; same keys as logits
+    featmaps: dict[str, Tensor] = field(default_factory=dict)     # id -> [B, h, w, d_t]
+    label_logit: dict[str, Tensor] = field(default_factory=dict)  # id -> [B] raw logit of labels[b]
+    lse: dict[str, Tensor] = field(default_factory=dict)          # id -> [B] logsumexp over all C_t logits
+    logit_mean: dict[str, Tensor] = field(default_factory=dict)   # id -> [B] mean over all C_t logits
+    logit_std: dict[str, Tensor] = field(default_factory=dict)    # id -> [B] unbiased std over all C_t
+    labels: Tensor | None = None                                  # [B] int64, -1 unknown
+    reference_logits: Tensor | None = None                        # [B, C] frozen initial student (FG)
+
+    @property
+    def batch_size(self) -> int:
+        return int(next(iter(self.valid.values())).shape[0]) if self.valid else 0
+
+    def logit_ids(self) -> list[str]:
+        """Teachers whose logits methods use: they have logits and are not descriptive/sentinel."""
+        return [t for t in self.ids if t in self.logits and self.roles.get(t, "predictive") == "predictive"]
+
+    def require(self, name: str, tid: str) -> Tensor:
+        """``getattr(self, name)[tid]``, or a ValueError naming the teacher, the field and the fix."""
+        table = getattr(self, name)
+        if tid not in table or tid not in self.valid:
+            raise ValueError(
+                f"TeacherBatch.{name} has no entry for teacher {tid!r} (or valid[{tid!r}] is missing), but the "
+                f"method was built with it in MethodDims.teachers. Fix: load {name} for every teacher given to "
+                "build_method, or rebuild the method with the teachers the batch holds."
+            )
+        return table[tid]
+
+    def check(self, num_classes: int) -> None:
+        """Shape checks (no device sync); raises ValueError naming the teacher and field."""
+        B = self.batch_size
+        for name in ("features", "logits", "featmaps", "label_logit", "lse", "logit_mean", "logit_std"):
+            for tid, t in getattr(self, name).items():
+                if tid not in self.valid:
+                    raise ValueError(f"TeacherBatch.{name}[{tid!r}] has no valid[{tid!r}] mask")
+                if t.shape[0] != B:
+                    raise ValueError(f"TeacherBatch.{name}[{tid!r}] has {t.shape[0]} rows, expected {B}")
+        for tid, z in self.logits.items():
+            if z.shape[-1] != num_classes or tid not in self.covered:
+                raise ValueError(f"TeacherBatch.logits[{tid!r}]: expected [B, {num_classes}] and covered[{tid!r}]")
+
+
+class Method(nn.Module):
+    """Base of every method: owned heads are sub-modules, so they are saved with the student.
+
+    ``forward(student, teachers)`` returns a dict of 0-dim tensors:
+
+    * ``"loss"``: the total to call ``backward()`` on (fp32, carries the graph);
+    * ``"<part>_loss"``: unweighted loss components, **detached**, for logging only (never sum them);
+    * any other key: a detached diagnostic (fractions, norms); per-teacher or per-participant diagnostics
+      use ``"<name>/<id>"`` keys, e.g. ``"teach_share/student0"``.
+
+    Class attributes: ``name`` (registry key), ``Options`` (the frozen options dataclass), ``needs`` (the
+    ``TeacherBatch`` fields it reads, so the reader can skip the rest), ``num_students`` (live students it
+    expects; >1 only for Bi-KD, which then takes a sequence of ``StudentOutput``).
+    """
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, options: MethodOptions, dims: MethodDims) -> None:
+        super().__init__()
+        self.options = options
+        self.dims = dims
+        self.num_students = 1
+
+    def forward(self, student: StudentOutput | Sequence[StudentOutput], teachers: TeacherBatch) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def single_student(self, student: StudentOutput | Sequence[StudentOutput]) -> StudentOutput:
+        """The one live student, or a clear error when a sequence of several was passed."""
+        if isinstance(student, StudentOutput):
+            return student
+        if len(student) != 1:
+            raise ValueError(f"method {self.name!r} trains one student, got {len(student)} StudentOutputs")
+        return student[0]
+
+
+def scatter_full_logits(z: Tensor, label_map: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """Teacher logits ``[B, C_t]`` -> global raw logits ``[B, C]`` (-inf uncovered) and covered ``[C]``.
+
+    Args:
+        z: ``[B, C_t]`` cached logits over the teacher's own classes.
+        label_map: ``[C_t]`` int64 target id of each teacher class, ``-1`` for classes outside the target space.
+        num_classes: ``C``.
+    """
+    keep = label_map >= 0
+    out = z.new_full((z.shape[0], num_classes), float("-inf"), dtype=torch.float32)
+    out[:, label_map[keep]] = z[:, keep].float()
+    covered = torch.zeros(num_classes, dtype=torch.bool, device=z.device)
+    covered[label_map[keep]] = True
+    return out, covered
+
+
+def scatter_topk_logits(
+    values: Tensor, index: Tensor, lse: Tensor, label_map: Tensor, num_classes: int
+) -> tuple[Tensor, Tensor]:
+    """Top-k cache -> global raw logits ``[B, C]`` with the evenly spread tail, and covered ``[C]``.
+
+    Args:
+        values: ``[B, k]`` raw logits of the k largest teacher classes.
+        index: ``[B, k]`` their teacher-class indices (any integer dtype).
+        lse: ``[B]`` logsumexp over all ``C_t`` teacher logits.
+        label_map: ``[C_t]`` int64 target ids, ``-1`` = dropped.
+        num_classes: ``C``.
+    """
+    c_t, k = label_map.shape[0], values.shape[1]
+    v = values.double()
+    rest = torch.log(torch.clamp(-torch.expm1(torch.logsumexp(v, 1) - lse.double()), min=1e-300))
+    tail = lse.double() + rest - math.log(max(c_t - k, 1))                      # [B]
+    full = tail[:, None].expand(-1, c_t).clone() if c_t > k else v.new_empty(v.shape[0], c_t)
+    full.scatter_(1, index.long(), v)
+    return scatter_full_logits(full, label_map, num_classes)
+

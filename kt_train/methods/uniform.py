@@ -1,0 +1,233 @@
+"""UNIFORM: unsupervised transfer from many predictive + descriptive teachers by feature and logit voting.
+
+Wang, Zhuang, Chen, Huang, Li, Lyu, "UNIFORM: Unifying Knowledge from Large-scale and Diverse Pre-trained
+Models", arXiv 2508.19498 (methods-spec §3; constants marked [G] there are this module's defaults)::
+
+    u_i = f^e_i(x^t_i) ∈ R^D,  r_i = f^d_i(u_i)                        per-teacher encoder / decoder
+    x̂   = disjoint mean of the u_i agreeing with the elected sign       (voting.sign_vote)
+    ℓ_feature = dist(x, x̂)                                             MSE over D (U1)
+    ℓ_rec     = mean_i ‖r_i − x^t_i‖_2 over valid teachers              (U7)
+    q_i = zero-pad σ(z^t_i/τ);  ĉ = argmax vote share;  p̂ = mean_i q_i (Case A) or CFL concat (Case B)
+    ℓ_logit = −α1 p̂_ĉ log p_ĉ − α2 Σ_{c≠ĉ} p̂_c log p_c                 CE form (U11), p = σ(z_s/τ)
+    L = ℓ_logit + β1 ℓ_feature + β2 ℓ_rec
+
+Shapes: student ``x [B, D]``, ``z_s [B, C]``; stacked teachers ``u [B, N, D]``, ``z [B, P, C]``. No labels
+are used (``labels`` only feeds the ``pseudo_acc`` diagnostic). Descriptive/sentinel teachers enter the
+feature vote and ℓ_rec only. Every row-wise term is averaged over the rows that have at least one valid
+teacher for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kt_train.methods.base import Method, MethodDims, StudentOutput, TeacherBatch
+from kt_train.methods.common import log_probs, masked_mean, mlp, safe_key, teacher_logits, zero_invalid
+from kt_train.methods.options import MethodOptions
+from kt_train.methods.voting import (
+    concat_logit_target,
+    mean_prob_target,
+    plain_mean,
+    pseudo_class,
+    sign_vote,
+    uniform_logit_rows,
+    vote_counts,
+)
+
+
+@dataclass(frozen=True)
+class AvgOptions(MethodOptions):
+    """Options shared by AVG and UNIFORM (methods-spec §3.5, §9 U1-U13)."""
+
+    beta1: float = 1.0                                   # weight of ℓ_feature
+    beta2: float = 1.0                                   # weight of ℓ_rec
+    tau: float = 1.0                                     # temperature of q_i, p̂ and the student (no τ²)
+    dist: Literal["mse", "l2", "cos"] = "mse"            # ℓ_feature distance (U1)
+    target: Literal["auto", "mean_prob", "concat_logits"] = "auto"   # p̂: auto = concat iff coverages differ
+    rec_reduction: Literal["mean", "sum"] = "mean"       # ℓ_rec over teachers (U7)
+    head: Literal["mlp", "linear", "identity"] = "mlp"   # encoder/decoder (U9); identity needs d_t = D
+    hidden: int | None = None                            # MLP width; None = D
+    latent_norm: bool = False                            # LayerNorm (no affine) on u_i: collapse guard
+    detach_target: bool = False                          # sg(x̂): encoders trained by ℓ_rec only (U8)
+    zscore: bool = True                                  # z-score cached x^t with store stats (U13)
+    standardize: bool = False                            # logit standardization of teacher logits
+
+    def validate(self, method: str = "") -> None:
+        self._require(self.tau > 0, method, f"tau must be > 0, got {self.tau}")
+        self._require(self.hidden is None or self.hidden > 0, method, f"hidden must be > 0, got {self.hidden}")
+
+
+@dataclass(frozen=True)
+class UniformOptions(AvgOptions):
+    """UNIFORM options: AVG's plus the two votes."""
+
+    alpha1: float = 1.0                                  # weight of the pseudo-class term
+    alpha2: float = 0.5                                  # weight of the other classes (1.0 = voting off)
+    feature_vote: bool = True                            # sign voting (False: plain mean, AVG)
+    logit_vote: bool = True                              # pseudo-class weights (False: α1 = α2 = 1)
+    tie_break: Literal["literal", "sum"] = "literal"     # sign ties (U3)
+    pseudo_tie: Literal["p_hat", "index"] = "p_hat"      # pseudo-class ties (U12)
+    p_hat_from: Literal["all", "agreeing"] = "all"       # p̂ from all valid or only ĉ-voters (U4)
+
+
+def _head(kind: str, d_in: int, d_hidden: int, d_out: int) -> nn.Module:
+    if kind == "identity":
+        return nn.Identity()
+    return nn.Linear(d_in, d_out) if kind == "linear" else mlp(d_in, d_hidden, d_out)
+
+
+def feature_distance_rows(x: Tensor, x_hat: Tensor, dist: str) -> Tensor:
+    """Per-row ``dist(x, x̂)`` ``[B]``: mean squared error over D, L2 norm, or ``1 − cos``."""
+    if dist == "mse":
+        return (x - x_hat).pow(2).mean(-1)
+    if dist == "l2":
+        return torch.linalg.vector_norm(x - x_hat, dim=-1)
+    return 1.0 - F.cosine_similarity(x, x_hat, dim=-1, eps=1e-8)
+
+
+def reconstruction_rows(rs: Sequence[Tensor], xs: Sequence[Tensor], valid: Tensor, reduction: str = "mean") -> Tensor:
+    """``ℓ_rec`` per row ``[B]``: mean (or sum) over valid teachers of ``‖r_i − x^t_i‖_2``.
+
+    Args: ``rs``/``xs`` per-teacher decoded features and targets ``[B, d_i]``; ``valid [B, N]`` bool.
+    """
+    norms = torch.stack([torch.linalg.vector_norm(r - x, dim=-1) for r, x in zip(rs, xs)], 1)   # [B, N]
+    total = torch.where(valid, norms, torch.zeros_like(norms)).sum(1)
+    return total / valid.sum(1).clamp_min(1) if reduction == "mean" else total
+
+
+class _ZScore(nn.Module):
+    """Per-dimension ``(x − μ) / σ`` with the store's feature statistics (buffers, saved with the method)."""
+
+    def __init__(self, mean: Tensor, std: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean.detach().float().clone())
+        self.register_buffer("std", std.detach().float().clamp_min(1e-6).clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+
+class Uniform(Method):
+    """UNIFORM (and, with voting off, AVG); see the module docstring for the formula."""
+
+    name = "uniform"
+    Options = UniformOptions
+    needs = frozenset({"features", "logits"})
+
+    def __init__(self, options: AvgOptions, dims: MethodDims) -> None:
+        super().__init__(options, dims)
+        o = options
+        self.feature_vote = getattr(o, "feature_vote", False)
+        self.logit_vote = getattr(o, "logit_vote", False)
+        self.alphas = (o.alpha1, o.alpha2) if self.logit_vote else (1.0, 1.0)  # type: ignore[attr-defined]
+        self.feature_ids = [t.id for t in dims.teachers if t.feature_dim]
+        self.logit_ids = [t.id for t in dims.teachers if t.has_logits and t.role == "predictive"]
+        self._concat: bool | None = None
+        D, h = dims.student_dim, o.hidden or dims.student_dim
+        self.encoders, self.decoders, self.zscores = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
+        for t in dims.teachers:
+            if not t.feature_dim:
+                continue
+            if o.head == "identity":
+                o._require(t.feature_dim == D, self.name, f"head='identity' needs d_t = D; {t.id!r} has "
+                           f"{t.feature_dim} != {D}. Fix: use head 'mlp' or 'linear'.")
+            self.encoders[safe_key(t.id)] = _head(o.head, t.feature_dim, h, D)
+            self.decoders[safe_key(t.id)] = _head(o.head, D, h, t.feature_dim)
+            if o.zscore:
+                o._require(t.feature_mean is not None and t.feature_std is not None, self.name,
+                           f"zscore=true needs feature_mean/feature_std of teacher {t.id!r} (store attrs). "
+                           "Fix: pass them in TeacherInfo, or set zscore: false.")
+                self.zscores[safe_key(t.id)] = _ZScore(t.feature_mean, t.feature_std)  # type: ignore[arg-type]
+
+    def forward(self, student: StudentOutput | Sequence[StudentOutput], teachers: TeacherBatch) -> dict[str, Tensor]:
+        s = self.single_student(student)
+        o = self.options
+        out: dict[str, Tensor] = {}
+        zero = s.logits.new_zeros((), dtype=torch.float32)
+        feat, rec, logit = zero, zero, zero
+        if self.feature_ids:
+            feat, rec = self._feature_terms(s, teachers, out)
+        if self.logit_ids:
+            logit = self._logit_term(s, teachers, out)
+        out["loss"] = logit + o.beta1 * feat + o.beta2 * rec
+        out.update(logit_loss=logit.detach(), feature_loss=feat.detach(), rec_loss=rec.detach())
+        return out
+
+    def _encode(self, tb: TeacherBatch) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor]:
+        """``u [B, N, D]``, decoded ``r_i``, (z-scored) targets ``x^t_i``, ``valid [B, N]``."""
+        us, rs, xs = [], [], []
+        for tid in self.feature_ids:
+            key = safe_key(tid)
+            x_t = zero_invalid(tb.require("features", tid), tb.valid[tid])
+            if key in self.zscores:
+                x_t = self.zscores[key](x_t)
+            u = self.encoders[key](x_t)
+            if self.options.latent_norm:
+                u = F.layer_norm(u, u.shape[-1:])
+            us.append(u)
+            rs.append(self.decoders[key](u))
+            xs.append(x_t)
+        valid = torch.stack([tb.valid[t] for t in self.feature_ids], 1)
+        return torch.stack(us, 1), rs, xs, valid
+
+    def _feature_terms(self, s: StudentOutput, tb: TeacherBatch, out: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        o = self.options
+        if s.features is None:
+            raise ValueError(f"method {self.name!r} needs StudentOutput.features [B, D]; got None")
+        u, rs, xs, valid = self._encode(tb)
+        if self.feature_vote:
+            x_hat, _, ties = sign_vote(u, valid, getattr(o, "tie_break", "literal"))
+        else:
+            x_hat, ties = plain_mean(u, valid), None
+        if o.detach_target:
+            x_hat = x_hat.detach()
+        x = s.features.float()
+        has = valid.any(1)
+        feat = masked_mean(feature_distance_rows(x, x_hat, o.dist), has)
+        rec = masked_mean(reconstruction_rows(rs, xs, valid, o.rec_reduction), has)
+        with torch.no_grad():
+            if ties is not None:
+                out["tie_frac"] = masked_mean(ties.float().mean(-1), has)
+            out["x_norm"] = x.norm(dim=-1).mean()
+            out["x_hat_norm"] = masked_mean(x_hat.norm(dim=-1), has)
+        return feat, rec
+
+    def _logit_term(self, s: StudentOutput, tb: TeacherBatch, out: dict[str, Tensor]) -> Tensor:
+        o = self.options
+        for t in self.logit_ids:
+            tb.require("logits", t)
+        z = torch.stack([teacher_logits(tb, t, o.standardize) for t in self.logit_ids], 1)   # [B, P, C]
+        valid = torch.stack([tb.valid[t] for t in self.logit_ids], 1)                         # [B, P]
+        covered = torch.stack([tb.covered[t] for t in self.logit_ids], 0)                     # [P, C]
+        q = log_probs(z, o.tau).exp()
+        if self._concat is None:   # coverage is static: decide once (one device sync)
+            mixed = bool((covered != covered[:1]).any())
+            self._concat = o.target == "concat_logits" or (o.target == "auto" and mixed)
+        concat = self._concat
+        counts = vote_counts(q, valid)
+        p_hat = self._target(z, q, covered, valid, concat)
+        c_hat = pseudo_class(counts, p_hat, getattr(o, "pseudo_tie", "p_hat"))
+        if getattr(o, "p_hat_from", "all") == "agreeing":
+            p_hat = self._target(z, q, covered, valid & (q.argmax(-1) == c_hat[:, None]), concat)
+        has = valid.any(1)
+        logq = log_probs(s.logits, o.tau)
+        loss = masked_mean(uniform_logit_rows(logq, p_hat, c_hat, *self.alphas), has)
+        with torch.no_grad():
+            share = counts / valid.sum(1, keepdim=True).clamp_min(1)
+            out["vote_agreement"] = masked_mean(share.max(-1).values, has)
+            if concat:   # log the other Case B target too (U10)
+                alt = mean_prob_target(q, valid)
+                out["alt_target_ce"] = masked_mean(uniform_logit_rows(logq, alt, c_hat, *self.alphas), has)
+            if tb.labels is not None:
+                known = has & (tb.labels >= 0)
+                out["pseudo_acc"] = masked_mean((c_hat == tb.labels).float(), known)
+        return loss
+
+    def _target(self, z: Tensor, q: Tensor, covered: Tensor, valid: Tensor, concat: bool) -> Tensor:
+        return concat_logit_target(z, covered, valid, self.options.tau) if concat else mean_prob_target(q, valid)

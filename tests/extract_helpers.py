@@ -1,0 +1,67 @@
+"""Small builders shared by the extraction tests: image folders and manifests in ``tmp_path``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+
+CLASSES = ("ant", "bee", "cat")
+
+
+def make_image_folder(root: Path, per_class: int = 4, classes: tuple[str, ...] = CLASSES, seed: int = 0) -> Path:
+    """Class sub-folders of small RGB JPEG/PNG images of varied sizes (deterministic)."""
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            h, w = int(rng.integers(20, 60)), int(rng.integers(20, 60))
+            pixels = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+            pixels[..., c] = np.clip(pixels[..., c].astype(int) + 80, 0, 255).astype(np.uint8)
+            ext = "png" if i % 2 else "jpg"
+            Image.fromarray(pixels).save(root / name / f"img{i:03d}.{ext}")
+    return root
+
+
+def cnn_teacher(**extra) -> dict:
+    teacher = {"id": "cnn32", "source": "timm", "model": "resnet10t", "pretrained": "none",
+               "model_args": {"num_classes": 3}, "classes": list(CLASSES),
+               "preprocess": {"input_size": [3, 32, 32], "interpolation": "bilinear"},
+               "outputs": ["features", "logits", "featmap"], "logits": {"topk": 2}, "featmap": {"grid": 2}}
+    teacher.update(extra)
+    return teacher
+
+
+def vit_teacher(**extra) -> dict:
+    teacher = {"id": "vit48", "source": "timm", "model": "vit_tiny_patch16_224", "pretrained": "none",
+               "model_args": {"img_size": 48, "num_classes": 3, "depth": 2}, "classes": list(CLASSES),
+               "preprocess": {"input_size": [3, 48, 48], "interpolation": "bicubic"},
+               "outputs": ["features", "logits", "featmap"], "featmap": {"grid": 3}}
+    teacher.update(extra)
+    return teacher
+
+
+def write_manifest(path: Path, teachers: list[dict], images: str = "images", views: int = 3,
+                   unit_rows: int = 4, store: str = "out.zarr") -> Path:
+    manifest = {
+        "dataset": {"root": images},
+        "store": store,
+        "views": {"count": views, "seed": 0},
+        "storage": {"unit_rows": unit_rows, "chunk_bytes": 4096},
+        "defaults": {"batch_size": 8},
+        "teachers": teachers,
+    }
+    path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+    return path
+
+
+def store_files(store: Path) -> dict[str, bytes]:
+    """Every data object of a store (metadata documents excluded: they hold timings)."""
+    files = {}
+    for file in sorted(store.rglob("*")):
+        rel = file.relative_to(store).as_posix()
+        if file.is_file() and file.name not in ("zarr.json", "ktc-objects.json"):
+            files[rel] = file.read_bytes()
+    return files

@@ -1,0 +1,194 @@
+"""End-to-end extraction through the ``ktc`` CLI with random-init timm teachers of two input sizes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from click.testing import CliRunner
+
+from extract_helpers import CLASSES, cnn_teacher, make_image_folder, vit_teacher, write_manifest
+from kt_cache.cli import cli
+
+
+@pytest.fixture()
+def project(tmp_path):
+    make_image_folder(tmp_path / "images", per_class=4)
+    manifest = write_manifest(tmp_path / "teachers.yaml", [cnn_teacher(), vit_teacher()])
+    return tmp_path, manifest
+
+
+def run_cli(*args: str):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    return result
+
+
+def extract(manifest, *extra):
+    result = run_cli("extract", "--manifest", manifest, "--workers", "0", "--no-progress", *extra)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_store_layout_and_view0_matches_direct_forward(project):
+    tmp_path, manifest = project
+    result = extract(manifest)
+    assert "cnn32" in result.output and "views/s" in result.output
+    root = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")
+    ids = root["samples/id"][:]
+    assert len(ids) == 12 and all(not i.startswith("/") and ".." not in i for i in ids)
+    assert sorted(ids) != list(ids), "rows follow a seeded permutation, not the sorted class order"
+    assert root["samples/ok"][:].all()
+    assert root["samples/views"].shape == (12, 3, 5)
+    cnn = root["teachers/cnn32"]
+    assert cnn["logits_topk/values"].shape == (12, 3, 2) and cnn["logits_topk/index"].dtype == np.uint16
+    assert cnn["featmap"].shape[:4] == (12, 3, 2, 2) and cnn["features"].dtype == np.float16
+    assert cnn["done"][:].all() and root["teachers/vit48/done"][:].all()
+    assert root["teachers/vit48/logits"].shape == (12, 3, 3)
+    check_view0_matches_forward(tmp_path, root, "vit48", row=5)
+    check_view0_matches_forward(tmp_path, root, "cnn32", row=2)
+
+
+def check_view0_matches_forward(tmp_path, root, teacher_id, row):
+    from kt_cache.images import decode_image
+    from kt_cache.manifest import load_manifest
+    from kt_cache.teachers import load_teacher, resolve_teacher
+    from kt_cache.views import view_pixels
+
+    manifest = load_manifest(tmp_path / "teachers.yaml")
+    spec = next(t for t in manifest.teachers if t.id == teacher_id)
+    plan = resolve_teacher(spec, CLASSES, tmp_path)
+    teacher = load_teacher(plan, "cpu")
+    image = decode_image(tmp_path / "images" / root["samples/id"][row])
+    box = root["samples/views"][row, 0]
+    pixels = view_pixels(image, box[:4], bool(box[4]), plan.input_size[1:], plan.interpolation).float()
+    mean, std = torch.tensor(plan.mean).view(3, 1, 1) * 255, torch.tensor(plan.std).view(3, 1, 1) * 255
+    direct = teacher.forward(((pixels - mean) / std)[None])
+    group = root[f"teachers/{teacher_id}"]
+    stored_feat = group["features"][row, 0].astype(np.float32)
+    np.testing.assert_allclose(stored_feat, direct["features"][0].numpy(), rtol=2e-3, atol=2e-3)
+    if "logits" in group:
+        np.testing.assert_allclose(group["logits"][row, 0].astype(np.float32), direct["logits"][0].numpy(),
+                                   rtol=2e-3, atol=2e-3)
+    else:
+        top = group["logits_topk/index"][row, 0]
+        assert int(top[0]) == int(direct["logits"][0].argmax())
+        lse = float(torch.logsumexp(direct["logits"][0], 0))
+        assert abs(float(group["logits_lse"][row, 0]) - lse) < 1e-4
+
+
+def test_label_logit_and_lse_consistent_with_full_logits(project):
+    tmp_path, manifest = project
+    extract(manifest)
+    root = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")
+    vit = root["teachers/vit48"]
+    logits = vit["logits"][:].astype(np.float32)
+    labels = root["samples/label"][:]
+    expected = np.take_along_axis(logits, labels[:, None, None].repeat(3, 1), axis=2)[..., 0]
+    np.testing.assert_allclose(vit["label_logit"][:], expected, rtol=2e-3, atol=2e-3)
+    assert [CLASSES[i] for i in labels] == [i.split("/")[0] for i in root["samples/id"][:]]
+
+
+def test_opens_with_xarray_and_consolidated_metadata(project):
+    xr = pytest.importorskip("xarray")
+    tmp_path, manifest = project
+    extract(manifest)
+    ds = xr.open_zarr(str(tmp_path / "out.zarr" / "teachers" / "cnn32"), consolidated=False)
+    assert ds["features"].dims == ("sample", "view", "feature")
+    assert ds["featmap"].dims == ("sample", "view", "grid_y", "grid_x", "channel")
+    root = zarr.open_group(str(tmp_path / "out.zarr"), mode="r", use_consolidated=True)
+    assert sorted(name for name, _ in root["teachers"].groups()) == ["cnn32", "vit48"]
+    objects = json.loads((tmp_path / "out.zarr" / "ktc-objects.json").read_text())["objects"]
+    assert "teachers/cnn32/done/c/0" in objects and all(len(o["sha256"]) == 64 for o in objects.values())
+
+
+def test_teacher_attrs_record_provenance_stats_and_timing(project):
+    tmp_path, manifest = project
+    extract(manifest)
+    attrs = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")["teachers/cnn32"].attrs["ktc_teacher"]
+    assert attrs["preprocess"]["input_size"] == [3, 32, 32] and attrs["role"] == "predictive"
+    assert attrs["timing"]["images"] == 12 * 3 and attrs["timing"]["forward_s"] > 0
+    assert len(attrs["feature_stats"]["mean"]) == attrs["feature_dim"] and attrs["complete"]
+    assert attrs["class_names"] == list(CLASSES) and "torch" in attrs["library_versions"]
+
+
+def test_add_teacher_runs_only_the_new_one(tmp_path):
+    make_image_folder(tmp_path / "images", per_class=2)
+    manifest = write_manifest(tmp_path / "teachers.yaml", [cnn_teacher()])
+    extract(manifest)
+    before = (tmp_path / "out.zarr" / "teachers" / "cnn32" / "features" / "c" / "0" / "0" / "0").read_bytes()
+    write_manifest(manifest, [cnn_teacher(), vit_teacher()])
+    result = extract(manifest)
+    rows = {line.split()[0]: line.split() for line in result.output.splitlines()[2:4]}
+    assert rows["cnn32"][1] == "resumed" and rows["cnn32"][4] == "0"      # no views run for the old teacher
+    assert rows["vit48"][1] == "created" and int(rows["vit48"][4]) == 6 * 3
+    after = (tmp_path / "out.zarr" / "teachers" / "cnn32" / "features" / "c" / "0" / "0" / "0").read_bytes()
+    assert before == after
+    consolidated = zarr.open_group(str(tmp_path / "out.zarr"), mode="r", use_consolidated=True)
+    assert "vit48" in [name for name, _ in consolidated["teachers"].groups()]
+
+
+def test_changed_teacher_is_refused_unless_overwritten(tmp_path):
+    make_image_folder(tmp_path / "images", per_class=2)
+    manifest = write_manifest(tmp_path / "teachers.yaml", [cnn_teacher()])
+    extract(manifest)
+    write_manifest(manifest, [cnn_teacher(logits={"topk": 3})])
+    result = run_cli("extract", "--manifest", manifest, "--workers", "0", "--no-progress")
+    assert result.exit_code == 2
+    assert "cnn32" in result.output and "--overwrite cnn32" in result.output and "Traceback" not in result.output
+    extract(manifest, "--overwrite", "cnn32")
+    assert zarr.open_group(str(tmp_path / "out.zarr"))["teachers/cnn32/logits_topk/values"].shape[-1] == 3
+
+
+def test_resume_against_another_dataset_is_refused(tmp_path):
+    make_image_folder(tmp_path / "images", per_class=2)
+    manifest = write_manifest(tmp_path / "teachers.yaml", [cnn_teacher()])
+    extract(manifest)
+    make_image_folder(tmp_path / "images", per_class=3, seed=1)       # one more image per class
+    result = run_cli("extract", "--manifest", manifest, "--workers", "0", "--no-progress")
+    assert result.exit_code == 2 and "dataset fingerprint" in result.output and "--out" in result.output
+
+
+def test_output_that_is_a_file_is_refused(project):
+    tmp_path, manifest = project
+    (tmp_path / "file.zarr").write_text("not a store")
+    result = run_cli("extract", "--manifest", manifest, "--out", tmp_path / "file.zarr")
+    assert result.exit_code == 2 and "is a file" in result.output
+
+
+def test_dry_run_prints_plan_and_writes_nothing(project):
+    tmp_path, manifest = project
+    result = run_cli("extract", "--manifest", manifest, "--dry-run")
+    assert result.exit_code == 0, result.output
+    for text in ("cnn32", "vit48", "waves", "logits_topk/values", "[12, 3, 2]", "estimated store size", "3 per image"):
+        assert text in result.output
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_waves_under_memory_budget_and_only(project):
+    tmp_path, manifest = project
+    result = run_cli("extract", "--manifest", manifest, "--dry-run", "--max-teacher-memory", "1KB")
+    assert "waves     2" in result.output
+    extract(manifest, "--max-teacher-memory", "1KB", "--only", "vit48", "--limit", "5")
+    root = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")
+    assert [name for name, _ in root["teachers"].groups()] == ["vit48"] and root["samples/id"].shape == (5,)
+
+
+def test_info_json_and_text(project):
+    tmp_path, manifest = project
+    extract(manifest)
+    result = run_cli("info", tmp_path / "out.zarr", "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["n_samples"] == 12 and info["n_views"] == 3 and len(info["dataset"]["fingerprint"]) == 64
+    cnn = next(t for t in info["teachers"] if t["id"] == "cnn32")
+    assert cnn["complete"] and cnn["arrays"]["features"]["shape"][:2] == [12, 3] and cnn["bytes"] > 0
+    text = run_cli("info", tmp_path / "out.zarr").output
+    assert "cnn32" in text and "complete" in text and "12" in text
+
+
+def test_info_on_a_missing_store_is_a_clear_error(tmp_path):
+    result = run_cli("info", tmp_path / "nothing.zarr")
+    assert result.exit_code == 1 and "nothing.zarr" in result.output and "Traceback" not in result.output
