@@ -55,13 +55,14 @@ def root_attrs(listing: Any, views: Any, storage: Any, order: np.ndarray, limit:
     n = int(order.size)
     dataset = dict(listing.description, fingerprint=listing.fingerprint, n_listed=len(listing.ids),
                    limit=limit, classes=list(listing.class_names))
-    return {
+    attrs = {
         "format": fmt.FORMAT_NAME, "version": fmt.FORMAT_VERSION, "n_samples": n, "n_views": views.count,
         "unit_rows": storage.unit_rows, "n_units": fmt.n_units(n, storage.unit_rows),
         "chunk_bytes": storage.chunk_bytes, "dataset": dataset, "views": asdict(views),
         "order": {"seed": storage.order_seed, "sha256": hashlib.sha256(order.tobytes()).hexdigest()},
         "created_with": library_versions(),
     }
+    return json.loads(json.dumps(attrs))   # the form attrs take once stored (tuples become lists)
 
 
 def check_output_path(path: Path) -> None:

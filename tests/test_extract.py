@@ -61,7 +61,7 @@ def check_view0_matches_forward(tmp_path, root, teacher_id, row):
     spec = next(t for t in manifest.teachers if t.id == teacher_id)
     plan = resolve_teacher(spec, CLASSES, tmp_path)
     teacher = load_teacher(plan, "cpu")
-    image = decode_image(tmp_path / "images" / root["samples/id"][row])
+    image = decode_image(tmp_path / "images" / str(root["samples/id"][row]))
     box = root["samples/views"][row, 0]
     pixels = view_pixels(image, box[:4], bool(box[4]), plan.input_size[1:], plan.interpolation).float()
     mean, std = torch.tensor(plan.mean).view(3, 1, 1) * 255, torch.tensor(plan.std).view(3, 1, 1) * 255

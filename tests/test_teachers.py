@@ -191,6 +191,50 @@ def test_open_clip_classes_are_prompt_names_for_target_classes(teacher_tiny_clip
     assert_clear(err, "clip", "classes has 2 names")
 
 
+def test_open_clip_checkpoint_roundtrip_and_misfit(teacher_tiny_clip_args, tmp_path):
+    from safetensors.torch import save_file
+
+    plan = resolve_teacher(clip_spec(teacher_tiny_clip_args, outputs=("features",)), None)
+    source, x, out = run(plan)
+    path = tmp_path / "clip.safetensors"
+    save_file({k: v.contiguous() for k, v in source.model.state_dict().items()}, str(path))
+    spec = clip_spec(teacher_tiny_clip_args, outputs=("features",), pretrained=None, checkpoint=path)
+    loaded = load_teacher(resolve_teacher(spec, None), "cpu")
+    torch.testing.assert_close(loaded.forward(x)["features"], out["features"])
+    assert loaded.weights_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    wider = {**teacher_tiny_clip_args, "embed_dim": 24}
+    misfit = resolve_teacher(clip_spec(wider, outputs=("features",), pretrained=None, checkpoint=path), None)
+    with pytest.raises(TeacherError) as err:
+        load_teacher(misfit, "cpu")
+    assert_clear(err, "clip", "shape mismatches", "text_projection")
+
+
+@pytest.mark.parametrize(
+    ("model", "vision_cfg", "kind"),
+    [("RN50", {"image_size": 64, "width": 8, "layers": [1, 1, 1, 1], "head_width": 16}, "layer4"),
+     ("convnext_base", {"timm_model_name": "test_convnext", "image_size": 64}, "timm")],
+)
+def test_open_clip_cnn_towers_featmap(model, vision_cfg, kind, teacher_tiny_clip_args):
+    args = {**teacher_tiny_clip_args, "vision_cfg": vision_cfg}
+    plan = resolve_teacher(clip_spec(args, model=model, outputs=("features", "featmap"), featmap_grid=2), None)
+    assert plan.extra["featmap_source"] == f"vision {kind}" and plan.feature_dim == 16
+    teacher, x, out = run(plan)
+    torch.testing.assert_close(out["features"], teacher.model.encode_image(x))
+    assert out["featmap"].shape == (2, 2, 2, plan.featmap_dim)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_forward_under_autocast_is_fp32_and_release_frees(teacher_tiny_clip_args):
+    for spec, target in ((timm_spec(), None), (clip_spec(teacher_tiny_clip_args), ("a", "b"))):
+        plan = resolve_teacher(spec, target)
+        teacher = load_teacher(plan, "cuda")
+        x = torch.randn(4, *plan.input_size, device="cuda")
+        with torch.autocast("cuda", dtype=torch.float16):
+            out = teacher.forward(x)
+        assert all(v.dtype == torch.float32 and v.device.type == "cuda" for v in out.values())
+        teacher.release()
+
+
 # ------------------------------------------------------------------------------------------------ errors
 
 

@@ -7,6 +7,8 @@ only when a teacher of that source is resolved or loaded.
 
 from __future__ import annotations
 
+import hashlib
+
 from pathlib import Path
 from types import ModuleType
 
@@ -63,4 +65,8 @@ def load_teacher(plan: TeacherPlan, device: str | torch.device) -> LoadedTeacher
     Raises:
         TeacherError: unreadable or ill-fitting checkpoint, or hub weights that cannot be downloaded.
     """
-    return _source(plan.spec).load(plan, device)
+    with torch.random.fork_rng(devices=[]):
+        # Random-init teachers (`pretrained: none`) must be the same network in every process and on
+        # resume, so their initial weights are seeded from the teacher id.
+        torch.manual_seed(int(hashlib.sha256(plan.id.encode()).hexdigest()[:8], 16))
+        return _source(plan.spec).load(plan, device)

@@ -104,7 +104,8 @@ def read_state_dict(teacher_id: str, path: Path) -> tuple[dict[str, torch.Tensor
         ``(state_dict, nested_key)``; ``nested_key`` is "" when the file is a bare state dict, else the
         key it was unwrapped from ("state_dict_ema", "model_ema", "state_dict" or "model").
     """
-    obj = _safetensors_load(teacher_id, path) if path.suffix.lower() == ".safetensors" else _torch_load(teacher_id, path)
+    safe = path.suffix.lower() == ".safetensors"
+    obj = _safetensors_load(teacher_id, path) if safe else _torch_load(teacher_id, path)
     key = ""
     if isinstance(obj, Mapping):
         key = next((k for k in NESTED_KEYS if isinstance(obj.get(k), Mapping)), "")
@@ -205,32 +206,35 @@ def remap_by_order(
 
 
 def load_strict(
-    teacher_id: str, path: Path, model: torch.nn.Module, state: Mapping[str, torch.Tensor], remap_hint: bool
+    teacher_id: str, path: Path, model: torch.nn.Module, state: Mapping[str, torch.Tensor], model_name: str,
+    remap_hint: bool,
 ) -> None:
     """``model.load_state_dict(state, strict=True)`` with a readable report when they do not fit.
 
     Args:
+        model_name: the manifest's model name, for the message.
         remap_hint: suggest ``remap: true`` in the fix (timm teachers that do not use it yet).
     """
     target = model.state_dict()
     missing = [k for k in target if k not in state]
     unexpected = [k for k in state if k not in target]
-    shapes = [
-        f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in target.items()
-        if k in state and state[k].shape != v.shape
-    ]
+    shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in target.items() if k in state and state[k].shape != v.shape]
     if missing or unexpected or shapes:
-        parts = [f"{name} {items[:4]}{f' (+{len(items) - 4} more)' if len(items) > 4 else ''}" for name, items in
-                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if items]
-        hint = "" if not remap_hint else " or `remap: true` when only the key names differ (same architecture, other codebase)"
+        found = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
+        parts = "; ".join(f"{name} {_first(items)}" for name, items in found if items)
+        hint = " or `remap: true` when only the key names differ (same architecture, other codebase)"
         raise TeacherError(
-            f"teacher {teacher_id}: checkpoint {path} does not fit model {model.__class__.__name__}: "
-            f"{len(missing)} missing, {len(unexpected)} unexpected, {len(shapes)} mismatched; "
-            + "; ".join(parts)
-            + f". Fix: use the model name and model_args (e.g. num_classes) the checkpoint was trained with{hint}."
+            f"teacher {teacher_id}: checkpoint {path} does not fit model {model_name!r}: {len(missing)} missing, "
+            f"{len(unexpected)} unexpected, {len(shapes)} mismatched; {parts}. Fix: use the model name and "
+            f"model_args (e.g. num_classes) the checkpoint was trained with{hint if remap_hint else ''}."
         )
     model.load_state_dict(dict(state), strict=True)
+
+
+def _first(items: list[str], n: int = 4) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return f"{items[:n]}{more}"
 
 
 def hub_reachable(timeout_s: float = 3.0) -> bool:

@@ -275,7 +275,7 @@ class OpenClipTeacher(TorchTeacher):
             emb = emb.float()
             out = {"features": emb} if "features" in self.wanted else {}
             if "logits" in self.wanted:
-                out["logits"] = self.scale * F.normalize(emb, dim=-1) @ self.text.T + self.bias
+                out["logits"] = (self.scale * F.normalize(emb, dim=-1) @ self.text.T + self.bias).float()
             if fmap is not None:
                 out["featmap"] = fmap.float()
         return out
@@ -303,7 +303,7 @@ def _load_checkpoint(spec: TeacherSpec, model: torch.nn.Module, path: Path) -> s
             state[name] = state[name].reshape(param.shape)
     resize_pos_embed(state, model)
     resize_text_pos_embed(state, model)
-    checkpoints.load_strict(spec.id, path, model, state, remap_hint=False)
+    checkpoints.load_strict(spec.id, path, model, state, spec.model, remap_hint=False)
     return key
 
 

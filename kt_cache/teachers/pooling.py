@@ -86,6 +86,8 @@ def timm_featmap(features: torch.Tensor, model: torch.nn.Module, input_hw: tuple
     Raises:
         ValueError: for outputs that are not spatial (e.g. already pooled ``[B, C]``).
     """
+    if not isinstance(features, torch.Tensor):
+        raise ValueError(f"forward_features returned a {type(features).__name__}, not one spatial tensor")
     if features.ndim == 4:
         fmt = str(getattr(model, "output_fmt", "NCHW"))
         fmap = features.permute(0, 3, 1, 2) if fmt.endswith("NHWC") else features

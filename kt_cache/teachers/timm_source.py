@@ -82,8 +82,8 @@ def build_error(spec: TeacherSpec, err: Exception) -> TeacherError:
     """A model that cannot be built from its name and model_args."""
     return TeacherError(
         f"teacher {spec.id}: {spec.source} could not build {spec.model!r} with model_args "
-        f"{spec.model_args} ({type(err).__name__}: {err}). Fix: check model_args against the model's "
-        "constructor arguments."
+        f"{spec.model_args} ({type(err).__name__}: {str(err)[:300]}). Fix: check model_args against the model's "
+        "constructor arguments (or install the package the error names, or choose another model)."
     )
 
 
@@ -169,10 +169,7 @@ def split_name(spec: TeacherSpec) -> tuple[str, str]:
 
 def _weights(spec: TeacherSpec, model: torch.nn.Module, base_dir: Path | None) -> str:
     """'random', the checkpoint's absolute path, or 'hub:<arch.tag>' (checked to be downloadable)."""
-    if spec.checkpoint is not None:
-        if spec.pretrained == RANDOM:
-            raise TeacherError(f"teacher {spec.id}: both `checkpoint:` and `pretrained: none` are set. "
-                               "Fix: remove one (checkpoint = those weights, none = random init).")
+    if spec.checkpoint is not None:          # a checkpoint wins over any `pretrained:` value
         return str(checkpoints.resolve_checkpoint(spec.id, spec.checkpoint, base_dir))
     if spec.pretrained == RANDOM:
         return "random"
@@ -319,7 +316,7 @@ def load(plan: TeacherPlan, device: str | torch.device) -> TimmTeacher:
     state, key = checkpoints.read_state_dict(spec.id, path)
     if spec.remap:
         state = checkpoints.remap_by_order(spec.id, path, state, model)
-    checkpoints.load_strict(spec.id, path, model, state, remap_hint=not spec.remap)
+    checkpoints.load_strict(spec.id, path, model, state, spec.model, remap_hint=not spec.remap)
     return TimmTeacher(plan, model, device, checkpoints.file_sha256(path), key)
 
 
