@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,9 @@ def finalize_store(path: Path, timings: dict[str, Any], failures: dict[int, str]
     meta = dict(meta, failed_samples=[str(ids[row]) for row in sorted(failures)][:1000],
                 n_failed_samples=int(len(failures)))
     root.attrs[fmt.ROOT_ATTR] = meta
-    zarr.consolidate_metadata(str(path))
+    with warnings.catch_warnings():   # "consolidated metadata is not in the v3 spec": known, documented
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(str(path))
     write_object_manifest(Path(path))
 
 

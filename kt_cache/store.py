@@ -25,6 +25,7 @@ writes ``zarr.json``/attrs; writers only write unit data and then ``done``.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,6 +171,7 @@ def open_group(store: Any, mode: str = "r", consolidated: bool | None = None) ->
     import zarr
 
     where = str(store)
+    warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part", module="zarr")
     try:
         return zarr.open_group(store, mode=mode, use_consolidated=consolidated)
     except FileNotFoundError as err:

@@ -65,3 +65,15 @@ def store_files(store: Path) -> dict[str, bytes]:
         if file.is_file() and file.name not in ("zarr.json", "ktc-objects.json"):
             files[rel] = file.read_bytes()
     return files
+
+
+def clip_teacher(**extra) -> dict:
+    """A random-init open_clip teacher shrunk to 32x32 inputs (zero-shot logits over the target classes)."""
+    teacher = {"id": "clip32", "source": "open_clip", "model": "ViT-B-32", "pretrained": "none",
+               "role": "descriptive", "outputs": ["features", "logits", "featmap"], "featmap": {"grid": 2},
+               "model_args": {"embed_dim": 16,
+                              "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1,
+                                             "head_width": 16},
+                              "text_cfg": {"width": 32, "heads": 2, "layers": 1}}}
+    teacher.update(extra)
+    return teacher
