@@ -18,20 +18,37 @@ COMMANDS = {
 }
 
 
+def all_commands() -> dict[str, tuple[str, str, str]]:
+    """Own commands plus those other packages register under the ``ktc.commands`` entry-point group
+    (kt_train's ``train`` and ``eval``), so kt_cache never imports kt_train."""
+    from importlib.metadata import entry_points
+
+    found = dict(COMMANDS)
+    for point in entry_points(group="ktc.commands"):
+        module, _, attr = point.value.partition(":")
+        found.setdefault(point.name, (module, attr, HELP.get(point.name, "")))
+    return found
+
+
+HELP = {"train": "Train a student from a store with ce, kd, avg, uniform, kpu, bikd or fg.",
+        "eval": "Evaluate a trained student: top-1/top-5, per-class accuracy, confusion matrix."}
+
+
 class KtcGroup(click.Group):
     """A click group with lazily imported sub-commands and ktc's error policy."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return list(COMMANDS)
+        return list(all_commands())
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name not in COMMANDS:
+        commands = all_commands()
+        if name not in commands:
             return None
-        module, attr, _ = COMMANDS[name]
+        module, attr, _ = commands[name]
         return getattr(importlib.import_module(module), attr)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        rows = [(name, help_text) for name, (_, _, help_text) in COMMANDS.items()]
+        rows = [(name, help_text) for name, (_, _, help_text) in all_commands().items()]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 

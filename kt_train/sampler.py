@@ -9,11 +9,15 @@ block exactly once per epoch, instead of decoding a whole shard for each random 
 DDP: the epoch's global order is padded by repeating its start (like ``DistributedSampler``) to a
 multiple of ``world`` and cut into ``world`` contiguous, equal slices; rank ``r`` takes slice ``r``. A
 contiguous slice keeps each rank on its own windows, so each rank reads about ``1/world`` of the blocks.
+
+``BlockCache`` is the read side: an LRU of whole blocks of one large array (spatial maps).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 from torch.utils.data import Sampler
@@ -85,3 +89,41 @@ class BlockShuffleSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.rank_order().tolist())
+
+
+class BlockCache:
+    """LRU of whole row blocks ``array[b*block_rows:(b+1)*block_rows]`` of one large row-chunked array.
+
+    Args:
+        array: a zarr (or any sliceable) array ``[N, V, ...]``.
+        block_rows: rows per block; a divisor of the store's unit rows so a block never spans two shards.
+        capacity: blocks kept in RAM (the sampler's ``window_blocks``).
+    """
+
+    def __init__(self, array: Any, block_rows: int, capacity: int) -> None:
+        self.array, self.block_rows, self.capacity = array, int(block_rows), max(1, int(capacity))
+        self.n_rows = int(array.shape[0])
+        self.blocks: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.reads = 0
+
+    def block(self, b: int) -> np.ndarray:
+        """Block ``b`` (``[rows, V, ...]``), read whole on a miss."""
+        if b in self.blocks:
+            self.blocks.move_to_end(b)
+            return self.blocks[b]
+        data = np.asarray(self.array[b * self.block_rows:min(self.n_rows, (b + 1) * self.block_rows)])
+        self.reads += 1
+        self.blocks[b] = data
+        while len(self.blocks) > self.capacity:
+            self.blocks.popitem(last=False)
+        return data
+
+    def gather(self, rows: np.ndarray, views: np.ndarray) -> np.ndarray:
+        """``array[rows, views]``: ``[B, ...]``; blocks visited in order of first use (old window first)."""
+        blocks = rows // self.block_rows
+        out = np.empty((rows.size, *self.array.shape[2:]), dtype=self.array.dtype)
+        _, first = np.unique(blocks, return_index=True)
+        for b in blocks[np.sort(first)]:
+            sel = blocks == b
+            out[sel] = self.block(int(b))[rows[sel] - b * self.block_rows, views[sel]]
+        return out

@@ -1,0 +1,63 @@
+"""Agreement of a student with the cached teachers on the store's own images (view 0, the centre view).
+
+The consensus of a row is the plurality of the predictive teachers' top-1 classes in the target label
+space (ties: the lower class index); per-teacher agreement is reported beside it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from kt_cache.store import StoreReader
+
+
+def predictive_teachers(reader: StoreReader, wanted: list[str]) -> list[str]:
+    ids = [t for t in wanted if t in reader.teacher_ids()] or reader.teacher_ids()
+    return [t for t in ids if reader.teacher_attrs(t).get("role", "predictive") == "predictive"
+            and "logits" in (reader.teacher_attrs(t).get("outputs") or [])]
+
+
+def votes(tb: Any) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Per-teacher top-1 ``[B]`` (-1 where invalid) and the plurality consensus ``[B]`` (-1 if no vote)."""
+    per_teacher = {}
+    for tid, logits in tb.logits.items():
+        top = logits.float().argmax(-1).cpu().numpy()
+        per_teacher[tid] = np.where(tb.valid[tid].cpu().numpy(), top, -1)
+    stacked = np.stack(list(per_teacher.values()), 1)
+    num_classes = int(next(iter(tb.logits.values())).shape[-1])
+    counts = np.zeros((stacked.shape[0], num_classes + 1), dtype=np.int64)
+    np.add.at(counts, (np.arange(stacked.shape[0])[:, None].repeat(stacked.shape[1], 1), stacked + 1), 1)
+    consensus = counts[:, 1:].argmax(1)
+    return per_teacher, np.where(counts[:, 1:].sum(1) > 0, consensus, -1)
+
+
+@torch.inference_mode()
+def teacher_agreement(student: Any, cache: str, run: dict[str, Any], batch_size: int, device: str,
+                      workers: int) -> dict[str, Any]:
+    """``{"consensus": fraction, "per_teacher": {id: fraction}, "n": rows, "teachers": [...]}``."""
+    from kt_train.data import CachedTeachers, StudentViews, collate
+
+    reader = StoreReader(cache)
+    teachers = predictive_teachers(reader, run.get("teachers", []))
+    if not teachers:
+        return {"n": 0, "teachers": [], "note": "the store has no predictive teachers with logits"}
+    cached = CachedTeachers(reader, teachers, needs={"logits"})
+    cfg = student.data_config
+    dataset = StudentViews(reader, tuple(cfg["input_size"][1:]), cfg["mean"], cfg["std"], cfg.get("interpolation", "bilinear"),
+                           data_root=run.get("data_root"), views_mode="center")
+    rows = np.flatnonzero(dataset.ok)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, rows.tolist()), batch_size=batch_size,
+                                         num_workers=workers, collate_fn=collate)
+    hits = {t: [0, 0] for t in ["consensus", *teachers]}
+    student.eval()
+    for batch in loader:
+        pred = student(batch["image"].to(device)).logits.float().argmax(-1).cpu().numpy()
+        per_teacher, consensus = votes(cached.for_batch(batch, "cpu"))
+        for name, target in [("consensus", consensus), *per_teacher.items()]:
+            hits[name][0] += int(((pred == target) & (target >= 0)).sum())
+            hits[name][1] += int((target >= 0).sum())
+    fraction = {k: round(h / n, 6) if n else None for k, (h, n) in hits.items()}
+    return {"consensus": fraction.pop("consensus"), "per_teacher": fraction, "n": int(rows.size), "teachers": teachers}

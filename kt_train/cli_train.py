@@ -1,0 +1,54 @@
+"""``ktc train``: flags (over an optional ``--config`` YAML) -> ``kt_train.loop.train``."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+FLAGS = ("cache", "data", "student", "students", "student_checkpoint", "sentinel", "method", "teachers", "labels",
+         "epochs", "max_steps", "batch_size", "lr", "weight_decay", "warmup_epochs", "grad_clip", "img_size",
+         "workers", "device", "seed", "out", "resume", "log_every", "window_blocks", "ram_budget_gb")
+
+
+@click.command()
+@click.option("--cache", help="Store written by `ktc extract` (path or fsspec URL).")
+@click.option("--data", help="Image root (default: the dataset root recorded in the store).")
+@click.option("--student", help="timm model name of the student (default resnet18).")
+@click.option("--students", help="bikd: several live students, comma-separated timm names.")
+@click.option("--student-checkpoint", help="Initial student weights (.safetensors or .pth).")
+@click.option("--sentinel", help="kpu: id of a store teacher (role sentinel) whose ViT becomes the frozen trunk.")
+@click.option("--method", type=click.Choice(["ce", "kd", "avg", "uniform", "kpu", "bikd", "fg"]), help="Transfer method.")
+@click.option("--opt", "opts", multiple=True, metavar="KEY=VALUE", help="Method option, e.g. --opt tau=2 (repeatable).")
+@click.option("--teachers", help="Comma-separated teacher ids or roles (predictive, descriptive, sentinel, all).")
+@click.option("--labels", type=click.Choice(["use", "ignore"]), help="Use the store's labels, or train label-free.")
+@click.option("--epochs", type=int)
+@click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
+@click.option("--batch-size", type=int)
+@click.option("--lr", type=float)
+@click.option("--weight-decay", type=float)
+@click.option("--warmup-epochs", type=float)
+@click.option("--grad-clip", type=float)
+@click.option("--img-size", type=int, help="Student input size (default: the student's own).")
+@click.option("--workers", type=int, help="DataLoader workers decoding images.")
+@click.option("--device", help="auto, cpu, cuda or cuda:N.")
+@click.option("--seed", type=int)
+@click.option("--out", help="Run folder: weights, config, metrics, plots (default runs/train).")
+@click.option("--resume", is_flag=True, default=None, help="Continue the run in --out from its last finished epoch.")
+@click.option("--log-every", type=int)
+@click.option("--window-blocks", type=int, help="Block-shuffle window in store units.")
+@click.option("--ram-budget-gb", type=float, help="Spatial maps above this are read block-shuffled from the store.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML with any of these keys; flags win.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def train(opts: tuple[str, ...], config_file: str | None, no_progress: bool, **flags) -> None:
+    """Train a student from a teacher store with no teacher network in memory."""
+    from kt_train.config import build_config, load_config_file, parse_method_options
+    from kt_train.loop import train as run_training
+
+    given = {k: v for k, v in flags.items() if v is not None}
+    if opts:
+        given["method_options"] = parse_method_options(opts)
+    config = build_config(load_config_file(config_file) if config_file else {}, given)
+    metrics = run_training(config, show_progress=not no_progress)
+    summary = {k: metrics[k] for k in ("top1", "top5", "teacher_agreement") if k in metrics}
+    click.echo(f"run saved in {config.out}: {json.dumps(summary)}")

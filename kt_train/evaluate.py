@@ -1,0 +1,130 @@
+"""``ktc eval``: a trained student on a labelled folder (top-1/top-5, per class, confusion matrix) and,
+with ``--cache``, its agreement with the cached teachers' consensus on the store's images (view 0).
+
+Training ends by calling the same ``evaluate`` and saving its result as ``eval.json``, so
+``ktc eval --checkpoint DIR`` with the same inputs reproduces it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kt_cache.errors import UsageError
+
+RUN_INFO = "run.json"
+
+
+class FolderViews(torch.utils.data.Dataset):
+    """Labelled images -> the centre view (view 0 of the store's policy) at the student's input size."""
+
+    def __init__(self, root: Path, ids: tuple[str, ...], labels: np.ndarray, data_config: dict[str, Any], center: float):
+        from kt_cache.manifest_types import ViewsSpec
+
+        self.root, self.ids, self.labels = Path(root), ids, labels
+        self.size = tuple(data_config["input_size"][1:])
+        self.interpolation = data_config.get("interpolation", "bilinear")
+        self.mean = torch.tensor(data_config["mean"]).view(3, 1, 1) * 255
+        self.std = torch.tensor(data_config["std"]).view(3, 1, 1) * 255
+        self.policy = ViewsSpec(count=1, center_crop=center)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        from kt_cache.images import decode_image
+        from kt_cache.views import sample_views, view_pixels
+
+        image = decode_image(self.root / self.ids[i])
+        box = sample_views(self.policy, i, (image.height, image.width))[0]
+        pixels = view_pixels(image, box[:4], False, self.size, self.interpolation).float()
+        return {"image": (pixels - self.mean) / self.std, "label": int(self.labels[i])}
+
+
+@torch.inference_mode()
+def predict(student: Any, dataset: torch.utils.data.Dataset, batch_size: int, device: str, workers: int) -> np.ndarray:
+    """Logits ``[N, C]`` (fp32) of the student over the dataset, in order."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    student.eval()
+    outputs = [student(batch["image"].to(device)).logits.float().cpu() for batch in loader]
+    return torch.cat(outputs).numpy() if outputs else np.zeros((0, 0), np.float32)
+
+
+def accuracy_metrics(logits: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """top-1, top-5 (k = min(5, C)), per-class accuracy and the confusion matrix ``[C, C]`` (rows = truth)."""
+    k = min(5, logits.shape[1])
+    topk = np.argsort(-logits, axis=1)[:, :k]
+    pred = topk[:, 0]
+    confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)
+    np.add.at(confusion, (labels, pred), 1)
+    per_class = {name: round(float(confusion[c, c] / confusion[c].sum()), 6)
+                 for c, name in enumerate(classes) if confusion[c].sum()}
+    return {"top1": round(float((pred == labels).mean()), 6), "top5": round(float((topk == labels[:, None]).any(1).mean()), 6),
+            "n": int(labels.size), "per_class": per_class, "confusion": confusion.tolist()}
+
+
+def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = np.asarray(confusion, dtype=float)
+    norm = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    size = min(12, 3 + 0.35 * len(classes))
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    if len(classes) <= 40:
+        ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(classes)), classes, fontsize=7)
+    ax.set(xlabel="predicted", ylabel="true", title="confusion (row-normalised)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def folder_metrics(student: Any, data: Path, run: dict[str, Any], batch_size: int, device: str, workers: int) -> dict:
+    from kt_cache.datasets import list_dataset
+    from kt_cache.manifest_types import DatasetSpec
+
+    classes = run["classes"]
+    listing = list_dataset(DatasetSpec(root=Path(data), classes=tuple(classes)))
+    if (listing.labels < 0).any():
+        raise UsageError(f"--data {data}: {int((listing.labels < 0).sum())} images are not in a class sub-folder. "
+                         "Evaluation needs labels. Fix: use a folder of class sub-folders named like the target classes.")
+    dataset = FolderViews(listing.root, listing.ids, listing.labels, student.data_config, run["center_crop"])
+    return accuracy_metrics(predict(student, dataset, batch_size, device, workers), np.asarray(listing.labels), classes)
+
+
+def load_run_info(checkpoint: Path) -> dict[str, Any]:
+    path = Path(checkpoint) / RUN_INFO
+    if not path.is_file():
+        raise UsageError(f"--checkpoint {checkpoint}: no {RUN_INFO} there, so it is not a `ktc train` output folder. "
+                         "Fix: point at the --out folder of a training run.")
+    return json.loads(path.read_text())
+
+
+def evaluate(checkpoint: Path, data: Path | None = None, cache: str | None = None, batch_size: int = 64,
+             device: str = "cpu", workers: int = 0, plots: bool = True) -> dict[str, Any]:
+    """Metrics of the checkpoint's (first) student; see the module docstring."""
+    from kt_train.students import load_student
+
+    run = load_run_info(checkpoint)
+    student = load_student(Path(checkpoint) / run["students"][0], device)
+    metrics: dict[str, Any] = {"checkpoint": str(checkpoint)}
+    if data is not None:
+        metrics.update(folder_metrics(student, Path(data), run, batch_size, device, workers))
+        if plots:
+            plot_confusion(metrics["confusion"], run["classes"], Path(checkpoint) / "confusion.png")
+    if cache is not None:
+        from kt_train.agreement import teacher_agreement
+
+        metrics["teacher_agreement"] = teacher_agreement(student, cache, run, batch_size, device, workers)
+    if data is None and cache is None:
+        raise UsageError("nothing to evaluate on. Fix: pass --data FOLDER (labelled) and/or --cache STORE.")
+    return metrics

@@ -1,0 +1,119 @@
+"""The training loop: AdamW + cosine schedule with warm-up, AMP on GPU, gradient clipping,
+checkpoints every epoch, ``metrics.jsonl``, tqdm progress, plots and a final evaluation."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kt_train.checkpoint import load_checkpoint, save_checkpoint
+from kt_train.config import TrainConfig, save_config
+from kt_train.methods import StudentOutput
+from kt_train.metrics import MetricsLog, write_plots
+from kt_train.setup import Run, build_run
+
+
+def make_optimizer(run: Run, steps: int) -> tuple[Any, Any, Any]:
+    from timm.scheduler import CosineLRScheduler
+
+    params = [p for s in run.students for p in s.parameters() if p.requires_grad]
+    params += [p for p in run.method.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=run.config.lr, weight_decay=run.config.weight_decay)
+    warmup = int(run.config.warmup_epochs * len(run.loader))
+    scheduler = CosineLRScheduler(optimizer, t_initial=max(1, steps), warmup_t=warmup, warmup_lr_init=run.config.lr * 0.01,
+                                  lr_min=run.config.lr * 0.01, t_in_epochs=False)
+    scaler = torch.amp.GradScaler(enabled=run.device.type == "cuda" and run.config.amp)
+    return optimizer, scheduler, scaler
+
+
+def forward_students(run: Run, images: torch.Tensor) -> list[StudentOutput]:
+    with torch.autocast(run.device.type, enabled=run.device.type == "cuda" and run.config.amp):
+        outputs = [s(images) for s in run.students]
+    return [StudentOutput(o.logits.float(), None if o.features is None else o.features.float(),
+                          None if o.featmap is None else o.featmap.float()) for o in outputs]
+
+
+def train_step(run: Run, batch: dict[str, torch.Tensor], optimizer: Any, scaler: Any) -> dict[str, float]:
+    """One optimizer step; returns every loss part and diagnostic as floats."""
+    images = batch["image"].to(run.device, non_blocking=True)
+    teachers = run.cached.for_batch(batch, run.device)
+    if not run.use_labels:
+        teachers.labels = None
+    if run.initial is not None:
+        with torch.no_grad():
+            teachers.reference_logits = run.initial(images).logits.float()
+    outputs = forward_students(run, images)
+    parts = run.method(outputs if len(outputs) > 1 else outputs[0], teachers)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(parts["loss"]).backward()
+    if run.config.grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], run.config.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return {k: float(v.detach()) for k, v in parts.items()}
+
+
+def train_epoch(run: Run, epoch: int, step: int, total: int, opt: tuple, log: MetricsLog, show: bool) -> int:
+    from tqdm import tqdm
+
+    optimizer, scheduler, scaler = opt
+    for s in run.students:
+        s.train()
+    run.method.train()
+    run.loader.set_epoch(epoch)
+    tick, seen = time.perf_counter(), 0
+    bar = tqdm(run.loader, desc=f"epoch {epoch + 1}/{run.config.epochs}", unit="batch", disable=not show, leave=False)
+    for batch in bar:
+        parts = train_step(run, batch, optimizer, scaler)
+        step += 1
+        seen += int(batch["image"].shape[0])
+        scheduler.step_update(step)
+        if step % run.config.log_every == 0 or step == 1 or step >= total:
+            rate = seen / max(1e-9, time.perf_counter() - tick)
+            log.write({"kind": "step", "step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+                       "samples_per_s": round(rate, 2), **parts})
+            bar.set_postfix(loss=f"{parts['loss']:.4f}", samples_s=f"{rate:.1f}")
+            tick, seen = time.perf_counter(), 0
+        if step >= total:
+            break
+    return step
+
+
+def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
+    """Train, checkpoint every epoch, evaluate; returns the final metrics (also in ``eval.json``)."""
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = build_run(config)
+    save_config(config, out)
+    per_epoch = len(run.loader)
+    total = min(config.epochs * per_epoch, config.max_steps or config.epochs * per_epoch)
+    opt = make_optimizer(run, total)
+    epoch, step = load_checkpoint(out, run, *opt) if config.resume else (0, 0)
+    if not config.resume and (out / "metrics.jsonl").exists():
+        os.remove(out / "metrics.jsonl")
+    log = MetricsLog(out)
+    while epoch < config.epochs and step < total:
+        start = time.perf_counter()
+        step = train_epoch(run, epoch, step, total, opt, log, show_progress)
+        save_checkpoint(out, run, *opt, epoch, step)
+        log.write({"kind": "epoch", "epoch": epoch, "step": step, "seconds": round(time.perf_counter() - start, 3)})
+        epoch += 1
+    return finish(run, out)
+
+
+def finish(run: Run, out: Path) -> dict[str, Any]:
+    """Plots and the final evaluation (the same call `ktc eval` makes)."""
+    from kt_train.evaluate import evaluate
+
+    write_plots(out)
+    data = run.info["data_root"] if run.use_labels else None
+    metrics = evaluate(out, data=data, cache=run.config.cache, batch_size=run.config.batch_size,
+                       device=str(run.device), workers=0)
+    (out / "eval.json").write_text(json.dumps(metrics, indent=1))
+    return metrics

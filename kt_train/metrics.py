@@ -1,0 +1,87 @@
+"""Run metrics: ``metrics.jsonl`` (one JSON object per logged step or epoch) and PNG plots from it."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    """Appends JSON lines to ``<out>/metrics.jsonl`` (rank 0 only writes)."""
+
+    def __init__(self, out_dir: Path, enabled: bool = True):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.enabled = enabled
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def step_series(records: list[dict[str, Any]], keys: list[str]) -> dict[str, tuple[list[int], list[float]]]:
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for key in keys:
+        points = [(r["step"], r[key]) for r in records if r.get("kind") == "step" and key in r]
+        series[key] = ([p[0] for p in points], [p[1] for p in points])
+    return series
+
+
+def epoch_means(records: list[dict[str, Any]], prefix: str) -> dict[str, dict[int, float]]:
+    """Per-epoch mean of every step key starting with ``prefix`` (e.g. ``teach_share/``)."""
+    sums: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for record in records:
+        if record.get("kind") != "step":
+            continue
+        for key, value in record.items():
+            if key.startswith(prefix):
+                sums[key][record["epoch"]].append(value)
+    return {key: {e: sum(v) / len(v) for e, v in by_epoch.items()} for key, by_epoch in sums.items()}
+
+
+def plot_lines(series: dict[str, tuple[list, list]], title: str, ylabel: str, path: Path, xlabel: str = "step") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, label=name, marker="o" if len(xs) < 20 else None)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_plots(out_dir: Path) -> list[Path]:
+    """``loss.png`` (total and every part); ``diagnostics.png`` (uniform: tie fraction, vote agreement…);
+    ``teach_share.png`` (bikd: each participant's teaching share per epoch)."""
+    out_dir = Path(out_dir)
+    records = read_metrics(out_dir / "metrics.jsonl")
+    steps = [r for r in records if r.get("kind") == "step"]
+    if not steps:
+        return []
+    keys = sorted({k for r in steps for k in r})
+    losses = [k for k in keys if k == "loss" or k.endswith("_loss")]
+    written = [plot_lines(step_series(records, losses), "training losses", "loss", out_dir / "loss.png")]
+    skip = set(losses) | {"step", "epoch", "lr", "kind", "samples_per_s", "time"}
+    diagnostics = [k for k in keys if k not in skip and not k.startswith("teach_share/")]
+    if diagnostics:
+        written.append(plot_lines(step_series(records, diagnostics), "method diagnostics", "value",
+                                  out_dir / "diagnostics.png"))
+    shares = epoch_means(records, "teach_share/")
+    if shares:
+        series = {k.split("/", 1)[1]: (sorted(v), [v[e] for e in sorted(v)]) for k, v in shares.items()}
+        written.append(plot_lines(series, "Bi-KD: teaching share per epoch", "share of samples",
+                                  out_dir / "teach_share.png", xlabel="epoch"))
+    return written

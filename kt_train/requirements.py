@@ -1,0 +1,64 @@
+"""Refuse, before any training, a store that lacks what the chosen method needs; say what to do instead."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kt_cache.errors import UsageError
+from kt_cache.store import StoreReader
+
+
+def teacher_outputs(reader: StoreReader, teacher_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """id -> {"role", "outputs", "covers_all"} from the stored attrs."""
+    target = set(reader.class_names)
+    found = {}
+    for tid in teacher_ids:
+        attrs = reader.teacher_attrs(tid)
+        names = set(attrs.get("class_names") or [])
+        found[tid] = {"role": attrs.get("role", "predictive"), "outputs": set(attrs.get("outputs") or []),
+                      "covers_all": bool(target) and target <= names}
+    return found
+
+
+def predictive_with_logits(found: dict[str, dict[str, Any]], full_cover: bool = False) -> list[str]:
+    return [t for t, f in found.items() if f["role"] == "predictive" and "logits" in f["outputs"]
+            and (f["covers_all"] or not full_cover)]
+
+
+def fail(config: Any, what: str, fix: str) -> None:
+    raise UsageError(f"--method {config.method} on {config.cache} (teachers: {', '.join(config.teachers)}): {what} Fix: {fix}")
+
+
+def check_requirements(config: Any, reader: StoreReader, teacher_ids: list[str], options: Any, use_labels: bool) -> None:
+    """One readable refusal per missing ingredient (outputs, roles, labels)."""
+    found = teacher_outputs(reader, teacher_ids)
+    method, needs_labels = config.method, labels_required(config.method, options)
+    if needs_labels and not use_labels:
+        why = "--labels ignore was given" if config.labels == "ignore" else "the store has no labelled samples"
+        fail(config, f"this method needs the true labels, but {why}.",
+             "use --labels use with a store made from a labelled dataset (class sub-folders or a csv label column)"
+             + ("" if method != "bikd" else ", or --opt label_source=vote for label-free Bi-KD") + ".")
+    if method in ("kd", "uniform", "bikd", "fg") and not predictive_with_logits(found, method in ("bikd", "fg")):
+        if method != "uniform" or getattr(options, "logit_vote", True):
+            fail(config, "no selected teacher is predictive with stored logits"
+                 + (" over all target classes" if method in ("bikd", "fg") else "") + ".",
+                 "extract a predictive teacher with `outputs: [..., logits]`, select it with --teachers"
+                 + (", or turn logit voting off with --opt logit_vote=false" if method == "uniform" else "") + ".")
+    if method in ("avg", "uniform") and not any("features" in f["outputs"] for f in found.values()):
+        fail(config, "no selected teacher has stored features.", "extract teachers with `outputs: [features, ...]`.")
+    if method == "kpu" and not any("featmap" in f["outputs"] for f in found.values()):
+        fail(config, "no selected teacher has stored spatial maps (featmap).",
+             "extract teachers with `outputs: [features, featmap]` (and `featmap: {grid: G}`), or choose another method.")
+
+
+def labels_required(method: str, options: Any) -> bool:
+    if method == "ce":
+        return True
+    if method == "bikd":
+        return getattr(options, "label_source", "labels") == "labels"
+    if method == "fg":
+        return getattr(options, "mask", "auto") == "supervised"
+    if method == "kd":
+        alpha = getattr(options, "alpha", None)
+        return alpha is not None and alpha < 1
+    return False

@@ -1,0 +1,133 @@
+"""Build everything a training run needs from a ``TrainConfig``: store, teachers, students, method, data.
+
+No teacher network is ever built here: teachers exist only as their cached outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kt_cache.errors import UsageError
+from kt_cache.store import StoreReader
+from kt_train.config import TrainConfig
+
+
+@dataclass
+class Run:
+    """A ready-to-train run (see ``build_run``)."""
+
+    config: TrainConfig
+    reader: StoreReader
+    teacher_ids: list[str]
+    cached: Any
+    students: list[Any]
+    method: Any
+    loader: Any
+    device: torch.device
+    use_labels: bool
+    initial: Any | None            # fg: frozen copy of the initial student
+    info: dict[str, Any]           # what `ktc eval` needs: classes, centre crop, student files, teachers
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device on this machine. Fix: --device cpu or auto.")
+    return torch.device(name)
+
+
+def sentinel_spec(reader: StoreReader, teacher_id: str | None) -> Any:
+    """KPU: the store teacher (role sentinel) whose network becomes the student's frozen trunk."""
+    if teacher_id is None:
+        return None
+    from kt_train.students import SentinelSpec
+
+    attrs = reader.teacher_attrs(teacher_id)
+    if attrs.get("source") != "timm":
+        raise UsageError(f"--sentinel {teacher_id}: its source is {attrs.get('source')}; the sentinel trunk must be a "
+                         "timm ViT. Fix: name a timm ViT teacher of the store (role: sentinel).")
+    weights = attrs.get("weights")
+    checkpoint = weights if weights and Path(str(weights)).is_file() else None
+    model_args = {k: v for k, v in (attrs.get("entry", {}).get("model_args") or {}).items() if k != "num_classes"}
+    return SentinelSpec(model=str(attrs["model"]).split(".")[0], checkpoint=checkpoint, model_args=model_args)
+
+
+def build_students(config: TrainConfig, reader: StoreReader, num_classes: int, device: torch.device) -> list[Any]:
+    from kt_train.students import build_student
+
+    sentinel = sentinel_spec(reader, config.sentinel)
+    names = config.students or [sentinel.model if sentinel else config.student]
+    return [build_student(name, num_classes, checkpoint=config.student_checkpoint, sentinel=sentinel,
+                          img_size=config.img_size).to(device) for name in names]
+
+
+def method_options(config: TrainConfig, n_students: int) -> dict[str, Any]:
+    options = dict(config.method_options)
+    if config.method == "bikd":
+        options.setdefault("num_students", n_students)
+    return options
+
+
+def build_method(config: TrainConfig, cached: Any, student: Any, n_students: int, device: torch.device) -> Any:
+    from kt_train.methods import MethodDims
+    from kt_train.methods import build_method as build
+
+    dims = MethodDims(student.feature_dim, cached.num_classes, cached.teacher_infos())
+    return build(config.method, method_options(config, n_students), dims).to(device)
+
+
+def build_loader(config: TrainConfig, reader: StoreReader, student: Any, cached: Any, rank: int, world: int) -> Any:
+    from kt_train.data import StudentViews, make_loader
+
+    cfg = student.data_config
+    dataset = StudentViews(reader, tuple(cfg["input_size"][1:]), cfg["mean"], cfg["std"],
+                           cfg.get("interpolation", "bilinear"), data_root=config.data, seed=config.seed)
+    usable = int(dataset.ok.sum()) // world
+    remote = "://" in str(config.cache)
+    return make_loader(dataset, config.batch_size, cached.block_rows, config.window_blocks, config.seed, rank=rank,
+                       world=world, num_workers=config.workers, drop_last=usable >= 2 * config.batch_size,
+                       multiprocessing_context="spawn" if remote and config.workers else None,
+                       pin_memory=torch.cuda.is_available())
+
+
+def build_run(config: TrainConfig, rank: int = 0, world: int = 1) -> Run:
+    """Open the store, select teachers, check the method can run on them, build students, method, data."""
+    from kt_train.data import CachedTeachers, select_teachers
+    from kt_train.methods import METHODS, build_options
+    from kt_train.requirements import check_requirements
+
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    reader = StoreReader(config.cache)
+    teacher_ids = select_teachers(reader, config.teachers)
+    options = build_options(config.method, method_options(config, max(1, len(config.students))))
+    labels = np.asarray(reader.root["samples/label"][:])
+    use_labels = config.labels == "use" and bool((labels >= 0).any())
+    check_requirements(config, reader, teacher_ids, options, use_labels)
+    cached = CachedTeachers(reader, teacher_ids, needs=METHODS[config.method].needs, window_blocks=config.window_blocks,
+                            ram_budget_bytes=int(config.ram_budget_gb * (1 << 30)))
+    students = build_students(config, reader, cached.num_classes, device)
+    method = build_method(config, cached, students[0], len(students), device)
+    loader = build_loader(config, reader, students[0], cached, rank, world)
+    initial = None
+    if config.method == "fg":
+        initial = copy.deepcopy(students[0]).eval().requires_grad_(False)
+    info = {"classes": reader.class_names, "center_crop": reader.meta["views"].get("center_crop", 0.875),
+            "data_root": loader.dataset.data_root, "cache": str(config.cache), "teachers": teacher_ids,
+            "method": config.method, "method_options": options_dict(method),
+            "students": [f"student{i if len(students) > 1 else ''}.safetensors" for i in range(len(students))]}
+    return Run(config, reader, teacher_ids, cached, students, method, loader, device, use_labels, initial, info)
+
+
+def options_dict(method: Any) -> dict[str, Any]:
+    import dataclasses
+
+    options = getattr(method, "options", None)
+    return dataclasses.asdict(options) if dataclasses.is_dataclass(options) else {}
