@@ -15,6 +15,10 @@ from kt_cache.errors import KtError
 COMMANDS = {
     "extract": ("kt_cache.cli_extract", "extract", "Run teachers over a dataset into a Zarr v3 store."),
     "info": ("kt_cache.cli_info", "info", "Describe a store: teachers, outputs, completion, bytes."),
+    "verify": ("kt_cache.cli_share", "verify", "Check a store against its object manifest and done flags."),
+    "merge": ("kt_cache.cli_share", "merge", "Merge stores of one dataset into a new store (no re-encoding)."),
+    "subset": ("kt_cache.cli_share", "subset", "Copy some teachers of a store into a new store."),
+    "pack": ("kt_cache.cli_share", "pack", "Pack a store into one .zip that ktc and zarr read."),
 }
 
 

@@ -18,19 +18,33 @@ def folder_bytes(path: Path) -> int | None:
     return sum((Path(d) / f).stat().st_size for d, _, files in os.walk(path) for f in files)
 
 
+def store_bytes(reader: fmt.StoreReader, prefix: str = "") -> int | None:
+    """Bytes below ``prefix``: walked for a local folder, summed from ``ktc-objects.json`` for a remote or
+    packed store, None when neither is available."""
+    from kt_cache.errors import StoreError
+
+    folder = reader.location.local_folder if reader.location else None
+    if folder is not None:
+        return folder_bytes(folder / prefix if prefix else folder)
+    try:
+        manifest = reader.object_manifest()
+    except StoreError:
+        return None
+    return None if manifest is None else sum(e["size"] for k, e in manifest.items() if k.startswith(prefix))
+
+
 def teacher_summary(reader: fmt.StoreReader, teacher_id: str) -> dict[str, Any]:
     attrs = reader.teacher_attrs(teacher_id)
     done = reader.done(teacher_id)
     arrays = {name: {"shape": list(a.shape), "dtype": str(a.dtype), "chunks": list(a.chunks),
                      "shards": list(a.shards) if a.shards else None}
               for name, a in reader.teacher_arrays(teacher_id).items()}
-    local = Path(reader.where) / "teachers" / teacher_id
     return {
         "id": teacher_id, "source": attrs.get("source"), "model": attrs.get("model"), "role": attrs.get("role"),
         "weights": attrs.get("weights"), "weights_sha256": attrs.get("weights_sha256"),
         "preprocess": attrs.get("preprocess"), "outputs": attrs.get("outputs"), "arrays": arrays,
         "units_done": int(done.sum()), "units": int(done.size), "complete": bool(done.all()),
-        "bytes": folder_bytes(local), "timing": attrs.get("timing"),
+        "bytes": store_bytes(reader, f"teachers/{teacher_id}/"), "timing": attrs.get("timing"),
     }
 
 
@@ -46,7 +60,7 @@ def store_summary(store: str) -> dict[str, Any]:
         "n_classes": len(meta["dataset"].get("classes", [])),
         "samples_ok": int(np.asarray(samples["ok"]).sum()),
         "labelled": int((np.asarray(samples["label"]) >= 0).sum()),
-        "bytes": folder_bytes(Path(store)),
+        "bytes": store_bytes(reader), "remote": reader.location is None or reader.location.local_folder is None,
         "teachers": [teacher_summary(reader, t) for t in reader.teacher_ids()],
     }
 
@@ -55,8 +69,9 @@ def format_summary(info: dict[str, Any]) -> str:
     from kt_cache.cli_extract import human_bytes
 
     ds = info["dataset"]
-    size = human_bytes(info["bytes"]) if info["bytes"] is not None else "remote"
-    lines = [f"{info['store']}  ktc store v{info['version']}, {size} on disk",
+    size = human_bytes(info["bytes"]) if info["bytes"] is not None else "unknown size"
+    size += " (remote or packed)" if info.get("remote") else " on disk"
+    lines = [f"{info['store']}  ktc store v{info['version']}, {size}",
              f"dataset  {ds.get('kind')} {ds.get('root') or ds.get('list') or ds.get('builtin')}  "
              f"fingerprint {str(ds.get('fingerprint'))[:16]}…",
              f"samples  {info['n_samples']} ({info['samples_ok']} decoded, {info['labelled']} labelled, "

@@ -40,6 +40,8 @@ class Location:
     @property
     def listable(self) -> bool:
         """True when object keys can be listed (local folders, zip files, object stores; not https)."""
+        if self.kind == "fsspec" and self.url.startswith("zip:"):
+            return True                   # a zip's central directory lists its members wherever it lives
         return not (self.kind == "fsspec" and self.protocol in UNLISTABLE)
 
     @property

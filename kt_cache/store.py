@@ -27,10 +27,12 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from kt_cache import store_checks as checks
 from kt_cache.errors import StoreError
 
 FORMAT_NAME = "ktc"
@@ -136,7 +138,7 @@ def check_root_attrs(attrs: dict[str, Any], where: str) -> dict[str, Any]:
         raise StoreError(f"{where} is a Zarr group but not a ktc store (no attrs['{ROOT_ATTR}'] with format "
                          f"'{FORMAT_NAME}'). Fix: point at a store written by `ktc extract`.")
     version = meta.get("version")
-    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
         raise StoreError(f"{where} has ktc store format version {version!r}; this ktc reads versions 1..{FORMAT_VERSION}. "
                          "Fix: upgrade ktc (pip install -U ktc) or ask for a store in a format this version reads.")
     for key, kind in (("n_samples", int), ("n_views", int), ("unit_rows", int), ("n_units", int)):
@@ -167,27 +169,94 @@ def write_samples_unit(root: Any, rows: slice, ok: np.ndarray, views: np.ndarray
 
 
 def open_group(store: Any, mode: str = "r", consolidated: bool | None = None) -> Any:
-    """Open a store's root group: a local path, an fsspec URL, or a zarr Store."""
+    """Open a store's root group (Zarr v3 only): a local path, a URL (read-only, see ``kt_cache.remote``) or a Store."""
+    from kt_cache.remote import open_store
+
+    target = open_store(store) if mode == "r" and isinstance(store, (str, Path)) else store
+    return open_root(target, str(store), mode, consolidated)
+
+
+def open_root(target: Any, where: str, mode: str = "r", consolidated: bool | None = None) -> Any:
     import zarr
 
-    where = str(store)
     warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part", module="zarr")
-    try:
-        return zarr.open_group(store, mode=mode, use_consolidated=consolidated)
+    try:   # zarr_format=3: a v2 store could carry pickled object codecs; v3 has no code-running codec
+        return zarr.open_group(target, mode=mode, use_consolidated=consolidated, zarr_format=3)
     except FileNotFoundError as err:
-        raise StoreError(f"{where}: no Zarr store there ({err}). Fix: check the path or URL.") from err
+        raise StoreError(f"{where}: no Zarr v3 store there ({err}). Fix: check the path or URL "
+                         "(a ktc store is a folder holding zarr.json; use zip:// for a packed store).") from err
     except (ValueError, KeyError, TypeError) as err:
-        raise StoreError(f"{where}: cannot be opened as a Zarr v3 group: {err}. "
-                         "Fix: point at a store written by `ktc extract`.") from err
+        node = checks.locate_bad_node(root_document(target)) if not isinstance(target, str) else ""
+        raise StoreError(f"{where}: cannot be opened as a Zarr v3 group: {node or err}. The metadata is damaged or "
+                         "not written by ktc. Fix: point at a store written by `ktc extract`, or ask its producer "
+                         "for an intact copy.") from err
+
+
+def root_document(target: Any) -> bytes | None:
+    from kt_cache.remote import get_bytes
+
+    try:
+        return get_bytes(target, "zarr.json")
+    except Exception:   # noqa: BLE001 - only used to improve an error message
+        return None
+
+
+def read_rows(array: Any, path: str, where: str, rows: slice = slice(None)) -> np.ndarray:
+    """``array[rows]`` as numpy; an undecodable object becomes a StoreError naming its key and rows."""
+    try:
+        return np.asarray(array[rows])
+    except Exception as err:   # noqa: BLE001 - zstd/crc/UTF-8 errors of damaged objects differ by codec
+        bad = bad_objects(array, path, rows)
+        named = "; ".join(f"{key} (rows {a}-{b - 1}): {type(e).__name__}: {e}" for key, a, b, e in bad[:5])
+        raise StoreError(f"{where}: array {path}: {len(bad) or 'some'} stored object(s) cannot be decoded: "
+                         f"{named or err}. The object is truncated or corrupt. Fix: run `ktc verify {where}` "
+                         "for the full list; get an intact copy of the object, or re-extract that unit.") from err
+
+
+def bad_objects(array: Any, path: str, rows: slice = slice(None)) -> list[tuple[str, int, int, Exception]]:
+    """(key, first row, end row, error) of every storage object in ``rows`` that fails to decode."""
+    step = checks.object_rows(array)
+    start, stop, _ = rows.indices(int(array.shape[0]))
+    found = []
+    for block in range(start // step, -(-stop // step)):
+        a, b = block * step, min((block + 1) * step, int(array.shape[0]))
+        try:
+            array[a:b]
+        except Exception as err:   # noqa: BLE001
+            found.append((object_key(array, path, block), a, b, err))
+    return found
+
+
+def object_key(array: Any, path: str, block: int) -> str:
+    """Store key of the object (shard or chunk) holding row block ``block`` of the array at ``path``."""
+    return f"{path}/{array.metadata.encode_chunk_key((block,) + (0,) * (array.ndim - 1))}"
 
 
 class StoreReader:
-    """Read-only view of a ktc store: root metadata, samples, teachers and their arrays."""
+    """Read-only, validated view of a ktc store: root metadata, samples, teachers and their arrays.
 
-    def __init__(self, store: Any, consolidated: bool | None = None) -> None:
+    ``store`` is a local path, ``file://``, ``zip://`` or any fsspec URL (``kt_cache.remote``), or a zarr Store.
+    Everything taken from the store (sizes, dtypes, codecs, ids, attributes) is checked before use.
+    """
+
+    def __init__(self, store: Any, consolidated: bool | None = None,
+                 storage_options: dict[str, Any] | None = None) -> None:
+        from kt_cache.remote import open_store, parse_location
+
         self.where = str(store)
-        self.root = open_group(store, mode="r", consolidated=consolidated)
+        self.location = parse_location(store) if isinstance(store, (str, Path)) else None
+        self.store = open_store(self.location, storage_options) if self.location else store
+        self.root = open_root(self.store, self.where, "r", consolidated)
         self.meta = check_root_attrs(dict(self.root.attrs), self.where)
+        checks.check_root_meta(self.meta, self.where)
+        self.consolidated = self.root.metadata.consolidated_metadata is not None
+        if self.location is not None and not self.location.listable and not self.consolidated:
+            raise StoreError(f"{self.where}: this store has no consolidated metadata, and {self.location.protocol}:// "
+                             "offers no listing, so its teachers cannot be discovered remotely. Fix: ask its producer "
+                             "to finalize it (every `ktc extract` run does; `ktc verify` reports a missing or stale "
+                             "consolidation) or to publish it packed (`ktc pack`), or download it and open it locally.")
+        self._ids: list[str] | None = None
+        self._checked: dict[str, dict[str, Any]] = {}
 
     @property
     def n_samples(self) -> int:
@@ -202,9 +271,12 @@ class StoreReader:
         return list(self.meta["dataset"].get("classes", []))
 
     def teacher_ids(self) -> list[str]:
-        if "teachers" not in self.root:
-            return []
-        return sorted(name for name, _ in self.root["teachers"].groups())
+        if self._ids is None:
+            ids = sorted(name for name, _ in self.root["teachers"].groups()) if "teachers" in self.root else []
+            for teacher_id in ids:
+                checks.check_teacher_id(teacher_id, self.where)
+            self._ids = ids
+        return list(self._ids)
 
     def teacher(self, teacher_id: str) -> Any:
         if teacher_id not in self.teacher_ids():
@@ -215,22 +287,57 @@ class StoreReader:
         return self.root[f"teachers/{teacher_id}"]
 
     def teacher_attrs(self, teacher_id: str) -> dict[str, Any]:
-        return dict(self.teacher(teacher_id).attrs.get(TEACHER_ATTR, {}))
+        attrs = self.teacher(teacher_id).attrs.get(TEACHER_ATTR, {})
+        checks.check_teacher_attrs(attrs, self.checked_arrays(teacher_id), teacher_id, self.where)
+        return dict(attrs)
+
+    def checked_arrays(self, teacher_id: str) -> dict[str, Any]:
+        """Every array of the teacher group (``done`` included), each validated once."""
+        if teacher_id not in self._checked:
+            group, found = self.teacher(teacher_id), {}
+            for name, member in group.members(max_depth=None):
+                if hasattr(member, "shape"):
+                    checks.check_array(member, f"teachers/{teacher_id}/{name}", name, self.meta, self.where)
+                    found[name] = member
+            if "done" not in found:
+                raise checks.damaged(self.where, f"teacher {teacher_id} has no 'done' array")
+            self._checked[teacher_id] = dict(sorted(found.items()))
+        return self._checked[teacher_id]
 
     def teacher_arrays(self, teacher_id: str) -> dict[str, Any]:
         """Array path (``features``, ``logits_topk/values`` …) -> zarr array, ``done`` excluded."""
-        group = self.teacher(teacher_id)
-        found: dict[str, Any] = {}
-        for name, member in group.members(max_depth=None):
-            if hasattr(member, "shape") and name != "done":
-                found[name] = member
-        return dict(sorted(found.items()))
+        arrays = self.checked_arrays(teacher_id)
+        checks.check_teacher_attrs(self.teacher(teacher_id).attrs.get(TEACHER_ATTR, {}), arrays, teacher_id, self.where)
+        return {name: array for name, array in arrays.items() if name != "done"}
+
+    def read(self, teacher_id: str, path: str, rows: slice = slice(None)) -> np.ndarray:
+        """Rows of one teacher array; a truncated or corrupt object is a StoreError naming its key."""
+        array = self.checked_arrays(teacher_id)[path]
+        return read_rows(array, f"teachers/{teacher_id}/{path}", self.where, rows)
 
     def done(self, teacher_id: str) -> np.ndarray:
-        return np.asarray(self.teacher(teacher_id)["done"][:], dtype=bool)
+        return np.asarray(self.read(teacher_id, "done"), dtype=bool)
 
     def is_complete(self, teacher_id: str) -> bool:
         return bool(self.done(teacher_id).all())
 
+    def sample_array(self, name: str) -> Any:
+        path = f"samples/{name}"
+        if path not in self.root:
+            raise checks.damaged(self.where, f"array {path} is missing")
+        array = self.root[path]
+        checks.check_array(array, path, name, self.meta, self.where)
+        return array
+
     def samples(self) -> dict[str, np.ndarray]:
-        return {name: np.asarray(self.root[f"samples/{name}"][:]) for name in ("id", "index", "label", "ok", "views")}
+        found = {name: read_rows(self.sample_array(name), f"samples/{name}", self.where)
+                 for name in ("id", "index", "label", "ok", "views")}
+        checks.check_sample_ids(found["id"], self.where)
+        return found
+
+    def object_manifest(self) -> dict[str, dict[str, Any]] | None:
+        """``ktc-objects.json`` (key -> size, sha256), validated; None when the store has none."""
+        from kt_cache.remote import get_bytes
+
+        raw = get_bytes(self.store, OBJECT_MANIFEST)
+        return None if raw is None else checks.parse_object_manifest(raw, self.where)

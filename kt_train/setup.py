@@ -53,8 +53,12 @@ def sentinel_spec(reader: StoreReader, teacher_id: str | None) -> Any:
     if attrs.get("source") != "timm":
         raise UsageError(f"--sentinel {teacher_id}: its source is {attrs.get('source')}; the sentinel trunk must be a "
                          "timm ViT. Fix: name a timm ViT teacher of the store (role: sentinel).")
-    weights = attrs.get("weights")
-    checkpoint = weights if weights and Path(str(weights)).is_file() else None
+    weights = str(attrs.get("weights"))
+    if weights != "random" and not Path(weights).is_file():
+        raise UsageError(f"--sentinel {teacher_id}: its weights ({weights}) are not a local file on this machine, so "
+                         "the frozen trunk cannot be built from them. Fix: extract the sentinel teacher from a local "
+                         "`checkpoint:` (the store records its path), or copy that file to the recorded path.")
+    checkpoint = None if weights == "random" else weights
     model_args = {k: v for k, v in (attrs.get("entry", {}).get("model_args") or {}).items() if k != "num_classes"}
     return SentinelSpec(model=str(attrs["model"]).split(".")[0], checkpoint=checkpoint, model_args=model_args)
 

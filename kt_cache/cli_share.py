@@ -1,0 +1,76 @@
+"""``ktc verify``, ``ktc merge``, ``ktc subset``, ``ktc pack``: trust, combine and ship stores between labs."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command()
+@click.argument("store")
+@click.option("--quick", is_flag=True, help="Check metadata only (attributes, array metadata, metadata digests, "
+              "consolidation, object list); read no chunk.")
+@click.option("--keep-temp", is_flag=True, help="List orphan temp files of killed writers instead of removing them.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def verify(store: str, quick: bool, keep_temp: bool, as_json: bool) -> None:
+    """Check a store (path or URL) against its object manifest and its done flags.
+
+    Recomputes size + sha256 of every object listed in ktc-objects.json, decodes every chunk, checks that
+    units marked done hold no NaN for decoded samples and that no array holds inf, and removes orphan
+    temp files (*.<hex>.partial) of killed writers. Exits 1 naming every bad array and object.
+    """
+    from kt_cache.errors import StoreError
+    from kt_cache.verify import verify_store
+
+    report = verify_store(store, quick=quick, clean=not keep_temp)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=1))
+        if not report.ok:
+            raise click.exceptions.Exit(1)
+        return
+    if not report.ok:
+        raise StoreError(report.summary() + "\nFix: get intact copies of the named objects from the store's producer, "
+                         "or re-extract the affected teachers (`ktc extract --overwrite ID`).")
+    click.echo(report.summary())
+
+
+@click.command()
+@click.argument("stores", nargs=-1, required=True)
+@click.option("--out", "out", required=True, help="The new merged store (a path that does not exist yet).")
+@click.option("--rename", "renames", multiple=True, metavar="[N:]OLD=NEW",
+              help="Rename teacher OLD to NEW: in every input after the first that holds OLD (or in its only "
+                   "holder), or in input N (1-based). Repeatable.")
+def merge(stores: tuple[str, ...], out: str, renames: tuple[str, ...]) -> None:
+    """Merge stores of the same dataset and views into a new store; chunks are copied, never re-encoded.
+
+    Teacher ids must be disjoint (use --rename). Inputs may be local paths, zip:// packs or URLs.
+    """
+    from kt_cache.sharing import merge_stores
+
+    path = merge_stores(list(stores), out, renames)
+    click.echo(f"merged {len(stores)} stores into {path}")
+
+
+@click.command()
+@click.argument("store")
+@click.option("--teachers", "teachers", multiple=True, required=True, metavar="ID[,ID…]",
+              help="Teachers to keep (comma-separated or repeated).")
+@click.option("--out", "out", required=True, help="The new store (a path that does not exist yet).")
+def subset(store: str, teachers: tuple[str, ...], out: str) -> None:
+    """Copy some teachers of a store (path or URL) into a new store; only their objects are read."""
+    from kt_cache.sharing import subset_store
+
+    path = subset_store(store, teachers, out)
+    click.echo(f"wrote {path}")
+
+
+@click.command()
+@click.argument("store")
+@click.argument("out")
+def pack(store: str, out: str) -> None:
+    """Pack a finalized store into one uncompressed .zip (readable as zip://OUT by ktc and by zarr's ZipStore)."""
+    from kt_cache.sharing import pack_store
+
+    path = pack_store(store, out)
+    click.echo(f"packed {store} into {path} ({path.stat().st_size} bytes); read it as zip://{path}")

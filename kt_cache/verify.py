@@ -1,0 +1,317 @@
+"""``ktc verify STORE``: is this store what its producer finalized, and does every ``done`` flag hold?
+
+Checks, in order (``--quick`` stops after the metadata checks, reading no chunk):
+
+1. the store opens and its metadata is valid (``StoreReader``: sizes, dtypes, codecs, ids, attributes);
+2. orphan temp files of killed writers (zarr LocalStore's ``<key>.<32 hex>.partial``) are removed;
+3. ``ktc-objects.json`` exists; every listed object exists and nothing unlisted is stored (listable stores);
+   consolidated metadata exists and lists every node with current attributes;
+4. metadata documents (``zarr.json``) match their sha256 (all objects without ``--quick``);
+5. every object decodes; rows of decoded samples (``samples/ok``) in ``done`` units hold no NaN
+   (``label_logit`` may be NaN: unknown label or class not covered); no array holds ±inf; top-k indices
+   are below the teacher's class count; labels are valid class indices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kt_cache import store as fmt
+from kt_cache import store_checks as checks
+from kt_cache.errors import StoreError
+from kt_cache.remote import TEMP_FILE, get_bytes, get_many, list_keys
+
+BATCH_BYTES = 256 << 20          # objects hashed / rows decoded per step
+
+
+@dataclass
+class Problem:
+    array: str            # array or node path ("store" for the whole store)
+    key: str | None       # the stored object, when one is to blame
+    message: str
+
+    def line(self) -> str:
+        return f"  {self.array}" + (f"  object {self.key}" if self.key else "") + f": {self.message}"
+
+
+@dataclass
+class VerifyReport:
+    store: str
+    quick: bool
+    teachers: list[str] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    objects_hashed: int = 0
+    arrays_scanned: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def add(self, array: str, key: str | None, message: str) -> None:
+        self.problems.append(Problem(array, key, message))
+
+    def bad_arrays(self) -> list[str]:
+        return sorted({p.array for p in self.problems})
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(asdict(self), ok=self.ok, bad_arrays=self.bad_arrays())
+
+    def summary(self) -> str:
+        what = "metadata checked" if self.quick else f"{self.objects_hashed} objects hashed, {self.arrays_scanned} arrays scanned"
+        lines = [f"OK {self.store}: {len(self.teachers)} teacher(s), {what}" if self.ok else
+                 f"{self.store}: {len(self.problems)} problem(s) in {len(self.bad_arrays())} array(s): "
+                 f"{', '.join(self.bad_arrays())}"]
+        lines += [p.line() for p in self.problems]
+        lines += [f"removed orphan temp file {key}" for key in self.removed]
+        lines += [f"warning: {text}" for text in self.warnings]
+        return "\n".join(lines)
+
+
+def verify_store(location: str, quick: bool = False, clean: bool = True,
+                 storage_options: dict[str, Any] | None = None) -> VerifyReport:
+    """Verify the store at ``location`` (local path or URL); see the module docstring for the checks."""
+    reader = fmt.StoreReader(location, storage_options=storage_options)
+    report = VerifyReport(reader.where, quick, teachers=reader.teacher_ids())
+    handle_orphans(reader, report, clean)
+    manifest = load_manifest(reader, report)
+    arrays = check_layout(reader, report)
+    check_consolidation(reader, manifest, report)
+    if manifest is not None:
+        check_keys(reader, manifest, report)
+        keys = [k for k in manifest if quick is False or k.endswith("zarr.json")]
+        check_digests(reader, {k: manifest[k] for k in keys}, report)
+    if not quick:
+        check_values(reader, arrays, report)
+    return report
+
+
+def describe_key(key: str, unit_rows: int) -> tuple[str, str]:
+    """(array path, where in it) for an object key: ``a/b/c/3/0`` -> (``a/b``, ``unit 3, rows …``)."""
+    if "/c/" in key:
+        array, _, grid = key.partition("/c/")
+        first = grid.split("/")[0]
+        if first.isdigit() and not array.endswith("/done"):
+            unit = int(first)
+            return array, f"unit {unit}, rows {unit * unit_rows}-{(unit + 1) * unit_rows - 1}"
+        return array, f"unit {first}"
+    if key.endswith("zarr.json"):
+        return key[: -len("zarr.json")].rstrip("/") or "store", "metadata document"
+    return "store", "file"
+
+
+def handle_orphans(reader: fmt.StoreReader, report: VerifyReport, clean: bool) -> None:
+    """Temp files a killed writer left behind (local folders only): removed, or listed with ``clean=False``."""
+    folder = reader.location.local_folder if reader.location else None
+    if folder is None:
+        return
+    for base, _, files in os.walk(folder):
+        for name in files:
+            if not TEMP_FILE.search(name):
+                continue
+            path = Path(base) / name
+            key = path.relative_to(folder).as_posix()
+            if clean:
+                path.unlink()
+                report.removed.append(key)
+            else:
+                report.warnings.append(f"orphan temp file {key} (a killed writer's; remove it or rerun without --keep-temp)")
+
+
+def load_manifest(reader: fmt.StoreReader, report: VerifyReport) -> dict[str, dict[str, Any]] | None:
+    try:
+        manifest = reader.object_manifest()
+    except StoreError as err:
+        report.add("store", fmt.OBJECT_MANIFEST, str(err))
+        return None
+    if manifest is None:
+        report.add("store", fmt.OBJECT_MANIFEST, "no object manifest: the store was never finalized (an interrupted "
+                   "run?). Fix: rerun `ktc extract` with the same manifest; it resumes and finalizes.")
+    return manifest
+
+
+def check_layout(reader: fmt.StoreReader, report: VerifyReport) -> dict[str, Any]:
+    """Validate every array's metadata and every teacher's attributes; returns path -> array of valid ones."""
+    arrays: dict[str, Any] = {}
+    for name in ("id", "index", "label", "ok", "views"):
+        try:
+            arrays[f"samples/{name}"] = reader.sample_array(name)
+        except StoreError as err:
+            report.add(f"samples/{name}", None, str(err))
+    for teacher_id in reader.teacher_ids():
+        try:
+            found = reader.checked_arrays(teacher_id)
+            attrs = reader.teacher_attrs(teacher_id)
+        except StoreError as err:
+            report.add(f"teachers/{teacher_id}", None, str(err))
+            continue
+        arrays.update({f"teachers/{teacher_id}/{name}": array for name, array in found.items()})
+        report.warnings += provenance_gaps(teacher_id, attrs)
+    return arrays
+
+
+PROVENANCE = ("source", "model", "pretrained", "weights", "weights_sha256", "preprocess", "library_versions",
+              "seconds", "timing", "class_names")
+
+
+def provenance_gaps(teacher_id: str, attrs: dict[str, Any]) -> list[str]:
+    gaps = [key for key in PROVENANCE if key not in attrs]
+    if attrs.get("weights_sha256") is None and attrs.get("weights") not in (None, "random") and "weights_sha256" in attrs:
+        gaps.append("weights_sha256 (null: hub weights whose file was not hashed)")
+    if "features" in (attrs.get("outputs") or []) and not attrs.get("feature_stats"):
+        gaps.append("feature_stats")
+    return [f"teacher {teacher_id}: provenance lacks {', '.join(gaps)}"] if gaps else []
+
+
+def consolidated_nodes(reader: fmt.StoreReader) -> dict[str, Any]:
+    doc = json.loads(get_bytes(reader.store, "zarr.json") or b"{}")
+    return dict((doc.get("consolidated_metadata") or {}).get("metadata") or {})
+
+
+def check_consolidation(reader: fmt.StoreReader, manifest: dict[str, Any] | None, report: VerifyReport) -> None:
+    """Consolidated metadata exists and lists every node (a stale one hides teachers from remote readers)."""
+    fix = "Fix: rerun `ktc extract` with the store's manifest (it re-finalizes), or ask the producer to."
+    if not reader.consolidated:
+        report.add("store", "zarr.json", f"no consolidated metadata: readers over https cannot discover teachers. {fix}")
+        return
+    nodes = consolidated_nodes(reader)
+    keys = list(manifest or {}) + (list_keys(reader.store) if reader.location is None or reader.location.listable else [])
+    stored = {k[: -len("/zarr.json")] for k in keys if k.endswith("/zarr.json")}
+    for node in sorted(stored - set(nodes)):
+        report.add(node, f"{node}/zarr.json", f"stored but missing from the consolidated metadata (stale). {fix}")
+    for teacher_id in reader.teacher_ids():
+        node = f"teachers/{teacher_id}"
+        raw = get_bytes(reader.store, f"{node}/zarr.json")
+        own = json.loads(raw).get("attributes") if raw else None
+        if own is not None and own != (nodes.get(node) or {}).get("attributes"):
+            report.add(node, f"{node}/zarr.json", f"attributes differ from the consolidated copy (stale). {fix}")
+
+
+def check_keys(reader: fmt.StoreReader, manifest: dict[str, Any], report: VerifyReport) -> None:
+    """Listed objects exist and nothing unlisted is stored (on stores that can be listed)."""
+    if reader.location is not None and not reader.location.listable:
+        return
+    unit_rows = int(reader.meta["unit_rows"])
+    stored = set(list_keys(reader.store)) - {fmt.OBJECT_MANIFEST}
+    for key in sorted(set(manifest) - stored):
+        array, where = describe_key(key, unit_rows)
+        report.add(array, key, f"{where}: listed in {fmt.OBJECT_MANIFEST} but missing from the store")
+    for key in sorted(stored - set(manifest)):
+        array, where = describe_key(key, unit_rows)
+        report.add(array, key, f"{where}: stored but not in {fmt.OBJECT_MANIFEST} (written after the last finalize; "
+                   "rerun `ktc extract` to finish and finalize the store)")
+    folder = reader.location.local_folder if reader.location else None
+    for key in sorted(stored & set(manifest)) if folder else []:
+        path = folder / key
+        if path.is_symlink() or not path.resolve().is_relative_to(folder.resolve()):
+            report.add(describe_key(key, unit_rows)[0], key, "is a symbolic link; a store holds plain files only")
+
+
+def check_digests(reader: fmt.StoreReader, expected: dict[str, dict[str, Any]], report: VerifyReport) -> None:
+    """Size and sha256 of each object against the manifest, fetched in batches of ~BATCH_BYTES."""
+    unit_rows, keys = int(reader.meta["unit_rows"]), sorted(expected)
+    batch: list[str] = []
+    for index, key in enumerate(keys):
+        batch.append(key)
+        if index + 1 == len(keys) or sum(expected[k]["size"] for k in batch) >= BATCH_BYTES or len(batch) >= 256:
+            for name, data in zip(batch, get_many(reader.store, batch)):
+                compare_digest(name, data, expected[name], unit_rows, report)
+            batch = []
+
+
+def compare_digest(key: str, data: bytes | None, want: dict[str, Any], unit_rows: int, report: VerifyReport) -> None:
+    array, where = describe_key(key, unit_rows)
+    if data is None:
+        report.add(array, key, f"{where}: missing (listed in {fmt.OBJECT_MANIFEST})")
+        return
+    report.objects_hashed += 1
+    digest = hashlib.sha256(data).hexdigest()
+    if len(data) != want["size"] or digest != want["sha256"]:
+        report.add(array, key, f"{where}: bytes differ from {fmt.OBJECT_MANIFEST} (size {want['size']} -> {len(data)}, "
+                   f"sha256 {want['sha256'][:12]}… -> {digest[:12]}…): changed or truncated after finalize. "
+                   "Fix: get an intact copy of this object from the producer, or re-extract the unit.")
+
+
+def check_values(reader: fmt.StoreReader, arrays: dict[str, Any], report: VerifyReport) -> None:
+    """Decode every object; NaN-free done units of ok rows; no inf; valid top-k indices and labels."""
+    meta = reader.meta
+    ok = scan_array(reader, "samples/ok", arrays.get("samples/ok"), report, {})
+    ok = np.zeros(reader.n_samples, dtype=bool) if ok is None else ok.astype(bool)
+    done = {tid: scan_array(reader, f"teachers/{tid}/done", arrays.get(f"teachers/{tid}/done"), report, {})
+            for tid in reader.teacher_ids()}
+    done = {tid: (d.astype(bool) if d is not None else np.zeros(meta["n_units"], bool)) for tid, d in done.items()}
+    any_done = np.any(np.stack(list(done.values())), axis=0) if done else np.zeros(meta["n_units"], bool)
+    context = {"ok": ok, "n_classes": len(reader.class_names)}
+    for path, array in arrays.items():
+        if path in ("samples/ok",) or path.endswith("/done"):
+            continue
+        teacher_id = path.split("/")[1] if path.startswith("teachers/") else None
+        units_done = done.get(teacher_id, any_done) if teacher_id else any_done
+        num_classes = reader.teacher_attrs(teacher_id).get("num_classes") if teacher_id else None
+        scan_array(reader, path, array, report, dict(context, done=units_done, num_classes=num_classes))
+
+
+def scan_array(reader: fmt.StoreReader, path: str, array: Any, report: VerifyReport,
+               context: dict[str, Any]) -> np.ndarray | None:
+    """Decode ``array`` block by block and check each block; returns the whole array when it is 1-D."""
+    if array is None:
+        return None
+    report.arrays_scanned += 1
+    unit_rows = checks.object_rows(array)
+    row_bytes = max(1, int(np.prod(array.shape[1:], dtype=np.int64)) * np.dtype(array.dtype).itemsize)
+    fit = max(1, BATCH_BYTES // row_bytes)   # powers of two: a block never straddles two objects
+    step = min(unit_rows, max(int(array.chunks[0]), 1 << (fit.bit_length() - 1)))
+    parts, failed = [], set()
+    for start in range(0, int(array.shape[0]), step):
+        rows, unit = slice(start, min(start + step, int(array.shape[0]))), start // unit_rows
+        key = fmt.object_key(array, path, unit)
+        try:
+            block = np.asarray(array[rows])
+        except Exception as err:   # noqa: BLE001 - codec errors differ (zstd, crc32c, UTF-8)
+            if key not in failed:
+                failed.add(key)
+                report.add(path, key, f"{describe_key(key, unit_rows)[1]}: cannot be decoded ({type(err).__name__}: "
+                           f"{str(err)[:160]}): truncated or corrupt")
+            parts.append(None)
+            continue
+        check_block(path, key, rows, unit, block, context, report)
+        parts.append(block if array.ndim == 1 else None)
+    if array.ndim != 1 or any(p is None for p in parts):
+        return None
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=array.dtype)
+
+
+def check_block(path: str, key: str, rows: slice, unit: int, block: np.ndarray, context: dict[str, Any],
+                report: VerifyReport) -> None:
+    name = path.split("/", 2)[-1]
+    flat = block.reshape(block.shape[0], -1) if block.ndim > 1 else block.reshape(-1, 1)
+    where = f"unit {unit}"
+    if block.dtype.kind == "f":
+        inf = np.isinf(flat).any(1)
+        if inf.any():
+            report.add(path, key, f"{where}: {int(inf.sum())} row(s) hold ±inf (first row {rows.start + int(np.argmax(inf))})")
+        done = context.get("done")
+        if done is not None and done[unit] and name != "label_logit":
+            nan = np.isnan(flat).any(1) & context["ok"][rows]
+            if nan.any():
+                report.add(path, key, f"{where} is marked done but {int(nan.sum())} decoded row(s) hold NaN (first row "
+                           f"{rows.start + int(np.argmax(nan))}): data lost after the done flag was set. "
+                           "Fix: re-extract the unit (rerun `ktc extract --overwrite` for this teacher) or get an intact copy.")
+    limit = context.get("num_classes")
+    if name == "logits_topk/index" and isinstance(limit, int) and context["done"][unit] and (flat >= limit).any():
+        report.add(path, key, f"{where}: top-k indices reach {int(flat.max())}, the teacher has {limit} classes")
+    if path == "samples/id":
+        try:
+            checks.check_sample_ids(block, report.store, rows.start)
+        except StoreError as err:
+            report.add(path, key, str(err))
+    if path == "samples/label" and ((flat < -1) | (flat >= context["n_classes"])).any():
+        report.add(path, key, f"{where}: labels outside -1..{context['n_classes'] - 1}")

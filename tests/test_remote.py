@@ -1,0 +1,136 @@
+"""Stores read over URLs: a local HTTP server (127.0.0.1, no listing, Range support), file:// and zip://."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from extract_helpers import cnn_teacher, make_image_folder, store_files, vit_teacher, write_manifest
+from http_server import LoggingHandler, serve_folder
+from kt_cache.cli import cli
+from kt_cache.errors import StoreError
+from kt_cache.store import StoreReader
+
+
+@pytest.fixture(scope="session")
+def remote_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("remote")
+    make_image_folder(base / "images", per_class=4)
+    manifest = write_manifest(base / "teachers.yaml", [cnn_teacher(), vit_teacher()])
+    result = CliRunner().invoke(cli, ["extract", "--manifest", str(manifest), "--workers", "0", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    return base / "out.zarr"
+
+
+@pytest.fixture()
+def served(remote_source: Path, tmp_path: Path):
+    """A private copy of the store, served over http for the duration of one test."""
+    store = Path(shutil.copytree(remote_source, tmp_path / "site" / "store.zarr"))
+    with serve_folder(tmp_path / "site") as server:
+        yield server, store, f"{server.url}/store.zarr"
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_info_over_http(served) -> None:
+    server, store, url = served
+    result = run("info", url)
+    assert result.exit_code == 0, result.output
+    assert "cnn32" in result.output and "vit48" in result.output and "(remote or packed)" in result.output
+    summary = json.loads(run("info", url, "--json").output)
+    assert summary["n_samples"] == 12 and [t["id"] for t in summary["teachers"]] == ["cnn32", "vit48"]
+    objects = json.loads((store / "ktc-objects.json").read_text())["objects"]
+    assert summary["bytes"] == sum(o["size"] for o in objects.values()), "remote sizes come from ktc-objects.json"
+    assert all(r.method in ("GET", "HEAD") for r in server.requests)
+
+
+def test_verify_over_http_passes_then_names_a_flipped_chunk(served) -> None:
+    server, store, url = served
+    result = run("verify", url)
+    assert result.exit_code == 0, result.output
+    key = "teachers/vit48/featmap/c/0/0/0/0/0"
+    data = bytearray((store / key).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (store / key).write_bytes(bytes(data))
+    bad = run("verify", url)
+    assert bad.exit_code == 1 and f"teachers/vit48/featmap  object {key}" in bad.output
+    assert run("verify", url, "--quick").exit_code == 0
+
+
+def test_one_teacher_is_read_without_touching_the_other(served, remote_source: Path) -> None:
+    server, _, url = served
+    reader = StoreReader(url)
+    server.clear()
+    local = StoreReader(str(remote_source))
+    for path in reader.teacher_arrays("cnn32"):
+        np.testing.assert_array_equal(reader.read("cnn32", path), local.read("cnn32", path))
+    assert reader.is_complete("cnn32") and reader.teacher_attrs("cnn32")["model"] == "resnet10t"
+    reader.samples()
+    paths = server.paths()
+    assert any(p.startswith("/store.zarr/teachers/cnn32/features/c/") for p in paths)
+    assert not [p for p in paths if "/teachers/vit48" in p], "no object of another teacher is requested"
+
+
+def test_partial_reads_use_ranges(served, remote_source: Path) -> None:
+    server, _, url = served
+    reader = StoreReader(url)
+    server.clear()
+    row = reader.read("cnn32", "featmap", slice(5, 6))
+    np.testing.assert_array_equal(row, StoreReader(str(remote_source)).read("cnn32", "featmap", slice(5, 6)))
+    assert any(r.status == 206 and r.range for r in server.requests), "a row of a shard is fetched by range"
+
+
+def test_subset_over_http_fetches_only_its_teacher(served, remote_source: Path, tmp_path: Path) -> None:
+    server, _, url = served
+    server.clear()
+    result = run("subset", url, "--teachers", "cnn32", "--out", tmp_path / "sub.zarr")
+    assert result.exit_code == 0, result.output
+    assert not [p for p in server.paths() if "/teachers/vit48/" in p and "/c/" in p]
+    local = run("subset", remote_source, "--teachers", "cnn32", "--out", tmp_path / "local.zarr")
+    assert local.exit_code == 0, local.output
+    assert store_files(tmp_path / "sub.zarr") == store_files(tmp_path / "local.zarr")
+
+
+def test_http_store_without_consolidated_metadata_is_refused_clearly(served) -> None:
+    _, store, url = served
+    doc = json.loads((store / "zarr.json").read_text())
+    doc.pop("consolidated_metadata")
+    (store / "zarr.json").write_text(json.dumps(doc))
+    with pytest.raises(StoreError, match="no consolidated metadata.*no listing"):
+        StoreReader(url)
+    result = run("info", url)
+    assert result.exit_code == 1 and "Traceback" not in result.output and "consolidated metadata" in result.output
+
+
+def test_missing_url_is_a_clear_error(served) -> None:
+    server, _, _ = served
+    result = run("info", f"{server.url}/nothing.zarr")
+    assert result.exit_code == 1 and "no Zarr v3 store there" in result.output
+
+
+def test_file_url_zip_and_zip_over_http(served, remote_source: Path, tmp_path: Path) -> None:
+    server, _, url = served
+    assert StoreReader(f"file://{remote_source}").teacher_ids() == ["cnn32", "vit48"]
+    packed = tmp_path / "site" / "store.zip"
+    assert run("pack", remote_source, packed).exit_code == 0
+    for location in (f"zip://{packed}", str(packed), f"zip::{server.url}/store.zip"):
+        reader = StoreReader(location)
+        assert reader.teacher_ids() == ["cnn32", "vit48"], location
+        np.testing.assert_array_equal(reader.read("vit48", "logits"), StoreReader(url).read("vit48", "logits"))
+    assert run("verify", f"zip::{server.url}/store.zip").exit_code == 0
+
+
+def test_server_range_parsing() -> None:
+    data = bytes(range(10))
+    assert LoggingHandler.ranged(data, None) == (200, data, {})
+    assert LoggingHandler.ranged(data, "bytes=2-4")[1] == data[2:5]
+    assert LoggingHandler.ranged(data, "bytes=7-")[1] == data[7:]
+    assert LoggingHandler.ranged(data, "bytes=-3")[1:] == (data[7:], {"Content-Range": "bytes 7-9/10"})
+    assert LoggingHandler.ranged(data, "bytes=20-")[0] == 416

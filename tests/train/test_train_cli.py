@@ -1,0 +1,154 @@
+"""``ktc train`` and ``ktc eval`` end to end on a tiny store: every method, resume, eval, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+import zarr
+from click.testing import CliRunner
+
+from extract_helpers import cnn_teacher, make_image_folder, vit_teacher, write_manifest
+from kt_cache.cli import cli
+
+COMMON = ["--student", "resnet10t", "--img-size", "32", "--epochs", "1", "--batch-size", "4", "--workers", "0",
+          "--no-progress"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """12 labelled images, 3 classes, 3 views; a top-k CNN teacher and a full-logit ViT teacher (both with maps)."""
+    root = tmp_path_factory.mktemp("train_store")
+    make_image_folder(root / "images", per_class=4)
+    manifest = write_manifest(root / "teachers.yaml", [cnn_teacher(), vit_teacher(role="predictive")])
+    result = invoke("extract", "--manifest", manifest, "--workers", "0", "--no-progress")
+    assert result.exit_code == 0, result.output
+    return root
+
+
+def train(store, out, *extra):
+    result = invoke("train", "--cache", store / "out.zarr", "--out", out, *COMMON, *extra)
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["ce", "kd", "avg", "uniform", "kpu", "bikd", "fg"])
+def test_every_method_trains_checkpoints_and_eval_reproduces(store, tmp_path, method):
+    records = train(store, tmp_path / method, "--method", method, "--log-every", "1")
+    steps = [r for r in records if r["kind"] == "step"]
+    assert len(steps) == 3 and all(math.isfinite(r["loss"]) for r in steps)
+    assert all(math.isfinite(v) for r in steps for k, v in r.items() if k.endswith("_loss"))
+    for name in ("student.safetensors", "student.json", "method.safetensors", "optimizer.pt", "config.yaml",
+                 "loss.png", "confusion.png", "eval.json"):
+        assert (tmp_path / method / name).is_file(), name
+    saved = json.loads((tmp_path / method / "eval.json").read_text())
+    again = invoke("eval", "--checkpoint", tmp_path / method, "--data", store / "images", "--cache", store / "out.zarr",
+                   "--json")
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.output) == saved and 0 <= saved["top1"] <= 1 and saved["n"] == 12
+
+
+def test_uniform_plots_vote_diagnostics_and_bikd_teaching_share(store, tmp_path):
+    records = train(store, tmp_path / "u", "--method", "uniform", "--log-every", "1")
+    assert "tie_frac" in records[0] and "vote_agreement" in records[0]
+    assert (tmp_path / "u" / "diagnostics.png").is_file()
+    records = train(store, tmp_path / "b", "--method", "bikd", "--students", "resnet10t,resnet10t", "--log-every", "1")
+    assert any(k.startswith("teach_share/") for k in records[0])
+    assert (tmp_path / "b" / "teach_share.png").is_file() and (tmp_path / "b" / "student1.safetensors").is_file()
+
+
+def test_no_teacher_network_is_built_during_training(store, tmp_path, monkeypatch):
+    import timm
+
+    import kt_cache.teachers as teachers
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a teacher network was built during ktc train")
+
+    monkeypatch.setattr(teachers, "load_teacher", forbidden)
+    monkeypatch.setattr(teachers, "resolve_teacher", forbidden)
+    built = []
+    real_create = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda name, *a, **k: built.append(name) or real_create(name, *a, **k))
+    train(store, tmp_path / "run", "--method", "uniform")
+    assert set(built) == {"resnet10t"}, built           # only the student; never vit_tiny (a teacher)
+
+
+def test_config_file_flags_override_and_resolved_config_is_saved(store, tmp_path):
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({"method": "kd", "lr": 0.01, "method_options": {"tau": 2.0}}))
+    train(store, tmp_path / "run", "--config", config, "--lr", "0.002")
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["method"] == "kd" and saved["lr"] == 0.002 and saved["method_options"] == {"tau": 2.0}
+    config.write_text(yaml.safe_dump({"methd": "kd"}))
+    result = invoke("train", "--cache", store / "out.zarr", "--config", config)
+    assert result.exit_code == 2 and "methd" in result.output and 'Did you mean "method"' in result.output
+
+
+def test_resume_continues_from_the_last_epoch(store, tmp_path):
+    out = tmp_path / "run"
+    train(store, out, "--method", "kd", "--epochs", "1")
+    first = json.loads((out / "state.json").read_text())
+    records = train(store, out, "--method", "kd", "--epochs", "2", "--resume", "--log-every", "1")
+    epochs = [r["epoch"] for r in records if r["kind"] == "epoch"]
+    assert epochs == [0, 1] and json.loads((out / "state.json").read_text())["step"] == first["step"] + 3
+
+
+@pytest.mark.parametrize(("extra", "needle"), [
+    (["--method", "kpu", "--teachers", "cnn32", "--student", "resnet10t"], None),   # control: works
+    (["--method", "bikd", "--labels", "ignore"], "needs the true labels"),
+    (["--method", "ce", "--labels", "ignore"], "needs the true labels"),
+    (["--method", "kd", "--student", "resnet10tt"], "resnet10t"),
+    (["--method", "kd", "--teachers", "cnn3"], 'Did you mean "cnn32"'),
+    (["--method", "kd", "--data", "/nonexistent/images"], "--data"),
+])
+def test_bad_training_input_exits_2_with_the_fix(store, tmp_path, extra, needle):
+    result = invoke("train", "--cache", store / "out.zarr", "--out", tmp_path / "run", *COMMON, *extra)
+    if needle is None:
+        assert result.exit_code == 0, result.output
+        return
+    assert result.exit_code == 2, result.output
+    assert needle in result.output and "Fix" in result.output and "Traceback" not in result.output
+
+
+def test_store_without_needed_outputs_is_refused(tmp_path):
+    make_image_folder(tmp_path / "images", per_class=2)
+    teachers = [cnn_teacher(outputs=["features"], logits=None, featmap=None, role="descriptive")]
+    manifest = write_manifest(tmp_path / "teachers.yaml", teachers)
+    assert invoke("extract", "--manifest", manifest, "--workers", "0", "--no-progress").exit_code == 0
+    for method, needle in (("uniform", "predictive with stored logits"), ("kpu", "spatial maps")):
+        result = invoke("train", "--cache", tmp_path / "out.zarr", "--out", tmp_path / method, *COMMON,
+                        "--method", method)
+        assert result.exit_code == 2 and needle in result.output and "Fix" in result.output, result.output
+
+
+def test_incomplete_teacher_is_refused(store, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(store / "out.zarr", copy)
+    zarr.open_group(str(copy), mode="r+", use_consolidated=False)["teachers/cnn32/done"][1] = False
+    result = invoke("train", "--cache", copy, "--out", tmp_path / "run", *COMMON, "--method", "kd")
+    assert result.exit_code == 2 and "cnn32" in result.output and "ktc extract" in result.output
+
+
+def test_kpu_with_a_frozen_sentinel_from_the_store(store, tmp_path):
+    import shutil
+
+    store = shutil.copytree(store, tmp_path / "store")           # adding a teacher must not touch the shared store
+    sentinel = vit_teacher(id="vit_sentinel", role="sentinel")
+    manifest = write_manifest(store / "teachers.yaml", [cnn_teacher(), vit_teacher(role="predictive"), sentinel])
+    assert invoke("extract", "--manifest", manifest, "--workers", "0", "--no-progress").exit_code == 0
+    out = tmp_path / "kpu"
+    result = invoke("train", "--cache", store / "out.zarr", "--out", out, "--method", "kpu", "--sentinel",
+                    "vit_sentinel", "--teachers", "cnn32,vit48", "--img-size", "48", "--epochs", "1",
+                    "--batch-size", "4", "--workers", "0", "--no-progress")
+    assert result.exit_code == 0, result.output
+    spec = json.loads((out / "student.json").read_text())
+    assert spec["sentinel"]["model"] == "vit_tiny_patch16_224" and spec["name"] == "vit_tiny_patch16_224"
