@@ -23,11 +23,13 @@ from kt_cache.extract import ExtractOptions, parse_bytes
 @click.option("--overwrite", multiple=True, metavar="ID", help="Recompute these teachers even if stored (repeatable).")
 @click.option("--max-teacher-memory", default="8GB", show_default=True,
               help="Parameter memory per wave; teachers beyond it run in later passes over the data.")
+@click.option("--cluster", metavar="local:N", help="Run units as tasks on a new dask LocalCluster of N workers.")
+@click.option("--scheduler", metavar="ADDRESS", help="Run units as tasks on a running dask cluster (tcp://HOST:8786).")
 @click.option("--strict", is_flag=True, help="Fail at the first unreadable image instead of recording it.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def extract(manifest: Path, out: Path | None, dry_run: bool, device: str, batch_size: int, workers: int,
             limit: int | None, only: tuple[str, ...], overwrite: tuple[str, ...], max_teacher_memory: str,
-            strict: bool, no_progress: bool) -> None:
+            cluster: str | None, scheduler: str | None, strict: bool, no_progress: bool) -> None:
     """Run the manifest's teachers once over the dataset and write one Zarr v3 store.
 
     Rerunning the same command resumes; a manifest with more teachers adds only the new ones.
@@ -36,7 +38,8 @@ def extract(manifest: Path, out: Path | None, dry_run: bool, device: str, batch_
 
     options = ExtractOptions(manifest=manifest, out=out, device=device, batch_size=batch_size, workers=workers,
                              limit=limit, only=only, overwrite=overwrite, strict=strict, dry_run=dry_run,
-                             max_teacher_memory=parse_bytes(max_teacher_memory), progress=not no_progress)
+                             max_teacher_memory=parse_bytes(max_teacher_memory), progress=not no_progress,
+                             cluster=cluster, scheduler=scheduler)
     if dry_run:
         click.echo(format_plan(build_plan(options)))
         return

@@ -115,12 +115,12 @@ class WaveTeacher:
 
     plan: Any
     model: Any
-    pending: set[int]
     class_map: torch.Tensor | None
     mean: torch.Tensor
     std: torch.Tensor
     fills: dict[str, Any]
     index_dtype: str
+    pending: set[int] = field(default_factory=set)
     buffers: dict[int, list[dict[str, np.ndarray]]] = field(default_factory=dict)
 
 
@@ -134,7 +134,7 @@ def make_wave_teacher(plan: Any, root: Any, device: torch.device, target_classes
     specs = fmt.teacher_array_specs(plan, meta["n_views"])
     cmap = label_map(tuple(target_classes), plan.class_names) if plan.num_classes else None
     return WaveTeacher(
-        plan=plan, model=model, pending=pending_units(root, plan.id),
+        plan=plan, model=model,
         class_map=torch.as_tensor(cmap, device=device) if cmap is not None else None,
         mean=torch.tensor(plan.mean, device=device).view(1, 3, 1, 1) * 255.0,
         std=torch.tensor(plan.std, device=device).view(1, 3, 1, 1) * 255.0,
@@ -160,24 +160,43 @@ def teacher_forward(wt: WaveTeacher, pixels: torch.Tensor, device: torch.device,
     return {k: torch.cat([p[k] for p in parts]).reshape(b, v, *parts[0][k].shape[1:]) for k in parts[0]}
 
 
-def run_wave(root: Any, wave: Sequence[Any], options: Any, state: RunState, progress: Any = None) -> None:
-    """One pass over the pending units of a wave's teachers (see module docstring)."""
+def load_wave(root: Any, wave: Sequence[Any], device: torch.device, state: RunState) -> list[WaveTeacher]:
+    """Load a wave's teachers once; a dask worker keeps them across the units it is given."""
+    meta = fmt.check_root_attrs(dict(root.attrs), "store")
+    return [make_wave_teacher(p, root, device, meta["dataset"]["classes"], state) for p in wave]
+
+
+def run_wave(root: Any, wave: Sequence[Any], options: Any, state: RunState, progress: Any = None,
+             units: set[int] | None = None, teachers: list[WaveTeacher] | None = None) -> None:
+    """One pass over the pending units of a wave's teachers (see module docstring).
+
+    Args:
+        units: restrict the pass to these units (a dask task is one unit); default every pending unit.
+        teachers: already loaded teachers of this wave (kept by the caller); default load and release here.
+    """
     meta = fmt.check_root_attrs(dict(root.attrs), "store")
     device = torch.device(options.device)
-    samples = {name: np.asarray(root[f"samples/{name}"][:]) for name in ("id", "label")}
-    teachers = [make_wave_teacher(p, root, device, meta["dataset"]["classes"], state) for p in wave]
-    units = sorted(set().union(*(wt.pending for wt in teachers)))
-    if not units:
+    allowed = units if units is not None else set(range(meta["n_units"]))
+    pending = {p.id: pending_units(root, p.id) & allowed for p in wave}
+    todo = sorted(set().union(*pending.values()))
+    if not todo:
         return
-    ranges = [fmt.unit_slice(u, meta["n_samples"], meta["unit_rows"]) for u in units]
-    loader = make_loader(root, options, samples["id"], wave, ranges, meta)
-    writer = UnitWriter()
+    loaded = teachers if teachers is not None else load_wave(root, wave, device, state)
+    for wt in loaded:
+        wt.pending = pending[wt.plan.id]
     try:
-        consume(loader, teachers, ranges, units, samples["label"], root, writer, device, state, options, progress)
+        samples = {name: np.asarray(root[f"samples/{name}"][:]) for name in ("id", "label")}
+        ranges = [fmt.unit_slice(u, meta["n_samples"], meta["unit_rows"]) for u in todo]
+        loader = make_loader(root, options, samples["id"], wave, ranges, meta)
+        writer = UnitWriter()
+        try:
+            consume(loader, loaded, ranges, todo, samples["label"], root, writer, device, state, options, progress)
+        finally:
+            writer.close()
     finally:
-        writer.close()
-        for wt in teachers:
-            wt.model.release()
+        if teachers is None:
+            for wt in loaded:
+                wt.model.release()
 
 
 def make_loader(root: Any, options: Any, sample_ids: np.ndarray, wave: Sequence[Any], ranges: Sequence[slice], meta: dict) -> Any:

@@ -33,6 +33,8 @@ class ExtractOptions:
     strict: bool = False
     dry_run: bool = False
     progress: bool = True
+    cluster: str | None = None               # "local:N": a dask LocalCluster of N workers
+    scheduler: str | None = None             # address of a running dask scheduler
     data_root: Path | None = field(default=None, repr=False)   # filled from the dataset listing
 
 
@@ -105,6 +107,10 @@ def build_plan(options: ExtractOptions) -> ExtractPlan:
         if name not in [t.id for t in manifest.teachers]:
             raise UsageError(f"--overwrite {name}: no teacher with that id in {manifest.path}."
                              f"{did_you_mean(name, [t.id for t in manifest.teachers])}")
+    if options.cluster:
+        from kt_cache.cluster import parse_cluster
+
+        parse_cluster(options.cluster)               # a bad spec is refused before any store is written
     specs = select_teachers(manifest, options.only)
     plans = [resolve_teacher(spec, listing.class_names or None, base) for spec in specs]
     n = min(len(listing.ids), options.limit or len(listing.ids))
@@ -124,7 +130,11 @@ def run_extract(options: ExtractOptions) -> ExtractReport:
     root = open_or_create_store(plan.out, plan.listing, manifest.views, manifest.storage, options.limit)
     statuses = {p.id: prepare_teacher(root, p, p.id in options.overwrite) for p in plan.plans}
     state, start = RunState(), time.perf_counter()
-    for number, wave in enumerate(plan.waves, 1):
+    if options.cluster or options.scheduler:
+        from kt_cache.cluster import run_on_cluster
+
+        run_on_cluster(plan, root, options, state, lambda total: task_progress(total, options))
+    for number, wave in enumerate(plan.waves, 1):      # single process; after a cluster run, nothing is left
         with wave_progress(root, wave, number, len(plan.waves), options) as bar:
             run_wave(root, wave, options, state, bar)
     state.wall_s = time.perf_counter() - start
@@ -133,6 +143,16 @@ def run_extract(options: ExtractOptions) -> ExtractReport:
     failures = {str(ids[row]): reason for row, reason in sorted(state.failures.items())}
     timings = {k: v.as_dict() for k, v in state.timings.items()}
     return ExtractReport(plan, statuses, timings, failures, state.rows, state.wall_s)
+
+
+def task_progress(total: int, options: ExtractOptions) -> Any:
+    from contextlib import nullcontext
+
+    from tqdm import tqdm
+
+    if not options.progress:
+        return nullcontext(None)
+    return tqdm(total=total, unit="unit", desc="cluster tasks", disable=os.environ.get("KTC_NO_PROGRESS") == "1")
 
 
 def wave_progress(root: Any, wave: list[Any], number: int, total: int, options: ExtractOptions) -> Any:

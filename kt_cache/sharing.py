@@ -9,6 +9,7 @@ written through zarr (last, as the coordinator does), a renamed teacher's attrib
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import warnings
@@ -51,6 +52,7 @@ def subset_store(location: str, teachers: Sequence[str], out: str | Path) -> Pat
             raise UsageError(f"--teachers {teacher_id}: the store {reader.where} has no such teacher."
                              f"{did_you_mean(teacher_id, reader.teacher_ids())} Stored: {', '.join(reader.teacher_ids())}.")
     part = Part(reader, {t: t for t in dict.fromkeys(wanted)})
+    validate_part(part)
     return write_store([part], [0] * reader.meta["n_units"], Path(out))
 
 
@@ -66,6 +68,8 @@ def merge_stores(locations: Sequence[str], out: str | Path, renames: Sequence[st
     check_compatible(readers)
     maps = plan_renames(readers, renames)
     parts = [Part(reader, mapping) for reader, mapping in zip(readers, maps)]
+    for part in parts:
+        validate_part(part)
     return write_store(parts, sample_owners(parts), Path(out))
 
 
@@ -92,6 +96,16 @@ def pack_store(location: str, out: str | Path) -> Path:
         raise
     zipped.close()
     return out
+
+
+def validate_part(part: Part) -> None:
+    """Everything copied from a source is checked first: samples (ids included) and the chosen teachers."""
+    part.reader.samples()
+    for teacher_id in part.teachers:
+        part.reader.teacher_attrs(teacher_id)
+    if part.reader.object_manifest() is None:
+        raise StoreError(f"{part.reader.where}: has no {fmt.OBJECT_MANIFEST}, so its objects cannot be checked while "
+                         "they are copied. Fix: rerun `ktc extract` with the store's manifest (it finalizes), then retry.")
 
 
 def meta_value(meta: dict[str, Any], path: tuple[str, ...]) -> Any:
@@ -240,7 +254,7 @@ def copy_objects(reader: fmt.StoreReader, pairs: list[tuple[str, str]], dest: An
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
 
-    prototype = default_buffer_prototype()
+    prototype, manifest = default_buffer_prototype(), reader.object_manifest() or {}
 
     async def put(items: list[tuple[str, bytes]]) -> None:
         for key, data in items:      # LocalStore writes are atomic; ZipStore serialises writes anyway
@@ -249,11 +263,22 @@ def copy_objects(reader: fmt.StoreReader, pairs: list[tuple[str, str]], dest: An
     for start in range(0, len(pairs), BATCH):
         batch = pairs[start:start + BATCH]
         blobs = get_many(reader.store, [src for src, _ in batch])
-        missing = [src for (src, _), data in zip(batch, blobs) if data is None]
-        if missing:
-            raise StoreError(f"{reader.where}: object(s) {', '.join(missing[:5])} are listed but cannot be read. "
-                             f"Fix: run `ktc verify {reader.where}`.")
+        for (src, _), data in zip(batch, blobs):
+            check_copied(reader, manifest, src, data)
         sync(put([(dst, data) for (_, dst), data in zip(batch, blobs)]))
+
+
+def check_copied(reader: fmt.StoreReader, manifest: dict[str, Any], key: str, data: bytes | None) -> None:
+    """A copied object must be the one the source's producer finalized (size and sha256 of its manifest)."""
+    want = manifest.get(key)
+    if key == fmt.OBJECT_MANIFEST:
+        return
+    got = None if data is None else {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    if got is None or want is None or got != {"size": want["size"], "sha256": want["sha256"]}:
+        state = "cannot be read" if got is None else "is not in" if want is None else "does not match"
+        raise StoreError(f"{reader.where}: object {key} {state} {'its ' + fmt.OBJECT_MANIFEST if got is None else fmt.OBJECT_MANIFEST}"
+                         f"; ktc copies only objects as their producer finalized them. Fix: run `ktc verify "
+                         f"{reader.where}` for the full list and get an intact copy of the store.")
 
 
 def prepare_output(out: Path, readers: Sequence[fmt.StoreReader]) -> None:

@@ -187,7 +187,8 @@ def open_root(target: Any, where: str, mode: str = "r", consolidated: bool | Non
                          "(a ktc store is a folder holding zarr.json; use zip:// for a packed store).") from err
     except (ValueError, KeyError, TypeError) as err:
         node = checks.locate_bad_node(root_document(target)) if not isinstance(target, str) else ""
-        raise StoreError(f"{where}: cannot be opened as a Zarr v3 group: {node or err}. The metadata is damaged or "
+        detail = str(node or err).rstrip(".")
+        raise StoreError(f"{where}: cannot be opened as a Zarr v3 group: {detail}. The metadata is damaged or "
                          "not written by ktc. Fix: point at a store written by `ktc extract`, or ask its producer "
                          "for an intact copy.") from err
 

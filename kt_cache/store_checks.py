@@ -38,8 +38,7 @@ FIX = "Fix: ask the store's producer for an intact copy (verify it with `ktc ver
 
 
 def damaged(where: str, what: str) -> StoreError:
-    return StoreError(f"{where}: {what}. The store is damaged or was not written by ktc; nothing was read "
-                      f"from its data. {FIX}")
+    return StoreError(f"{where}: {what}. The store is damaged or was not written by ktc. {FIX}")
 
 
 def check_int(meta: dict[str, Any], key: str, low: int, high: int, where: str) -> int:
@@ -160,25 +159,25 @@ def check_sample_ids(ids: np.ndarray, where: str, first_row: int = 0) -> None:
 
 def check_teacher_attrs(attrs: Any, arrays: dict[str, Any], teacher_id: str, where: str) -> None:
     """Types of the attributes readers use, and their agreement with the array shapes."""
-    at = f"{where}: teacher {teacher_id} attrs['ktc_teacher']"
+    at, attr = f"{where}: teacher {teacher_id}", "attrs['ktc_teacher']"
     if not isinstance(attrs, dict):
-        raise damaged(at, f"must be an object, got {short(attrs)}")
+        raise damaged(at, f"{attr} must be an object, got {short(attrs)}")
     for key in ("num_classes", "feature_dim", "featmap_dim", "featmap_grid", "logits_topk"):
         value = attrs.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_ROW_ELEMENTS):
-            raise damaged(at, f"['{key}'] must be a non-negative integer or null, got {short(value)}")
+            raise damaged(at, f"{attr}['{key}'] must be a non-negative integer or null, got {short(value)}")
     names = attrs.get("class_names")
     if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
-        raise damaged(at, f"['class_names'] must be a list of names or null, got {short(names)}")
+        raise damaged(at, f"{attr}['class_names'] must be a list of names or null, got {short(names)}")
     for key in ("role", "source", "model"):
         if attrs.get(key) is not None and not isinstance(attrs[key], str):
-            raise damaged(at, f"['{key}'] must be a string, got {short(attrs[key])}")
+            raise damaged(at, f"{attr}['{key}'] must be a string, got {short(attrs[key])}")
     expect = {"features": ("feature_dim", 2), "logits": ("num_classes", 2), "featmap": ("featmap_dim", 4)}
     for path, (key, axis) in expect.items():
         if path in arrays and attrs.get(key) is not None and arrays[path].shape[axis] != attrs[key]:
-            raise damaged(at, f"['{key}'] = {attrs[key]} but {path} has shape {list(arrays[path].shape)}")
+            raise damaged(at, f"{attr}['{key}'] = {attrs[key]} but {path} has shape {list(arrays[path].shape)}")
     if names is not None and attrs.get("num_classes") is not None and len(names) != attrs["num_classes"]:
-        raise damaged(at, f"lists {len(names)} class_names for num_classes = {attrs['num_classes']}")
+        raise damaged(at, f"{attr} lists {len(names)} class_names for num_classes = {attrs['num_classes']}")
     pair = [arrays.get("logits_topk/values"), arrays.get("logits_topk/index")]
     if any(a is not None for a in pair) and (None in pair or pair[0].shape != pair[1].shape):
         raise damaged(at, "logits_topk/values and logits_topk/index must both exist with the same shape")

@@ -50,5 +50,7 @@ def train(opts: tuple[str, ...], config_file: str | None, no_progress: bool, **f
         given["method_options"] = parse_method_options(opts)
     config = build_config(load_config_file(config_file) if config_file else {}, given)
     metrics = run_training(config, show_progress=not no_progress)
+    if not metrics:                      # a non-zero torchrun rank: rank 0 reports
+        return
     summary = {k: metrics[k] for k in ("top1", "top5", "teacher_agreement") if k in metrics}
     click.echo(f"run saved in {config.out}: {json.dumps(summary)}")

@@ -13,7 +13,7 @@ import torch
 
 from kt_train.checkpoint import load_checkpoint, save_checkpoint
 from kt_train.config import TrainConfig, save_config
-from kt_train.methods import StudentOutput
+from kt_train.distributed import DistInfo, Trainable, barrier, init_distributed, mean_over_ranks, shutdown, wrap
 from kt_train.metrics import MetricsLog, write_plots
 from kt_train.setup import Run, build_run
 
@@ -31,15 +31,8 @@ def make_optimizer(run: Run, steps: int) -> tuple[Any, Any, Any]:
     return optimizer, scheduler, scaler
 
 
-def forward_students(run: Run, images: torch.Tensor) -> list[StudentOutput]:
-    with torch.autocast(run.device.type, enabled=run.device.type == "cuda" and run.config.amp):
-        outputs = [s(images) for s in run.students]
-    return [StudentOutput(o.logits.float(), None if o.features is None else o.features.float(),
-                          None if o.featmap is None else o.featmap.float()) for o in outputs]
-
-
-def train_step(run: Run, batch: dict[str, torch.Tensor], optimizer: Any, scaler: Any) -> dict[str, float]:
-    """One optimizer step; returns every loss part and diagnostic as floats."""
+def train_step(run: Run, model: Any, batch: dict[str, torch.Tensor], optimizer: Any, scaler: Any) -> dict[str, float]:
+    """One optimizer step of ``model`` (the ``Trainable``, DDP-wrapped under torchrun); every loss part as floats."""
     images = batch["image"].to(run.device, non_blocking=True)
     teachers = run.cached.for_batch(batch, run.device)
     if not run.use_labels:
@@ -47,8 +40,7 @@ def train_step(run: Run, batch: dict[str, torch.Tensor], optimizer: Any, scaler:
     if run.initial is not None:
         with torch.no_grad():
             teachers.reference_logits = run.initial(images).logits.float()
-    outputs = forward_students(run, images)
-    parts = run.method(outputs if len(outputs) > 1 else outputs[0], teachers)
+    parts = model(images, teachers, run.device.type == "cuda" and run.config.amp)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(parts["loss"]).backward()
     if run.config.grad_clip > 0:
@@ -59,22 +51,23 @@ def train_step(run: Run, batch: dict[str, torch.Tensor], optimizer: Any, scaler:
     return {k: float(v.detach()) for k, v in parts.items()}
 
 
-def train_epoch(run: Run, epoch: int, step: int, total: int, opt: tuple, log: MetricsLog, show: bool) -> int:
+def train_epoch(run: Run, model: Any, epoch: int, step: int, total: int, opt: tuple, log: MetricsLog,
+                info: DistInfo, show: bool) -> int:
     from tqdm import tqdm
 
     optimizer, scheduler, scaler = opt
-    for s in run.students:
-        s.train()
-    run.method.train()
+    model.train()
     run.loader.set_epoch(epoch)
     tick, seen = time.perf_counter(), 0
-    bar = tqdm(run.loader, desc=f"epoch {epoch + 1}/{run.config.epochs}", unit="batch", disable=not show, leave=False)
+    bar = tqdm(run.loader, desc=f"epoch {epoch + 1}/{run.config.epochs}", unit="batch",
+               disable=not (show and info.is_main), leave=False)
     for batch in bar:
-        parts = train_step(run, batch, optimizer, scaler)
+        parts = train_step(run, model, batch, optimizer, scaler)
         step += 1
-        seen += int(batch["image"].shape[0])
+        seen += int(batch["image"].shape[0]) * info.world
         scheduler.step_update(step)
         if step % run.config.log_every == 0 or step == 1 or step >= total:
+            parts = mean_over_ranks(parts, info)
             rate = seen / max(1e-9, time.perf_counter() - tick)
             log.write({"kind": "step", "step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
                        "samples_per_s": round(rate, 2), **parts})
@@ -87,24 +80,32 @@ def train_epoch(run: Run, epoch: int, step: int, total: int, opt: tuple, log: Me
 
 def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
     """Train, checkpoint every epoch, evaluate; returns the final metrics (also in ``eval.json``)."""
+    info = init_distributed(config.device)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    run = build_run(config)
-    save_config(config, out)
-    per_epoch = len(run.loader)
-    total = min(config.epochs * per_epoch, config.max_steps or config.epochs * per_epoch)
-    opt = make_optimizer(run, total)
-    epoch, step = load_checkpoint(out, run, *opt) if config.resume else (0, 0)
-    if not config.resume and (out / "metrics.jsonl").exists():
-        os.remove(out / "metrics.jsonl")
-    log = MetricsLog(out)
-    while epoch < config.epochs and step < total:
-        start = time.perf_counter()
-        step = train_epoch(run, epoch, step, total, opt, log, show_progress)
-        save_checkpoint(out, run, *opt, epoch, step)
-        log.write({"kind": "epoch", "epoch": epoch, "step": step, "seconds": round(time.perf_counter() - start, 3)})
-        epoch += 1
-    return finish(run, out)
+    try:
+        run = build_run(config, info.rank, info.world, info.local_rank)
+        model = wrap(Trainable(run.students, run.method), info, run.device)
+        per_epoch = len(run.loader)
+        total = min(config.epochs * per_epoch, config.max_steps or config.epochs * per_epoch)
+        opt = make_optimizer(run, total)
+        epoch, step = load_checkpoint(out, run, *opt) if config.resume else (0, 0)
+        if info.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(config, out)
+            if not config.resume and (out / "metrics.jsonl").exists():
+                os.remove(out / "metrics.jsonl")
+        log = MetricsLog(out, enabled=info.is_main)
+        while epoch < config.epochs and step < total:
+            start = time.perf_counter()
+            step = train_epoch(run, model, epoch, step, total, opt, log, info, show_progress)
+            if info.is_main:
+                save_checkpoint(out, run, *opt, epoch, step)
+            barrier(info)
+            log.write({"kind": "epoch", "epoch": epoch, "step": step, "seconds": round(time.perf_counter() - start, 3)})
+            epoch += 1
+        return finish(run, out) if info.is_main else {}
+    finally:
+        shutdown(info)
 
 
 def finish(run: Run, out: Path) -> dict[str, Any]:

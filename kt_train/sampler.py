@@ -76,13 +76,17 @@ class BlockShuffleSampler(Sampler[int]):
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
 
     def rank_order(self, epoch: int | None = None) -> np.ndarray:
-        """This rank's rows of ``epoch``: int64 ``[len(self)]`` (padded by repeating the global start)."""
+        """This rank's rows of ``epoch``: int64 ``[len(self)]`` (padded by repeating the global start).
+
+        Strided like ``DistributedSampler``: rank r takes rows r, r+world, … of the global order, so the
+        union of the ranks' i-th batches is the i-th batch of a single process with ``world``× the batch
+        size (DDP then computes the same steps as one process with the same global batch).
+        """
         order = self.global_order(epoch)
-        per_rank = len(self)
-        total = per_rank * self.world
+        total = len(self) * self.world
         if total > order.size and order.size:
             order = np.concatenate([order, np.resize(order, total - order.size)])
-        return order[self.rank * per_rank:(self.rank + 1) * per_rank]
+        return order[self.rank:total:self.world]
 
     def __len__(self) -> int:
         return -(-self.n_ok // self.world)

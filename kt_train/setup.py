@@ -101,13 +101,19 @@ def build_loader(config: TrainConfig, reader: StoreReader, student: Any, cached:
                        pin_memory=torch.cuda.is_available())
 
 
-def build_run(config: TrainConfig, rank: int = 0, world: int = 1) -> Run:
-    """Open the store, select teachers, check the method can run on them, build students, method, data."""
+def build_run(config: TrainConfig, rank: int = 0, world: int = 1, local_rank: int = 0) -> Run:
+    """Open the store, select teachers, check the method can run on them, build students, method, data.
+
+    Under torchrun (``world`` > 1) each rank builds the same run (same seed: same initial weights) and
+    its loader reads only this rank's strided share of the samples.
+    """
     from kt_train.data import CachedTeachers, select_teachers
     from kt_train.methods import METHODS, build_options
     from kt_train.requirements import check_requirements
 
     device = resolve_device(config.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local_rank)
     torch.manual_seed(config.seed)
     reader = StoreReader(config.cache)
     teacher_ids = select_teachers(reader, config.teachers)

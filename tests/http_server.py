@@ -111,7 +111,8 @@ class FolderServer:
         handler = partial(LoggingHandler, directory=os.fspath(self.root), log=self.log)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, name="test-http", daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                                       name="test-http", daemon=True)
 
     @property
     def url(self) -> str:

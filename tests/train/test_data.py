@@ -321,7 +321,9 @@ def test_sampler_ddp_split_is_disjoint_equal_and_covering():
     assert {len(o) for o in orders} == {16} == {len(s) for s in parts}
     flat = [r for o in orders for r in o]
     assert set(flat) == set(range(47)) and len(flat) == 48
-    assert flat[:47] == parts[0].global_order().tolist() and flat[47] == flat[0], "padding repeats the start"
+    interleaved = [orders[i % world][i // world] for i in range(48)]      # strided, like DistributedSampler
+    assert interleaved[:47] == parts[0].global_order().tolist() and interleaved[47] == interleaved[0], \
+        "rank r takes rows r, r+world, ... of the global order; padding repeats the start"
     assert len(set(orders[0]) & set(orders[1])) == 0 and len(set(orders[1]) & set(orders[2])) == 0
     with pytest.raises(ValueError, match="rank"):
         BlockShuffleSampler(10, 4, 1, rank=3, world=3)

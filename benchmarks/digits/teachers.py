@@ -1,0 +1,174 @@
+"""The teacher zoo: small timm CNNs trained here, on CPU, with plain cross-entropy, saved as safetensors.
+
+Every teacher is ``resnet10t`` built with ``output_stride=16`` so that a 32x32 input leaves a 2x2 map
+(the default stride 32 leaves 1x1, which makes a stored ``featmap`` meaningless). Training crops are drawn
+exactly like the store's views (``kt_cache.views.rrc_box`` with the manifest's scale/ratio, no flip);
+validation uses view 0, the centre crop that ``ktc eval`` uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
+
+from digits.data import CLASSES, IMAGE_SIZE, Split
+
+ARCH = "resnet10t"
+MODEL_ARGS = {"output_stride": 16}
+MEAN = (0.5, 0.5, 0.5)
+STD = (0.5, 0.5, 0.5)
+VIEW_SCALE = (0.5, 1.0)
+VIEW_RATIO = (0.75, 1.3333)
+CENTER_CROP = 0.875
+
+
+@dataclass(frozen=True)
+class ZooTeacher:
+    """One teacher of the zoo and how it is trained.
+
+    Attributes:
+        name: teacher id in the manifest and the store.
+        classes: names of its logits (target classes for ``task="digit"``; task names for ``"parity"``).
+        role: ``predictive`` (its logits are stored) or ``descriptive`` (features only).
+        epochs: training epochs over its own training subset.
+        train_frac: fraction of its eligible training images it sees (a weaker teacher sees fewer).
+        task: ``digit`` (predict its digit classes) or ``parity`` (even / odd, a related task).
+    """
+
+    name: str
+    classes: tuple[str, ...]
+    role: str
+    epochs: int
+    train_frac: float = 1.0
+    task: str = "digit"
+
+    def targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """Digit labels -> this teacher's class index, -1 for images outside its classes."""
+        if self.task == "parity":
+            return labels % 2
+        lookup = torch.full((len(CLASSES),), -1, dtype=torch.int64)
+        for index, name in enumerate(self.classes):
+            lookup[CLASSES.index(name)] = index
+        return lookup[labels]
+
+
+ZOO = (
+    ZooTeacher("digits_lo", CLASSES[:5], "predictive", epochs=8),
+    ZooTeacher("digits_hi", CLASSES[5:], "predictive", epochs=8),
+    ZooTeacher("digits_all", CLASSES, "predictive", epochs=10, train_frac=0.08),
+    ZooTeacher("digits_parity", ("even", "odd"), "descriptive", epochs=5, task="parity"),
+)
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[B, 3, H, W]`` -> float, normalised with the teachers' mean/std."""
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+def random_views(images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """A random-resized crop of each image, drawn like the store's views 1.. (no flip)."""
+    from kt_cache.views import rrc_box
+
+    size = [IMAGE_SIZE, IMAGE_SIZE]
+    crops = []
+    for image in images:
+        top, left, h, w = rrc_box(rng, image.shape[-2], image.shape[-1], VIEW_SCALE, VIEW_RATIO)
+        crops.append(TF.resized_crop(image, top, left, h, w, size, antialias=True))
+    return torch.stack(crops)
+
+
+def center_views(images: torch.Tensor) -> torch.Tensor:
+    """View 0 of each image (the centre crop ``ktc eval`` and the store's view 0 use)."""
+    from kt_cache.manifest_types import ViewsSpec
+    from kt_cache.views import sample_views, view_pixels
+
+    box = sample_views(ViewsSpec(count=1, center_crop=CENTER_CROP), 0, tuple(images.shape[-2:]))[0]
+    return torch.stack([view_pixels(img, box[:4], False, (IMAGE_SIZE, IMAGE_SIZE), "bilinear") for img in images])
+
+
+def teacher_subset(spec: ZooTeacher, split: Split, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's training images and targets: its own classes, then a seeded ``train_frac`` sample."""
+    targets = spec.targets(split.labels)
+    keep = torch.nonzero(targets >= 0).flatten().numpy()
+    keep = np.sort(rng.permutation(keep)[: max(1, int(round(spec.train_frac * keep.size)))])
+    return split.images[keep], targets[keep]
+
+
+def teacher_rng(spec: ZooTeacher, seed: int) -> np.random.Generator:
+    """The teacher's own generator (subset, order, crops), keyed by the seed and its name."""
+    return np.random.default_rng([seed, zlib.crc32(spec.name.encode())])
+
+
+def train_teacher(spec: ZooTeacher, images: torch.Tensor, targets: torch.Tensor, seed: int, lr: float = 2e-3,
+                  batch: int = 64) -> torch.nn.Module:
+    """Plain cross-entropy with AdamW and a cosine schedule on the teacher's training subset."""
+    torch.manual_seed(seed)
+    rng = teacher_rng(spec, seed)
+    model = timm.create_model(ARCH, num_classes=len(spec.classes), **MODEL_ARGS)
+    steps = spec.epochs * -(-len(targets) // batch)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    model.train()
+    for _ in range(spec.epochs):
+        order = rng.permutation(len(targets))
+        for start in range(0, len(order), batch):
+            idx = torch.from_numpy(order[start:start + batch])
+            loss = F.cross_entropy(model(normalize(random_views(images[idx], rng))), targets[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return model.eval()
+
+
+@torch.inference_mode()
+def teacher_accuracy(model: torch.nn.Module, spec: ZooTeacher, val: Split) -> tuple[float, int]:
+    """Accuracy on the validation images of the teacher's own task (centre view); and their count."""
+    targets = spec.targets(val.labels)
+    keep = targets >= 0
+    logits = model(normalize(center_views(val.images[keep])))
+    return float((logits.argmax(1) == targets[keep]).float().mean()), int(keep.sum())
+
+
+def build_zoo(folder: Path, train: Split, val: Split, seed: int = 0) -> list[dict]:
+    """Train (or reuse, when ``zoo.json`` records the same recipe) every teacher; returns one record each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    index = folder / "zoo.json"
+    cached = {r["name"]: r for r in json.loads(index.read_text())} if index.is_file() else {}
+    records = []
+    for spec in ZOO:
+        recipe = {**dataclasses.asdict(spec), "classes": list(spec.classes), "seed": seed, "arch": ARCH,
+                  "model_args": MODEL_ARGS, "n_train": len(train.labels)}
+        old = cached.get(spec.name)
+        if old and old["recipe"] == recipe and (folder / old["file"]).is_file():
+            records.append(old)
+            continue
+        records.append(train_and_save(spec, folder, train, val, seed) | {"recipe": recipe})
+        print(f"  teacher {spec.name}: val acc {records[-1]['val_acc']:.4f} ({records[-1]['seconds']:.1f} s)")
+    index.write_text(json.dumps(records, indent=1))
+    return records
+
+
+def train_and_save(spec: ZooTeacher, folder: Path, train: Split, val: Split, seed: int) -> dict:
+    from safetensors.torch import save_file
+
+    images, targets = teacher_subset(spec, train, teacher_rng(spec, seed + 1))
+    start = time.perf_counter()
+    model = train_teacher(spec, images, targets, seed)
+    seconds = time.perf_counter() - start
+    accuracy, n_val = teacher_accuracy(model, spec, val)
+    file = f"{spec.name}.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / file))
+    return {"name": spec.name, "file": file, "classes": list(spec.classes), "role": spec.role, "task": spec.task,
+            "epochs": spec.epochs, "n_train": len(targets), "n_val": n_val, "val_acc": accuracy, "seconds": seconds}
