@@ -34,7 +34,8 @@ def all_commands() -> dict[str, tuple[str, str, str]]:
     return found
 
 
-HELP = {"train": "Train a student from a store with ce, kd, avg, uniform, kpu, bikd or fg.",
+HELP = {"demo": "Offline demo: real teachers -> store -> UNIFORM student -> agreement, in minutes on a CPU.",
+        "train": "Train a student from a store with ce, kd, avg, uniform, kpu, bikd or fg.",
         "eval": "Evaluate a trained student: top-1/top-5, per-class accuracy, confusion matrix."}
 
 

@@ -38,6 +38,13 @@ class Part:
 
     reader: fmt.StoreReader
     teachers: dict[str, str]
+    _samples: dict[str, np.ndarray] | None = None
+
+    def samples(self) -> dict[str, np.ndarray]:
+        """The source's samples arrays, read (and their ids checked) once."""
+        if self._samples is None:
+            self._samples = self.reader.samples()
+        return self._samples
 
 
 def subset_store(location: str, teachers: Sequence[str], out: str | Path) -> Path:
@@ -65,10 +72,10 @@ def merge_stores(locations: Sequence[str], out: str | Path, renames: Sequence[st
     if len(locations) < 2:
         raise UsageError("ktc merge needs at least two stores. Fix: ktc merge A.zarr B.zarr --out C.zarr.")
     readers = [fmt.StoreReader(location) for location in locations]
-    check_compatible(readers)
-    maps = plan_renames(readers, renames)
-    parts = [Part(reader, mapping) for reader, mapping in zip(readers, maps)]
-    for part in parts:
+    parts = [Part(reader, {}) for reader in readers]
+    check_compatible(parts)
+    for part, mapping in zip(parts, plan_renames(readers, renames)):
+        part.teachers = mapping
         validate_part(part)
     return write_store(parts, sample_owners(parts), Path(out))
 
@@ -82,9 +89,7 @@ def pack_store(location: str, out: str | Path) -> Path:
         raise UsageError(f"ktc pack: the output {out} must end in .zip (readers recognise packed stores by it).")
     if out.exists():
         raise UsageError(f"ktc pack: {out} already exists. Fix: choose a new output file or remove it.")
-    if reader.object_manifest() is None:
-        raise StoreError(f"{reader.where}: has no {fmt.OBJECT_MANIFEST}; a pack must be verifiable. Fix: rerun "
-                         "`ktc extract` with the store's manifest (it finalizes), then pack.")
+    validate_part(Part(reader, {t: t for t in reader.teacher_ids()}))
     keys = [(k, k) for k in source_keys(reader)] + [(fmt.OBJECT_MANIFEST, fmt.OBJECT_MANIFEST)]
     out.parent.mkdir(parents=True, exist_ok=True)
     zipped = zarr.storage.ZipStore(out, mode="w")
@@ -100,7 +105,7 @@ def pack_store(location: str, out: str | Path) -> Path:
 
 def validate_part(part: Part) -> None:
     """Everything copied from a source is checked first: samples (ids included) and the chosen teachers."""
-    part.reader.samples()
+    part.samples()
     for teacher_id in part.teachers:
         part.reader.teacher_attrs(teacher_id)
     if part.reader.object_manifest() is None:
@@ -114,10 +119,10 @@ def meta_value(meta: dict[str, Any], path: tuple[str, ...]) -> Any:
     return meta
 
 
-def check_compatible(readers: list[fmt.StoreReader]) -> None:
+def check_compatible(parts: list[Part]) -> None:
     """Same dataset, views, row order and units in every input, and the same sample ids, indices and labels."""
-    first = readers[0]
-    for other in readers[1:]:
+    first = parts[0].reader
+    for other in (p.reader for p in parts[1:]):
         for what, path in SAME:
             mine, theirs = meta_value(first.meta, path), meta_value(other.meta, path)
             if mine != theirs:
@@ -126,12 +131,12 @@ def check_compatible(readers: list[fmt.StoreReader]) -> None:
                     f"{fmt_value(theirs)}). Rows of their teachers would not describe the same images and views. "
                     "Fix: merge only stores extracted from the same dataset with the same `views:` and `storage:` "
                     "settings; re-extract one of them with the other's manifest.")
-    base = first.samples()
-    for other in readers[1:]:
-        theirs = other.samples()
+    base = parts[0].samples()
+    for part in parts[1:]:
+        theirs = part.samples()
         for name in ("id", "index", "label"):
             if not np.array_equal(base[name], theirs[name]):
-                raise StoreMismatchError(f"cannot merge {first.where} and {other.where}: samples/{name} differs although "
+                raise StoreMismatchError(f"cannot merge {first.where} and {part.reader.where}: samples/{name} differs although "
                                          "their dataset fingerprints match. Fix: re-extract one store from the other's dataset.")
 
 
@@ -187,7 +192,7 @@ def sample_owners(parts: list[Part]) -> list[int]:
     processed it); inputs that both processed a unit must agree on it."""
     meta = parts[0].reader.meta
     processed = [processed_units(p.reader, list(p.teachers)) for p in parts]
-    values = [(s["ok"], s["views"]) for s in (p.reader.samples() for p in parts)]
+    values = [(s["ok"], s["views"]) for s in (p.samples() for p in parts)]
     owners = []
     for unit in range(meta["n_units"]):
         rows = fmt.unit_slice(unit, meta["n_samples"], meta["unit_rows"])
@@ -275,9 +280,9 @@ def check_copied(reader: fmt.StoreReader, manifest: dict[str, Any], key: str, da
         return
     got = None if data is None else {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     if got is None or want is None or got != {"size": want["size"], "sha256": want["sha256"]}:
-        state = "cannot be read" if got is None else "is not in" if want is None else "does not match"
-        raise StoreError(f"{reader.where}: object {key} {state} {'its ' + fmt.OBJECT_MANIFEST if got is None else fmt.OBJECT_MANIFEST}"
-                         f"; ktc copies only objects as their producer finalized them. Fix: run `ktc verify "
+        state = "cannot be read" if got is None else "is not listed in" if want is None else "does not match"
+        raise StoreError(f"{reader.where}: object {key} {state} the store's {fmt.OBJECT_MANIFEST}; ktc copies "
+                         "only objects as their producer finalized them. Fix: run `ktc verify "
                          f"{reader.where}` for the full list and get an intact copy of the store.")
 
 

@@ -259,6 +259,17 @@ class StoreReader:
         self._ids: list[str] | None = None
         self._checked: dict[str, dict[str, Any]] = {}
 
+    def close(self) -> None:
+        """Release the store (a packed store keeps its zip file open until then)."""
+        if hasattr(self.store, "close"):
+            self.store.close()
+
+    def __enter__(self) -> StoreReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @property
     def n_samples(self) -> int:
         return int(self.meta["n_samples"])

@@ -145,16 +145,19 @@ def check_chunking(array: Any, shape: tuple[int, ...], at: str, unit_rows: int) 
 
 def check_sample_ids(ids: np.ndarray, where: str, first_row: int = 0) -> None:
     """Sample ids are relative POSIX paths below the dataset root: no absolute path, no '..', no NUL."""
-    text = np.array(np.asarray(ids).astype(object), dtype=str) if np.size(ids) else np.array([], dtype=str)
+    values = np.asarray(ids).astype(object)
+    text = np.array(values, dtype=str) if values.size else np.array([], dtype=str)
     suspicious = (np.char.startswith(text, "/") | (np.char.find(text, "..") >= 0) | (np.char.find(text, "\\") >= 0)
-                  | (np.char.find(text, ":") >= 0) | (np.char.find(text, "\x00") >= 0) | (np.char.str_len(text) == 0))
+                  | (np.char.find(text, ":") >= 0) | (np.char.str_len(text) == 0))
+    if "\x00" in "".join(map(str, values.tolist())):    # numpy's fixed-width strings cannot search for NUL
+        suspicious |= np.array(["\x00" in str(v) for v in values], dtype=bool)
     for row in np.flatnonzero(suspicious):
-        value = str(text[row])
+        value = str(values[row])
         parts = value.split("/")
         if (not value or value.startswith("/") or "\\" in value or "\x00" in value or ".." in parts
                 or re.match(r"^[A-Za-z]:", value)):
-            raise damaged(f"{where}: samples/id row {first_row + int(row)}", f"sample id {value[:200]!r} is not a relative path "
-                          "inside the dataset root (absolute, '..', drive letter, backslash, NUL or empty)")
+            raise damaged(f"{where}: samples/id row {first_row + int(row)}", f"sample id {value[:200]!r} is not a "
+                          "relative path inside the dataset root (absolute, '..', drive letter, backslash, NUL or empty)")
 
 
 def check_teacher_attrs(attrs: Any, arrays: dict[str, Any], teacher_id: str, where: str) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from kt_cache.errors import StoreError
 from kt_cache.remote import TEMP_FILE, get_bytes, get_many, list_keys
 
 BATCH_BYTES = 256 << 20          # objects hashed / rows decoded per step
+TEMP_MIN_AGE_S = 60              # younger temp files may belong to a running writer
 
 
 @dataclass
@@ -105,11 +107,12 @@ def describe_key(key: str, unit_rows: int) -> tuple[str, str]:
         return array, f"unit {first}"
     if key.endswith("zarr.json"):
         return key[: -len("zarr.json")].rstrip("/") or "store", "metadata document"
-    return "store", "file"
+    return (key.rsplit("/", 1)[0] if "/" in key else "store"), "file"
 
 
 def handle_orphans(reader: fmt.StoreReader, report: VerifyReport, clean: bool) -> None:
-    """Temp files a killed writer left behind (local folders only): removed, or listed with ``clean=False``."""
+    """Temp files a killed writer left behind (local folders only): removed, or listed with ``clean=False``.
+    A temp file younger than ``TEMP_MIN_AGE_S`` may belong to a running writer and is left in place."""
     folder = reader.location.local_folder if reader.location else None
     if folder is None:
         return
@@ -119,7 +122,9 @@ def handle_orphans(reader: fmt.StoreReader, report: VerifyReport, clean: bool) -
                 continue
             path = Path(base) / name
             key = path.relative_to(folder).as_posix()
-            if clean:
+            if time.time() - path.lstat().st_mtime < TEMP_MIN_AGE_S:
+                report.warnings.append(f"temp file {key} is recent: a writer may still be running; left in place")
+            elif clean:
                 path.unlink()
                 report.removed.append(key)
             else:
@@ -171,9 +176,13 @@ def provenance_gaps(teacher_id: str, attrs: dict[str, Any]) -> list[str]:
     return [f"teacher {teacher_id}: provenance lacks {', '.join(gaps)}"] if gaps else []
 
 
-def consolidated_nodes(reader: fmt.StoreReader) -> dict[str, Any]:
-    doc = json.loads(get_bytes(reader.store, "zarr.json") or b"{}")
-    return dict((doc.get("consolidated_metadata") or {}).get("metadata") or {})
+def json_document(reader: fmt.StoreReader, key: str) -> dict[str, Any] | None:
+    """A metadata document as a dict; None when absent or not a JSON object (other checks report that)."""
+    try:
+        doc = json.loads(get_bytes(reader.store, key) or b"null")
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def check_consolidation(reader: fmt.StoreReader, manifest: dict[str, Any] | None, report: VerifyReport) -> None:
@@ -182,15 +191,14 @@ def check_consolidation(reader: fmt.StoreReader, manifest: dict[str, Any] | None
     if not reader.consolidated:
         report.add("store", "zarr.json", f"no consolidated metadata: readers over https cannot discover teachers. {fix}")
         return
-    nodes = consolidated_nodes(reader)
+    nodes = dict(((json_document(reader, "zarr.json") or {}).get("consolidated_metadata") or {}).get("metadata") or {})
     keys = list(manifest or {}) + (list_keys(reader.store) if reader.location is None or reader.location.listable else [])
     stored = {k[: -len("/zarr.json")] for k in keys if k.endswith("/zarr.json")}
     for node in sorted(stored - set(nodes)):
         report.add(node, f"{node}/zarr.json", f"stored but missing from the consolidated metadata (stale). {fix}")
     for teacher_id in reader.teacher_ids():
         node = f"teachers/{teacher_id}"
-        raw = get_bytes(reader.store, f"{node}/zarr.json")
-        own = json.loads(raw).get("attributes") if raw else None
+        own = (json_document(reader, f"{node}/zarr.json") or {}).get("attributes")
         if own is not None and own != (nodes.get(node) or {}).get("attributes"):
             report.add(node, f"{node}/zarr.json", f"attributes differ from the consolidated copy (stale). {fix}")
 
@@ -219,12 +227,14 @@ def check_digests(reader: fmt.StoreReader, expected: dict[str, dict[str, Any]], 
     """Size and sha256 of each object against the manifest, fetched in batches of ~BATCH_BYTES."""
     unit_rows, keys = int(reader.meta["unit_rows"]), sorted(expected)
     batch: list[str] = []
+    size = 0
     for index, key in enumerate(keys):
         batch.append(key)
-        if index + 1 == len(keys) or sum(expected[k]["size"] for k in batch) >= BATCH_BYTES or len(batch) >= 256:
+        size += expected[key]["size"]
+        if index + 1 == len(keys) or size >= BATCH_BYTES or len(batch) >= 256:
             for name, data in zip(batch, get_many(reader.store, batch)):
                 compare_digest(name, data, expected[name], unit_rows, report)
-            batch = []
+            batch, size = [], 0
 
 
 def compare_digest(key: str, data: bytes | None, want: dict[str, Any], unit_rows: int, report: VerifyReport) -> None:

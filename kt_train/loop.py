@@ -60,7 +60,7 @@ def train_epoch(run: Run, model: Any, epoch: int, step: int, total: int, opt: tu
     run.loader.set_epoch(epoch)
     tick, seen = time.perf_counter(), 0
     bar = tqdm(run.loader, desc=f"epoch {epoch + 1}/{run.config.epochs}", unit="batch",
-               disable=not (show and info.is_main), leave=False)
+               disable=not (show and info.is_main) or os.environ.get("KTC_NO_PROGRESS") == "1", leave=False)
     for batch in bar:
         parts = train_step(run, model, batch, optimizer, scaler)
         step += 1

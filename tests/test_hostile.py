@@ -71,7 +71,8 @@ def assert_clear_everywhere(store: Path, tmp_path: Path, pattern: str, teacher: 
     with pytest.raises(StoreError, match=pattern):
         open_everything(str(store))
     before = snapshot(tmp_path)
-    for args in (["info", store], ["verify", store, "--keep-temp"], ["subset", store, "--teachers", teacher, "--out", tmp_path / "out.zarr"]):
+    subset = ["subset", store, "--teachers", teacher, "--out", tmp_path / "out.zarr"]
+    for args in (["info", store], ["verify", store, "--keep-temp"], subset):
         result = CliRunner().invoke(cli, [str(a) for a in args])
         assert result.exit_code == 1, (args, result.output)
         assert "Traceback" not in result.output and result.output.startswith("Error:"), result.output

@@ -71,7 +71,8 @@ def test_imagenet_104_open_clip_pairs_exist(imagenet_104: Manifest) -> None:
 def test_demo_pkg_checkpoint_resolves_to_an_installed_file() -> None:
     demo = load_manifest(MANIFESTS / "demo.yaml")
     assert demo.dataset.builtin == "skimage" and demo.storage.unit_rows == 16 and demo.views.count == 4
-    assert [t.id for t in demo.teachers] == ["effnet_lite0", "effnet_lite0_full"]
+    assert [t.id for t in demo.teachers] == ["effnet_lite0", "effnet_lite1", "effnet_lite2"]
+    assert (MANIFESTS / "demo.yaml").resolve() == (MANIFESTS.parent / "kt_cache" / "data" / "demo.yaml").resolve()
     for t in demo.teachers:
         assert isinstance(t.checkpoint, str), t.id
         module, rel = PKG_PATTERN.match(t.checkpoint).groups()

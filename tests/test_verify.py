@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +122,10 @@ def test_orphan_temp_files_are_removed(store: Path) -> None:
     orphans = [store / f"teachers/cnn32/features/c/0/0/0.{TEMP}.partial", store / f"teachers/vit48/zarr.{TEMP}.partial"]
     for orphan in orphans:
         orphan.write_bytes(b"half a shard")
+    fresh = store / f"teachers/cnn32/done/c/0.{TEMP}.partial"
+    fresh.write_bytes(b"being written right now")
+    for orphan in orphans:
+        os.utime(orphan, (time.time() - 3600, time.time() - 3600))   # left by a writer killed an hour ago
     kept = run("verify", store, "--keep-temp")
     assert kept.exit_code == 0 and "orphan temp file teachers/vit48/zarr" in kept.output
     assert all(orphan.exists() for orphan in orphans)
@@ -127,6 +133,7 @@ def test_orphan_temp_files_are_removed(store: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "removed orphan temp file teachers/cnn32/features/c/0/0/0" in result.output
     assert not any(orphan.exists() for orphan in orphans)
+    assert fresh.exists() and "a writer may still be running" in result.output
 
 
 def test_quick_checks_metadata_only(store: Path) -> None:

@@ -64,7 +64,7 @@ def load_split(folder: Path) -> Split:
     images, labels = [], []
     for label, name in enumerate(CLASSES):
         for path in sorted((folder / name).glob("*.png")):
-            array = np.asarray(Image.open(path).convert("RGB"), dtype=np.uint8)
+            array = np.array(Image.open(path).convert("RGB"), dtype=np.uint8)
             images.append(torch.from_numpy(array).permute(2, 0, 1))
             labels.append(label)
     return Split(torch.stack(images), torch.tensor(labels, dtype=torch.int64))

@@ -1,0 +1,80 @@
+"""The teachers manifest of the zoo ("a lab's own checkpoints") and one timed ``ktc extract`` run."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from digits.data import CLASSES, IMAGE_SIZE
+from digits.ktc import run_ktc
+from digits.teachers import ARCH, CENTER_CROP, MEAN, MODEL_ARGS, STD, VIEW_RATIO, VIEW_SCALE, ZOO, ZooTeacher
+
+VIEWS = 4
+UNIT_ROWS = 256
+FEATMAP_GRID = 2
+
+
+def teacher_entry(spec: ZooTeacher) -> dict[str, Any]:
+    """One ``teachers:`` item: a local safetensors checkpoint with its own classes and preprocessing."""
+    entry: dict[str, Any] = {
+        "id": spec.name, "source": "timm", "model": ARCH, "role": spec.role,
+        "checkpoint": f"teachers/{spec.name}.safetensors",
+        "model_args": {"num_classes": len(spec.classes), **MODEL_ARGS},
+        "preprocess": {"input_size": [3, IMAGE_SIZE, IMAGE_SIZE], "mean": list(MEAN), "std": list(STD),
+                       "interpolation": "bilinear"},
+    }
+    if spec.role == "predictive":
+        entry |= {"classes": list(spec.classes), "outputs": ["features", "logits", "featmap"],
+                  "featmap": {"grid": FEATMAP_GRID}}
+    else:
+        entry["outputs"] = ["features"]
+    return entry
+
+
+def write_manifest(out: Path) -> Path:
+    """``out/manifest.yaml`` over ``out/data/train`` with every zoo teacher (paths relative to ``out``)."""
+    manifest = {
+        "dataset": {"root": "data/train", "classes": list(CLASSES)},
+        "store": "store.zarr",
+        "views": {"count": VIEWS, "seed": 0, "scale": list(VIEW_SCALE), "ratio": list(VIEW_RATIO), "flip": False,
+                  "center_crop": CENTER_CROP},
+        "storage": {"unit_rows": UNIT_ROWS},
+        "defaults": {"batch_size": 256, "dtype": "float16"},
+        "teachers": [teacher_entry(spec) for spec in ZOO],
+    }
+    path = out / "manifest.yaml"
+    path.write_text(yaml.safe_dump(manifest, sort_keys=False, default_flow_style=None))
+    return path
+
+
+def parse_report(stdout: str) -> dict[str, Any]:
+    """Images, seconds and images/s of ``ktc extract``'s summary, plus its per-teacher table rows."""
+    head = re.search(r"(\d+) images processed in ([\d.]+) s \(([\d.]+) images/s", stdout)
+    if head is None:
+        raise ValueError(f"no summary line in ktc extract output:\n{stdout[-2000:]}")
+    names = {spec.name for spec in ZOO}
+    teachers = {}
+    for line in stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 6 and parts[0] in names:
+            teachers[parts[0]] = {"status": parts[1], "load_s": float(parts[2]), "forward_s": float(parts[3]),
+                                  "views": int(parts[4]), "views_per_s": float(parts[5])}
+    return {"images": int(head[1]), "seconds": float(head[2]), "images_per_s": float(head[3]), "teachers": teachers}
+
+
+def extract(out: Path) -> dict[str, Any]:
+    """Write the manifest, extract a fresh store (``out/store.zarr``); returns the parsed report + wall time."""
+    manifest, store = write_manifest(out), out / "store.zarr"
+    if store.exists():
+        shutil.rmtree(store)
+    stdout, wall = run_ktc(["extract", "--manifest", str(manifest), "--out", str(store), "--no-progress"],
+                           out / "logs" / "extract.log")
+    return parse_report(stdout) | {"wall_s": wall, "store": str(store), "store_bytes": folder_bytes(store)}
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())

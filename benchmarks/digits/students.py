@@ -1,0 +1,88 @@
+"""Students trained from the store with every method (``ktc train``), evaluated on val/ (``ktc eval``)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from digits.ktc import run_ktc
+
+STUDENT = "resnet10t"
+METHODS = ("ce", "kd", "avg", "uniform", "kpu", "bikd", "fg")
+
+# Which stored teachers each method gets (docs/methods.md): Bi-KD and FG only use predictive teachers that
+# cover all 10 classes, so they get digits_all; KD averages the predictive teachers' zero-padded
+# probabilities; AVG/UNIFORM/KPU also use the descriptive teacher's features. CE ignores teachers.
+METHOD_TEACHERS = {"ce": "all", "kd": "predictive", "avg": "all", "uniform": "all", "kpu": "all",
+                   "bikd": "digits_all", "fg": "digits_all"}
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Hyper-parameters shared by every student run."""
+
+    epochs: int = 4
+    batch_size: int = 64
+    lr: float = 2e-3
+    img_size: int = 32
+    workers: int = 0
+
+
+@dataclass
+class StudentResult:
+    """One (method, seed) run."""
+
+    method: str
+    seed: int
+    teachers: str
+    top1: float
+    top5: float
+    train_wall_s: float       # the whole `ktc train` process (start-up, data, loop, final evaluation)
+    loop_s: float             # the epochs only (sum of metrics.jsonl epoch seconds)
+    eval_wall_s: float
+    final_loss: float | None
+
+
+def train_args(store: Path, data: Path, method: str, seed: int, settings: TrainSettings, run: Path) -> list[str]:
+    return ["train", "--cache", str(store), "--data", str(data), "--student", STUDENT,
+            "--img-size", str(settings.img_size), "--method", method, "--teachers", METHOD_TEACHERS[method],
+            "--epochs", str(settings.epochs), "--batch-size", str(settings.batch_size), "--lr", str(settings.lr),
+            "--seed", str(seed), "--workers", str(settings.workers), "--out", str(run), "--no-progress"]
+
+
+def read_metrics(run: Path) -> tuple[float, float | None]:
+    """(sum of epoch seconds, loss of the last logged step) from ``run/metrics.jsonl``."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    seconds = sum(r["seconds"] for r in rows if r.get("kind") == "epoch")
+    steps = [r for r in rows if r.get("kind") == "step"]
+    return seconds, (steps[-1]["loss"] if steps else None)
+
+
+def run_student(out: Path, method: str, seed: int, settings: TrainSettings) -> StudentResult:
+    """Train one student from ``out/store.zarr`` and evaluate it on ``out/data/val``."""
+    run, logs = out / "runs" / f"{method}-s{seed}", out / "logs"
+    _, train_wall = run_ktc(train_args(out / "store.zarr", out / "data" / "train", method, seed, settings, run),
+                            logs / f"train-{method}-s{seed}.log")
+    stdout, eval_wall = run_ktc(["eval", "--checkpoint", str(run), "--data", str(out / "data" / "val"), "--json"],
+                                logs / f"eval-{method}-s{seed}.log")
+    metrics = json.loads(stdout.strip().splitlines()[-1])
+    loop_s, loss = read_metrics(run)
+    return StudentResult(method, seed, METHOD_TEACHERS[method], metrics["top1"], metrics["top5"], train_wall, loop_s,
+                         eval_wall, loss)
+
+
+def run_all(out: Path, methods: tuple[str, ...], seeds: tuple[int, ...], settings: TrainSettings) -> list[dict[str, Any]]:
+    """Every (method, seed); appends each result to ``out/students.jsonl`` as it finishes."""
+    results = []
+    with (out / "students.jsonl").open("w") as sink:
+        for seed in seeds:
+            for method in methods:
+                result = asdict(run_student(out, method, seed, settings))
+                print(f"  {method:<8} seed {seed}: top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  "
+                      f"train {result['train_wall_s']:.0f} s", flush=True)
+                sink.write(json.dumps(result) + "\n")
+                sink.flush()
+                results.append(result)
+    return results
