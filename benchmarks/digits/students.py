@@ -23,7 +23,7 @@ METHOD_TEACHERS = {"ce": "all", "kd": "predictive", "avg": "all", "uniform": "al
 class TrainSettings:
     """Hyper-parameters shared by every student run."""
 
-    epochs: int = 4
+    epochs: int = 3
     batch_size: int = 64
     lr: float = 2e-3
     img_size: int = 32
@@ -60,6 +60,14 @@ def read_metrics(run: Path) -> tuple[float, float | None]:
     return seconds, (steps[-1]["loss"] if steps else None)
 
 
+def used_teachers(run: Path, method: str) -> str:
+    """The teacher ids ``ktc train`` selected (its ``run.json``); ce uses none of them."""
+    if method == "ce":
+        return "none (labels)"
+    ids = json.loads((run / "run.json").read_text()).get("teachers", [])
+    return ", ".join(i.removeprefix("digits_") for i in ids)
+
+
 def run_student(out: Path, method: str, seed: int, settings: TrainSettings) -> StudentResult:
     """Train one student from ``out/store.zarr`` and evaluate it on ``out/data/val``."""
     run, logs = out / "runs" / f"{method}-s{seed}", out / "logs"
@@ -69,7 +77,7 @@ def run_student(out: Path, method: str, seed: int, settings: TrainSettings) -> S
                                 logs / f"eval-{method}-s{seed}.log")
     metrics = json.loads(stdout.strip().splitlines()[-1])
     loop_s, loss = read_metrics(run)
-    return StudentResult(method, seed, METHOD_TEACHERS[method], metrics["top1"], metrics["top5"], train_wall, loop_s,
+    return StudentResult(method, seed, used_teachers(run, method), metrics["top1"], metrics["top5"], train_wall, loop_s,
                          eval_wall, loss)
 
 
