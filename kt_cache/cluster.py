@@ -80,8 +80,10 @@ def run_unit_task(store: str, wave_key: str, wave: list[Any], unit: int, options
             old.model.release()
         _WORKER_WAVE.update(key=wave_key, teachers=load_wave(root, wave, torch.device(opts.device), state))
     run_wave(root, wave, opts, state, units={unit}, teachers=_WORKER_WAVE["teachers"])
+    weights = {wt.plan.id: wt.model.weights_sha256 for wt in _WORKER_WAVE["teachers"]
+               if getattr(wt.model, "weights_sha256", None)}
     return {"timings": {k: dataclasses.asdict(v) for k, v in state.timings.items()},
-            "failures": state.failures, "rows": state.rows}
+            "failures": state.failures, "rows": state.rows, "weights_sha256": weights}
 
 
 def run_on_cluster(plan: Any, root: Any, options: Any, state: Any, progress_factory: Any) -> None:
@@ -116,4 +118,5 @@ def merge_result(result: dict[str, Any], state: Any, timing_cls: Any) -> None:
         timing.forward_s += values["forward_s"]
         timing.images += values["images"]
     state.failures.update(result["failures"])
+    state.weights_sha256.update(result.get("weights_sha256", {}))
     state.rows += result["rows"]

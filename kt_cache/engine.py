@@ -43,6 +43,7 @@ class RunState:
     """What a run accumulates across waves: timings, failed images, processed rows, wall time."""
 
     timings: dict[str, TeacherTiming] = field(default_factory=dict)
+    weights_sha256: dict[str, str] = field(default_factory=dict)   # of the weights actually loaded (hub too)
     failures: dict[int, str] = field(default_factory=dict)
     rows: int = 0
     wall_s: float = 0.0
@@ -130,6 +131,8 @@ def make_wave_teacher(plan: Any, root: Any, device: torch.device, target_classes
     start = time.perf_counter()
     model = load_teacher(plan, device)
     state.timings.setdefault(plan.id, TeacherTiming()).load_s += time.perf_counter() - start
+    if getattr(model, "weights_sha256", None):
+        state.weights_sha256[plan.id] = model.weights_sha256
     meta = fmt.check_root_attrs(dict(root.attrs), "store")
     specs = fmt.teacher_array_specs(plan, meta["n_views"])
     cmap = label_map(tuple(target_classes), plan.class_names) if plan.num_classes else None

@@ -39,8 +39,10 @@ def feature_stats(group: Any, ok: np.ndarray, unit_rows: int) -> dict[str, Any] 
     return {"mean": mean.astype(np.float32).tolist(), "std": std.astype(np.float32).tolist(), "count": count}
 
 
-def update_teacher_attrs(group: Any, timing: Any, ok: np.ndarray, unit_rows: int) -> None:
+def update_teacher_attrs(group: Any, timing: Any, ok: np.ndarray, unit_rows: int, weights_sha256: str | None) -> None:
     attrs = dict(group.attrs.get(fmt.TEACHER_ATTR, {}))
+    if weights_sha256 and not attrs.get("weights_sha256"):    # hub weights: known only once loaded
+        attrs["weights_sha256"] = weights_sha256
     done = np.asarray(group["done"][:], dtype=bool)
     if timing is not None:
         before = attrs.get("timing") or {}
@@ -55,7 +57,8 @@ def update_teacher_attrs(group: Any, timing: Any, ok: np.ndarray, unit_rows: int
     group.attrs[fmt.TEACHER_ATTR] = attrs
 
 
-def finalize_store(path: Path, timings: dict[str, Any], failures: dict[int, str], ids: np.ndarray) -> None:
+def finalize_store(path: Path, timings: dict[str, Any], failures: dict[int, str], ids: np.ndarray,
+                   weights_sha256: dict[str, str] | None = None) -> None:
     """Record stats/timings of the teachers of this run, consolidate, and write the object manifest."""
     import zarr
 
@@ -63,7 +66,8 @@ def finalize_store(path: Path, timings: dict[str, Any], failures: dict[int, str]
     meta = fmt.check_root_attrs(dict(root.attrs), str(path))
     ok = np.asarray(root["samples/ok"][:], dtype=bool)
     for teacher_id, timing in timings.items():
-        update_teacher_attrs(root[f"teachers/{teacher_id}"], timing, ok, meta["unit_rows"])
+        update_teacher_attrs(root[f"teachers/{teacher_id}"], timing, ok, meta["unit_rows"],
+                             (weights_sha256 or {}).get(teacher_id))
     meta = dict(meta, failed_samples=[str(ids[row]) for row in sorted(failures)][:1000],
                 n_failed_samples=int(len(failures)))
     root.attrs[fmt.ROOT_ATTR] = meta

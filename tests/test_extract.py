@@ -192,3 +192,22 @@ def test_info_json_and_text(project):
 def test_info_on_a_missing_store_is_a_clear_error(tmp_path):
     result = run_cli("info", tmp_path / "nothing.zarr")
     assert result.exit_code == 1 and "nothing.zarr" in result.output and "Traceback" not in result.output
+
+
+def test_sha256_of_weights_known_only_after_loading_is_recorded(tmp_path, monkeypatch):
+    """Hub weights are hashed when loaded (the file is only known then); finalize records that hash."""
+    import kt_cache.teachers as teachers
+
+    real_load = teachers.load_teacher
+
+    def load_like_hub(plan, device):
+        teacher = real_load(plan, device)
+        teacher.weights_sha256 = "ab" * 32
+        return teacher
+
+    monkeypatch.setattr(teachers, "load_teacher", load_like_hub)
+    make_image_folder(tmp_path / "images", per_class=1)
+    manifest = write_manifest(tmp_path / "teachers.yaml", [cnn_teacher()])
+    extract(manifest)
+    attrs = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")["teachers/cnn32"].attrs["ktc_teacher"]
+    assert attrs["weights"] == "random" and attrs["weights_sha256"] == "ab" * 32

@@ -134,3 +134,16 @@ def test_server_range_parsing() -> None:
     assert LoggingHandler.ranged(data, "bytes=7-")[1] == data[7:]
     assert LoggingHandler.ranged(data, "bytes=-3")[1:] == (data[7:], {"Content-Range": "bytes 7-9/10"})
     assert LoggingHandler.ranged(data, "bytes=20-")[0] == 416
+
+
+def test_one_epoch_train_over_http_reads_only_the_selected_teacher(served, remote_source: Path, tmp_path: Path) -> None:
+    server, _, url = served
+    server.clear()
+    result = run("train", "--cache", url, "--data", remote_source.parent / "images", "--teachers", "cnn32",
+                 "--method", "kd", "--student", "resnet10t", "--img-size", "32", "--epochs", "1", "--batch-size", "4",
+                 "--workers", "0", "--no-progress", "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["n"] == 12
+    paths = server.paths()
+    assert any(p.startswith("/store.zarr/teachers/cnn32/") for p in paths)
+    assert not [p for p in paths if "/teachers/vit48/" in p], "training on cnn32 requests no object of vit48"
