@@ -159,7 +159,8 @@ def prepare_teacher(root: Any, plan: Any, overwrite: bool) -> str:
     weights_sha = weights_file_sha256(plan)
     if plan.id in teachers:
         stored = dict(teachers[plan.id].attrs.get(fmt.TEACHER_ATTR, {}))
-        same = stored.get("entry_sha256") == entry_sha and stored.get("weights_sha256") == weights_sha
+        # A local weights file is compared by content; hub weights are hashed only once loaded (finalize).
+        same = stored.get("entry_sha256") == entry_sha and weights_sha in (None, stored.get("weights_sha256"))
         if not overwrite and same and stored_arrays_match(teachers[plan.id], plan, meta):
             return "resumed"
         if not overwrite:

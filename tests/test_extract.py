@@ -211,3 +211,21 @@ def test_sha256_of_weights_known_only_after_loading_is_recorded(tmp_path, monkey
     extract(manifest)
     attrs = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")["teachers/cnn32"].attrs["ktc_teacher"]
     assert attrs["weights"] == "random" and attrs["weights_sha256"] == "ab" * 32
+    assert "resumed" in extract(manifest).output          # a recorded hub hash does not look like a change
+
+
+def test_changed_weights_file_at_the_same_path_is_refused(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    def save_weights(seed):
+        torch.manual_seed(seed)
+        save_file(timm.create_model("resnet10t", num_classes=3).state_dict(), tmp_path / "w.safetensors")
+
+    make_image_folder(tmp_path / "images", per_class=1)
+    save_weights(0)
+    manifest = write_manifest(tmp_path / "teachers.yaml", [cnn_teacher(checkpoint="w.safetensors")])
+    extract(manifest)
+    save_weights(1)
+    result = run_cli("extract", "--manifest", manifest, "--workers", "0", "--no-progress")
+    assert result.exit_code == 2 and "weights sha256" in result.output and "--overwrite cnn32" in result.output
