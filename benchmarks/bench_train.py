@@ -1,7 +1,7 @@
 """Training step time: `ktc train` from a store vs a plain CE step vs online multi-teacher KD, side by side.
 
 All loops train the same student (resnet18, 64 px, 1000 ImageNet classes, identical initial weights),
-on the same pre-loaded batches (16 images + their store rows/views, taken from the trainer's own
+on the same pre-loaded batches (32 images + their store rows/views, taken from the trainer's own
 block-shuffled loader), with the same optimizer (AdamW, lr 1e-3, wd 0.05, grad-clip 1):
 
 - **plain CE**: student forward, cross-entropy, backward, clip, AdamW; no teacher anywhere.
@@ -35,6 +35,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 TARGET_10, TARGET_100, TARGET_ONLINE = 1.2, 1.5, 5.0
+BATCH = 32
 
 
 def param_bytes(module: torch.nn.Module) -> int:
@@ -44,17 +45,26 @@ def param_bytes(module: torch.nn.Module) -> int:
 class CachedLoop:
     """One `ktc train` configuration: build_run + train_step, as kt_train.loop.train_epoch does."""
 
-    def __init__(self, store: Path, method: str, name: str, options: dict | None = None) -> None:
+    def __init__(self, store: Path, method: str, name: str, options: dict | None = None, fused: bool = False) -> None:
         from kt_train.distributed import Trainable
         from kt_train.loop import make_optimizer
         from kt_train.setup import build_run
 
-        config = common.train_config(store, method, common.WORK / "runs" / name, method_options=options or {})
+        config = common.train_config(store, method, common.WORK / "runs" / name, method_options=options or {},
+                                     batch_size=BATCH)
         with common.Stopwatch() as t:
             self.run = build_run(config)
         self.build_s = t.s
         self.model = Trainable(self.run.students, self.run.method).train()
         self.opt = make_optimizer(self.run, 1000)
+        if fused:      # the proposed fix: kt_train.loop.make_optimizer with AdamW(fused=True), nothing else changed
+            from timm.scheduler import CosineLRScheduler
+
+            params = [p for g in self.opt[0].param_groups for p in g["params"]]
+            optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
+            scheduler = CosineLRScheduler(optimizer, t_initial=1000, warmup_t=0, warmup_lr_init=config.lr * 0.01,
+                                          lr_min=config.lr * 0.01, t_in_epochs=False)
+            self.opt = (optimizer, scheduler, self.opt[2])
         self.step_n = 0
         self.head_bytes = param_bytes(self.run.method)
         self.table_bytes = sum(a.nbytes for t in self.run.cached.tables.values() for a in t.values())
@@ -69,10 +79,33 @@ class CachedLoop:
         self.step_n += 1
         scheduler.step_update(self.step_n)
 
+    def breakdown(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """One step cut into its parts (same work as train_step, timed piece by piece)."""
+        from kt_train.methods import StudentOutput
+
+        optimizer, marks = self.opt[0], [time.perf_counter()]
+        teachers = self.run.cached.for_batch(batch, self.run.device)
+        marks.append(time.perf_counter())
+        raw = self.run.students[0](batch["image"])
+        out = StudentOutput(raw.logits.float(), raw.features.float(), None if raw.featmap is None else raw.featmap.float())
+        marks.append(time.perf_counter())
+        parts = self.run.method(out, teachers)
+        marks.append(time.perf_counter())
+        optimizer.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        marks.append(time.perf_counter())
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
+        optimizer.step()
+        marks.append(time.perf_counter())
+        return dict(zip(PARTS, np.diff(marks)))
+
     def time_gather(self, batch: dict[str, torch.Tensor]) -> None:
         with common.Stopwatch() as t:
             self.run.cached.for_batch(batch, self.run.device)
         self.gather_s.append(t.s)
+
+
+PARTS = ("read: gather + TeacherBatch", "student forward", "method forward", "backward", "clip + AdamW")
 
 
 def make_student(seed: int = 0) -> Any:
@@ -90,10 +123,10 @@ def clip_and_step(params: list[torch.nn.Parameter], optimizer: Any) -> None:
 class PlainCE:
     """The baseline: the same student trained with cross-entropy only, no teacher anywhere."""
 
-    def __init__(self) -> None:
+    def __init__(self, fused: bool = False) -> None:
         self.student = make_student().train()
         self.params = list(self.student.parameters())
-        self.optimizer = torch.optim.AdamW(self.params, lr=1e-3, weight_decay=0.05)
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-3, weight_decay=0.05, **({"fused": True} if fused else {}))
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> None:
         logits = self.student(batch["image"]).logits
@@ -101,6 +134,29 @@ class PlainCE:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip_and_step(self.params, self.optimizer)
+
+    def breakdown(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        marks = [time.perf_counter()]
+        logits = self.student(batch["image"]).logits
+        marks.append(time.perf_counter())
+        loss = F.cross_entropy(logits.float(), batch["label"])
+        marks.append(time.perf_counter())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        marks.append(time.perf_counter())
+        clip_and_step(self.params, self.optimizer)
+        marks.append(time.perf_counter())
+        return dict(zip(PARTS, [0.0, *np.diff(marks)]))
+
+
+def gflops_per_image(model: torch.nn.Module, size: int, forward: Callable | None = None) -> float:
+    """Forward GFLOPs of one ``size`` px image (torch.utils.flop_counter; matmuls and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, 3, size, size)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        (forward or model)(x)
+    return counter.get_total_flops() / 1e9
 
 
 class OnlineKD:
@@ -174,8 +230,11 @@ def main() -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=4, help="timed rounds (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    parser.add_argument("--no-linear", action="store_true", help="skip the uniform head=linear variant at 100")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: stable on a shared, oversubscribed CPU; see docs)")
+    parser.add_argument("--no-fused", action="store_true", help="skip the fused-AdamW variants")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     load_before = common.load_average()
     store10, store100 = common.train_store(10), common.train_store(100)
@@ -188,12 +247,15 @@ def main() -> dict[str, Any]:
         "ktc kd, 100 cached": CachedLoop(store100, "kd", "kd100"),
         "ktc uniform, 100 cached": CachedLoop(store100, "uniform", "uniform100"),
     }
-    if not args.no_linear:
-        cached["ktc uniform head=linear, 100 cached"] = CachedLoop(store100, "uniform", "uniform100lin",
-                                                                   {"head": "linear"})
     loops.update(cached)
     online = OnlineKD(store10, cached["ktc kd, 10 cached"])
     loops["online KD, 10 teachers in memory"] = online
+    if not args.no_fused:
+        loops["plain CE, fused AdamW"] = PlainCE(fused=True)
+        cached["ktc uniform, 100 cached, fused AdamW"] = CachedLoop(store100, "uniform", "uniform100f", fused=True)
+        cached["ktc uniform, 10 cached, fused AdamW"] = CachedLoop(store10, "uniform", "uniform10f", fused=True)
+        loops["ktc uniform, 100 cached, fused AdamW"] = cached["ktc uniform, 100 cached, fused AdamW"]
+        loops["ktc uniform, 10 cached, fused AdamW"] = cached["ktc uniform, 10 cached, fused AdamW"]
     batches = collect_batches(cached["ktc kd, 10 cached"].run, 3)
 
     times: dict[str, list[float]] = {name: [] for name in loops}
@@ -207,17 +269,35 @@ def main() -> dict[str, Any]:
                 times[name].append(elapsed)
         for loop in cached.values():
             loop.time_gather(batch)
-        print(f"round {r + 1}/{args.warmup + args.steps}: " +
-              ", ".join(f"{n.split(',')[0]}{'@' + n.split(', ')[1].split()[0] if ', ' in n else ''} {times[n][-1]:.2f}s"
-                        for n in loops if times[n]), flush=True)
+        if r >= args.warmup:
+            print(f"round {r + 1}/{args.warmup + args.steps}: " + ", ".join(f"{times[n][-1]:.2f}" for n in loops) +
+                  " s", flush=True)
+        else:
+            print(f"warm-up round {r + 1} done", flush=True)
+
+    print("breakdown steps ...", flush=True)
+    parts_of: dict[str, dict[str, float]] = {}
+    for name in ("plain CE (no teachers)", "ktc kd, 10 cached", "ktc uniform, 10 cached", "ktc kd, 100 cached",
+                 "ktc uniform, 100 cached"):
+        runs = [loops[name].breakdown(batches[i % len(batches)]) for i in range(2)]
+        parts_of[name] = {k: common.median([r[k] for r in runs]) for k in PARTS}
+    common.print_table("step parts (median of 2, seconds)", [
+        (n, *[f"{p[k]:.3f}" for k in PARTS]) for n, p in parts_of.items()], ("loop", *PARTS))
+    flops = {"student resnet18": gflops_per_image(loops["plain CE (no teachers)"].student.model, common.TRAIN_SIZE)}
+    for tid, tt in zip(online.ids, online.teachers):
+        flops[tid] = gflops_per_image(tt.model, common.TRAIN_SIZE)
+    teacher_sum = sum(v for k, v in flops.items() if not k.startswith("student"))
+    print(f"forward GFLOPs per {common.TRAIN_SIZE}px image: student {flops['student resnet18']:.3f}, "
+          f"10 teachers together {teacher_sum:.3f} ({teacher_sum / flops['student resnet18']:.1f}x the student)")
 
     med = {name: common.median(v) for name, v in times.items()}
     ce = med["plain CE (no teachers)"]
     rows, results = [], {}
     for name, value in med.items():
         loop = loops[name]
-        entry = {"step_s": value, "steps_s": times[name], "vs_plain_ce": value / ce,
-                 "samples_per_s": 16 / value}
+        base = med["plain CE, fused AdamW"] if "fused" in name else ce       # fused variants vs fused CE
+        entry = {"step_s": value, "steps_s": times[name], "vs_plain_ce": value / base,
+                 "samples_per_s": BATCH / value}
         if isinstance(loop, CachedLoop):
             entry.update(head_param_bytes=loop.head_bytes, table_bytes=loop.table_bytes, n_teachers=loop.n_teachers,
                          gather_s=common.median(loop.gather_s), build_run_s=loop.build_s)
@@ -225,10 +305,10 @@ def main() -> dict[str, Any]:
             entry.update(teacher_forward_s=common.median(online.teacher_s[args.warmup:]),
                          teacher_param_bytes=online.teacher_param_bytes, teacher_load_s=online.load_s)
         results[name] = entry
-        rows.append((name, f"{value:.3f}", f"{16 / value:.1f}", f"{value / ce:.2f}x",
+        rows.append((name, f"{value:.3f}", f"{BATCH / value:.1f}", f"{value / base:.2f}x",
                      f"{entry.get('gather_s', float('nan')) * 1000:.1f}",
                      f"{entry.get('head_param_bytes', 0) / 2**20:.1f}"))
-    common.print_table("step time (median, batch 16, resnet18 @ 64 px, CPU)", rows,
+    common.print_table(f"step time (median, batch {BATCH}, resnet18 @ 64 px, CPU)", rows,
                        ("loop", "step s", "samples/s", "vs plain CE", "gather+TeacherBatch ms", "head params MiB"))
 
     online_vs = med["online KD, 10 teachers in memory"] / med["ktc kd, 10 cached"]
@@ -239,19 +319,21 @@ def main() -> dict[str, Any]:
         ("ktc train (uniform) at 100 cached teachers vs plain CE", med["ktc uniform, 100 cached"] / ce, TARGET_100, "<="),
         ("online KD (10 teachers in memory) vs ktc cached kd, 10 teachers", online_vs, TARGET_ONLINE, ">="),
     ]
-    if "ktc uniform head=linear, 100 cached" in med:
-        targets.append(("ktc train (uniform, head=linear) at 100 cached vs plain CE",
-                        med["ktc uniform head=linear, 100 cached"] / ce, TARGET_100, "<="))
     checks = []
     print("\n== targets")
     for what, value, target, op in targets:
         ok = value <= target if op == "<=" else value >= target
         checks.append({"what": what, "value": value, "target": f"{op} {target}x", "pass": ok})
         print(f"  {common.verdict(ok)}  {what}: {value:.2f}x (target {op} {target}x)")
+    if "plain CE, fused AdamW" in med:
+        print("  (supplementary, the proposed fix: both loops with AdamW(fused=True))")
+        for n, target in (("ktc uniform, 10 cached, fused AdamW", TARGET_10), ("ktc uniform, 100 cached, fused AdamW", TARGET_100)):
+            value = med[n] / med["plain CE, fused AdamW"]
+            print(f"  {common.verdict(value <= target)}  {n} vs plain CE, fused AdamW: {value:.2f}x (target <= {target}x)")
     print(f"\nonline KD: teachers' forward {results['online KD, 10 teachers in memory']['teacher_forward_s']:.2f} s of "
           f"{med['online KD, 10 teachers in memory']:.2f} s per step; load average before {load_before}, "
           f"after {common.load_average()}")
-    data = {"results": results, "targets": checks, "batch_size": 16, "student": "resnet18", "img_size": common.TRAIN_SIZE,
+    data = {"results": results, "targets": checks, "parts": parts_of, "gflops": flops, "batch_size": BATCH, "threads": args.threads, "student": "resnet18", "img_size": common.TRAIN_SIZE,
             "teachers": [m for m, _ in common.TRAIN_TEACHERS], "steps": args.steps, "warmup": args.warmup,
             "load_before": load_before, "load_after": common.load_average()}
     common.save_result("train", data)
