@@ -44,3 +44,20 @@ def teacher_offline_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iter
     torch.hub.set_dir(str(tmp_path / "torch_hub"))
     yield
     torch.hub.set_dir(old_hub_dir)
+
+
+@pytest.fixture(scope="session")
+def two_teacher_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finalized store shared read-only by several test files (copy it before changing it): 12 images of
+    3 classes, 3 views, units of 4 rows; cnn32 (top-k logits, featmap) and vit48 (full logits)."""
+    from click.testing import CliRunner
+
+    from extract_helpers import cnn_teacher, make_image_folder, vit_teacher, write_manifest
+    from kt_cache.cli import cli
+
+    base = tmp_path_factory.mktemp("two_teachers")
+    make_image_folder(base / "images", per_class=4)
+    manifest = write_manifest(base / "teachers.yaml", [cnn_teacher(), vit_teacher()])
+    result = CliRunner().invoke(cli, ["extract", "--manifest", str(manifest), "--workers", "0", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    return base / "out.zarr"

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +60,7 @@ def photo_folders(root: Path) -> None:
     rng = np.random.default_rng(0)
     for name, photo in (("Egyptian cat", data.chelsea()), ("coffee mug", data.coffee())):
         image = Image.fromarray(photo)
-        for split, count in (("train", 8), ("val", 4)):
+        for split, count in (("train", 6), ("val", 3)):
             (root / split / name).mkdir(parents=True, exist_ok=True)
             for i in range(count):
                 w, h = image.size

@@ -12,20 +12,14 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from extract_helpers import cnn_teacher, make_image_folder, vit_teacher, write_manifest
 from kt_cache.cli import cli
 from kt_cache.errors import StoreError
 from kt_cache.store import StoreReader
 
 
 @pytest.fixture(scope="session")
-def hostile_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    base = tmp_path_factory.mktemp("hostile")
-    make_image_folder(base / "images", per_class=4)
-    manifest = write_manifest(base / "teachers.yaml", [cnn_teacher(), vit_teacher()])
-    result = CliRunner().invoke(cli, ["extract", "--manifest", str(manifest), "--workers", "0", "--no-progress"])
-    assert result.exit_code == 0, result.output
-    return base / "out.zarr"
+def hostile_source(two_teacher_store: Path) -> Path:
+    return two_teacher_store
 
 
 @pytest.fixture()

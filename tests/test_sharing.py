@@ -12,19 +12,13 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from extract_helpers import cnn_teacher, make_image_folder, vit_teacher, write_manifest
 from kt_cache.cli import cli
 from kt_cache.store import StoreReader
 
 
 @pytest.fixture(scope="session")
-def share_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    base = tmp_path_factory.mktemp("share")
-    make_image_folder(base / "images", per_class=4)
-    manifest = write_manifest(base / "teachers.yaml", [cnn_teacher(), vit_teacher()])
-    result = CliRunner().invoke(cli, ["extract", "--manifest", str(manifest), "--workers", "0", "--no-progress"])
-    assert result.exit_code == 0, result.output
-    return base / "out.zarr"
+def share_source(two_teacher_store: Path) -> Path:
+    return two_teacher_store
 
 
 def run(*args: str):

@@ -13,7 +13,6 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from extract_helpers import cnn_teacher, make_image_folder, vit_teacher, write_manifest
 from kt_cache.cli import cli
 from kt_cache.finalize import write_object_manifest
 from kt_cache.verify import verify_store
@@ -22,14 +21,8 @@ TEMP = "0123456789abcdef0123456789abcdef"
 
 
 @pytest.fixture(scope="session")
-def verify_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finalized store: cnn32 (top-k logits, sharded features/featmap) and vit48 (full logits), 12 rows, 3 units."""
-    base = tmp_path_factory.mktemp("verify")
-    make_image_folder(base / "images", per_class=4)
-    manifest = write_manifest(base / "teachers.yaml", [cnn_teacher(), vit_teacher()])
-    result = CliRunner().invoke(cli, ["extract", "--manifest", str(manifest), "--workers", "0", "--no-progress"])
-    assert result.exit_code == 0, result.output
-    return base / "out.zarr"
+def verify_source(two_teacher_store: Path) -> Path:
+    return two_teacher_store
 
 
 @pytest.fixture()
