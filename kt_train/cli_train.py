@@ -6,14 +6,10 @@ import json
 
 import click
 
-FLAGS = ("cache", "data", "student", "students", "student_checkpoint", "sentinel", "method", "teachers", "labels",
-         "epochs", "max_steps", "batch_size", "lr", "weight_decay", "warmup_epochs", "grad_clip", "img_size",
-         "workers", "device", "seed", "out", "resume", "log_every", "window_blocks", "ram_budget_gb")
-
-
 @click.command()
 @click.option("--cache", help="Store written by `ktc extract` (path or fsspec URL).")
 @click.option("--data", help="Image root (default: the dataset root recorded in the store).")
+@click.option("--val", help="Labelled folder (class sub-folders) for the final evaluation (default: the training images).")
 @click.option("--student", help="timm model name of the student (default resnet18).")
 @click.option("--students", help="bikd: several live students, comma-separated timm names.")
 @click.option("--student-checkpoint", help="Initial student weights (.safetensors or .pth).")

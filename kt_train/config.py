@@ -20,6 +20,7 @@ class TrainConfig:
 
     cache: str = ""                         # store path or fsspec URL
     data: str | None = None                 # image root; default: the root recorded in the store
+    val: str | None = None                  # labelled folder for the final evaluation; default: the training images
     student: str = "resnet18"               # timm model name
     students: list[str] = field(default_factory=list)   # bikd: several live students trained jointly
     student_checkpoint: str | None = None   # initial student weights (.safetensors / .pth)

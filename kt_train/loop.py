@@ -113,7 +113,7 @@ def finish(run: Run, out: Path) -> dict[str, Any]:
     from kt_train.evaluate import evaluate
 
     write_plots(out)
-    data = run.info["data_root"] if run.use_labels else None
+    data = run.config.val or (run.info["data_root"] if run.use_labels else None)
     metrics = evaluate(out, data=data, cache=run.config.cache, batch_size=run.config.batch_size,
                        device=str(run.device), workers=0)
     (out / "eval.json").write_text(json.dumps(metrics, indent=1))

@@ -7,6 +7,7 @@ in ``console`` blocks (docs/scale.md) and are not run here.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -78,3 +79,4 @@ def test_quickstart(tmp_path):
     assert "lite0" in outputs[1] and "complete" in outputs[2]
     assert "top-1" in outputs[-2] and '"top1"' in outputs[-1]
     assert (tmp_path / "runs" / "kd" / "confusion.png").is_file()
+    assert json.loads((tmp_path / "runs" / "kd" / "eval.json").read_text())["n"] == 6       # --val data/val

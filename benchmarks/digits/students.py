@@ -7,7 +7,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from digits.data import Split, load_split
 from digits.ktc import run_ktc
+from digits.probe import linear_probe
 
 STUDENT = "resnet10t"
 METHODS = ("ce", "kd", "avg", "uniform", "kpu", "bikd", "fg")
@@ -39,6 +41,7 @@ class StudentResult:
     teachers: str
     top1: float
     top5: float
+    probe_top1: float         # linear probe on the frozen student features (digits.probe)
     train_wall_s: float       # the whole `ktc train` process (start-up, data, loop, final evaluation)
     loop_s: float             # the epochs only (sum of metrics.jsonl epoch seconds)
     eval_wall_s: float
@@ -68,8 +71,8 @@ def used_teachers(run: Path, method: str) -> str:
     return ", ".join(i.removeprefix("digits_") for i in ids)
 
 
-def run_student(out: Path, method: str, seed: int, settings: TrainSettings) -> StudentResult:
-    """Train one student from ``out/store.zarr`` and evaluate it on ``out/data/val``."""
+def run_student(out: Path, method: str, seed: int, settings: TrainSettings, splits: tuple[Split, Split]) -> StudentResult:
+    """Train one student from ``out/store.zarr``; evaluate it on ``out/data/val`` (``ktc eval`` + linear probe)."""
     run, logs = out / "runs" / f"{method}-s{seed}", out / "logs"
     _, train_wall = run_ktc(train_args(out / "store.zarr", out / "data" / "train", method, seed, settings, run),
                             logs / f"train-{method}-s{seed}.log")
@@ -77,18 +80,20 @@ def run_student(out: Path, method: str, seed: int, settings: TrainSettings) -> S
                                 logs / f"eval-{method}-s{seed}.log")
     metrics = json.loads(stdout.strip().splitlines()[-1])
     loop_s, loss = read_metrics(run)
-    return StudentResult(method, seed, used_teachers(run, method), metrics["top1"], metrics["top5"], train_wall, loop_s,
+    return StudentResult(method, seed, used_teachers(run, method), metrics["top1"], metrics["top5"],
+                         linear_probe(run, *splits, seed=seed), train_wall, loop_s,
                          eval_wall, loss)
 
 
 def run_all(out: Path, methods: tuple[str, ...], seeds: tuple[int, ...], settings: TrainSettings) -> list[dict[str, Any]]:
     """Every (method, seed); appends each result to ``out/students.jsonl`` as it finishes."""
-    results = []
+    results, splits = [], (load_split(out / "data" / "train"), load_split(out / "data" / "val"))
     with (out / "students.jsonl").open("w") as sink:
         for seed in seeds:
             for method in methods:
-                result = asdict(run_student(out, method, seed, settings))
+                result = asdict(run_student(out, method, seed, settings, splits))
                 print(f"  {method:<8} seed {seed}: top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  "
+                      f"probe {result['probe_top1']:.4f}  "
                       f"train {result['train_wall_s']:.0f} s", flush=True)
                 sink.write(json.dumps(result) + "\n")
                 sink.flush()

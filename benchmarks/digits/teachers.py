@@ -88,13 +88,13 @@ def random_views(images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor
     return torch.stack(crops)
 
 
-def center_views(images: torch.Tensor) -> torch.Tensor:
-    """View 0 of each image (the centre crop ``ktc eval`` and the store's view 0 use)."""
+def center_views(images: torch.Tensor, size: int = IMAGE_SIZE, interpolation: str = "bilinear") -> torch.Tensor:
+    """View 0 of each image (the centre crop ``ktc eval`` and the store's view 0 use), resized to ``size``."""
     from kt_cache.manifest_types import ViewsSpec
     from kt_cache.views import sample_views, view_pixels
 
     box = sample_views(ViewsSpec(count=1, center_crop=CENTER_CROP), 0, tuple(images.shape[-2:]))[0]
-    return torch.stack([view_pixels(img, box[:4], False, (IMAGE_SIZE, IMAGE_SIZE), "bilinear") for img in images])
+    return torch.stack([view_pixels(img, box[:4], False, (size, size), interpolation) for img in images])
 
 
 def teacher_subset(spec: ZooTeacher, split: Split, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
