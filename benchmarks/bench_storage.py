@@ -157,6 +157,24 @@ def load_and_gather(store: Path, label: str, needs: Any = None, budget: int = 4 
     return result
 
 
+def metadata_sizes(store: Path) -> dict[str, Any]:
+    """Size of the root document (consolidated metadata: every array's metadata and every teacher's attrs),
+    what a teacher's attrs spend it on, and the time to open the store with StoreReader."""
+    import json
+
+    from kt_cache.store import StoreReader
+
+    groups = sorted(p for p in (store / "teachers").iterdir() if p.is_dir())
+    attrs = json.loads((groups[0] / "zarr.json").read_text())["attributes"]["ktc_teacher"]
+    start = time.perf_counter()
+    StoreReader(str(store)).teacher_ids()
+    return {"teachers": len(groups), "root_json_bytes": (store / "zarr.json").stat().st_size,
+            "open_s": time.perf_counter() - start, "teacher_json_bytes": (groups[0] / "zarr.json").stat().st_size,
+            "feature_stats_json": len(json.dumps(attrs.get("feature_stats"))),
+            "class_names_json": len(json.dumps(attrs.get("class_names"))), "feature_dim": attrs.get("feature_dim"),
+            "model": attrs.get("model")}
+
+
 def naive_random_rows(store: Path, count: int = 256) -> dict[str, float]:
     """Featmap rows read one (row, view) at a time through zarr, in random order (what a map-style Dataset does)."""
     from kt_cache.store import StoreReader
@@ -211,6 +229,12 @@ def main() -> dict[str, Any]:
     for n_teachers in (10, 100):
         reads.append(load_and_gather(common.train_store(n_teachers), f"train benchmark, {n_teachers} teachers",
                                      needs=("features", "logits")))
+    meta = [metadata_sizes(common.train_store(n)) for n in (10, 100)]
+    for m in meta:
+        print(f"root zarr.json (consolidated metadata) of the {m['teachers']}-teacher store: "
+              f"{m['root_json_bytes'] / 1e6:.1f} MB, opened in {m['open_s']:.2f} s; one teacher's attrs "
+              f"({m['model']}, D={m['feature_dim']}): feature_stats {m['feature_stats_json'] / 1e3:.0f} kB, "
+              f"class_names {m['class_names_json'] / 1e3:.0f} kB of JSON")
     big = read_store()
     reads.append(load_and_gather(big, "2048 images, features + top-20 (RAM)", needs=("features", "logits")))
     reads.append(load_and_gather(big, "2048 images, featmaps in RAM", needs=("featmaps",)))
@@ -229,7 +253,7 @@ def main() -> dict[str, Any]:
           f"(each block once per epoch would be {3 * block['blocks_per_epoch']}); "
           f"BlockCache vs naive random rows: {block['gather_rows_per_s'] / naive['rows_per_s']:.0f}x")
     print(f"load average before {load_before}, after {common.load_average()}")
-    data = {"views": args.views, "sample_views": n_sv, "bytes": table, "reads": reads, "naive_random_rows": naive,
+    data = {"views": args.views, "sample_views": n_sv, "bytes": table, "reads": reads, "naive_random_rows": naive, "metadata": meta,
             "targets": targets, "load_before": load_before, "load_after": common.load_average()}
     common.save_result("storage", data)
     return data

@@ -13,10 +13,11 @@ block-shuffled loader), with the same optimizer (AdamW, lr 1e-3, wd 0.05, grad-c
 - **online KD**: the same 10 teachers (`kt_cache.teachers.load_teacher`: same seeded weights as the
   store) held in memory and run on every batch (`no_grad`), then the same `kd` loss.
 
-The configurations are interleaved step by step (round robin) so that load from other processes hits
-them alike; the first `--warmup` rounds are not timed; the reported value is the median.
+The configurations are interleaved step by step (round robin, the order rotated every round) so that load
+from other processes hits them alike; the first `--warmup` rounds are not timed. Step times are medians;
+ratios are paired: the median over rounds of (this loop's step / the baseline's step in the same round).
 
-Usage: python benchmarks/bench_train.py [--steps 4] [--warmup 1]
+Usage: python benchmarks/bench_train.py [--steps 8] [--warmup 1] [--threads 1] [--no-fused]
 """
 
 from __future__ import annotations
@@ -212,6 +213,64 @@ class OnlineKD:
         clip_and_step(self.params, self.optimizer)
 
 
+def optimizer_probe(loop: CachedLoop) -> dict[str, float]:
+    """One AdamW step over the student + heads of ``loop`` (random gradients): default vs foreach vs fused."""
+    params = [p for g in loop.opt[0].param_groups for p in g["params"]]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    seconds = {"tensors": len(params), "parameters": sum(p.numel() for p in params)}
+    for name, kw in (("default", {}), ("foreach", {"foreach": True}), ("fused", {"fused": True})):
+        optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05, **kw)
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            optimizer.step()
+            times.append(time.perf_counter() - start)
+        seconds[name] = common.median(times[1:])
+        del optimizer
+    for p in params:
+        p.grad = None
+    return seconds
+
+
+def small_op_probe() -> dict[str, float]:
+    """The cost of oversubscription: a student forward and a logit scatter with 1 vs 2 intra-op threads."""
+    from kt_train.methods.base import scatter_full_logits
+
+    student = make_student().eval()
+    x = torch.randn(32, 3, common.TRAIN_SIZE, common.TRAIN_SIZE)
+    z, label_map = torch.randn(16, 1000, dtype=torch.float64), torch.arange(1000)
+    before, out = torch.get_num_threads(), {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            student(x)
+            fwd = []
+            for _ in range(3):
+                start = time.perf_counter()
+                student(x)
+                fwd.append(time.perf_counter() - start)
+        scatter = []
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(20):
+                scatter_full_logits(z, label_map, 1000)
+            scatter.append((time.perf_counter() - start) / 20)
+        out[f"student_forward_s_{threads}t"] = common.median(fwd)
+        out[f"scatter_full_logits_ms_{threads}t"] = 1000 * common.median(scatter)
+    torch.set_num_threads(before)
+    keep = label_map >= 0
+    copy = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(20):
+            o = z.new_full((16, 1000), float("-inf"), dtype=torch.float32)
+            o.index_copy_(1, label_map[keep], z[:, keep].float())
+        copy.append((time.perf_counter() - start) / 20)
+    out["index_copy_ms_1t"] = 1000 * common.median(copy)
+    return out
+
+
 def collect_batches(run: Any, n: int) -> list[dict[str, torch.Tensor]]:
     """``n`` batches from the trainer's own loader (block-shuffled rows, random stored views)."""
     batches: list[dict[str, torch.Tensor]] = []
@@ -228,7 +287,7 @@ def collect_batches(run: Any, n: int) -> list[dict[str, torch.Tensor]]:
 
 def main() -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=4, help="timed rounds (median reported)")
+    parser.add_argument("--steps", type=int, default=8, help="timed rounds (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: stable on a shared, oversubscribed CPU; see docs)")
@@ -259,9 +318,12 @@ def main() -> dict[str, Any]:
     batches = collect_batches(cached["ktc kd, 10 cached"].run, 3)
 
     times: dict[str, list[float]] = {name: [] for name in loops}
+    names = list(loops)
     for r in range(args.warmup + args.steps):
         batch = batches[r % len(batches)]
-        for name, loop in loops.items():
+        order = names[r % len(names):] + names[:r % len(names)]        # rotate: no loop always follows another
+        for name in order:
+            loop = loops[name]
             start = time.perf_counter()
             loop(batch)
             elapsed = time.perf_counter() - start
@@ -279,9 +341,9 @@ def main() -> dict[str, Any]:
     parts_of: dict[str, dict[str, float]] = {}
     for name in ("plain CE (no teachers)", "ktc kd, 10 cached", "ktc uniform, 10 cached", "ktc kd, 100 cached",
                  "ktc uniform, 100 cached"):
-        runs = [loops[name].breakdown(batches[i % len(batches)]) for i in range(2)]
+        runs = [loops[name].breakdown(batches[i % len(batches)]) for i in range(3)]
         parts_of[name] = {k: common.median([r[k] for r in runs]) for k in PARTS}
-    common.print_table("step parts (median of 2, seconds)", [
+    common.print_table("step parts (median of 3, seconds)", [
         (n, *[f"{p[k]:.3f}" for k in PARTS]) for n, p in parts_of.items()], ("loop", *PARTS))
     flops = {"student resnet18": gflops_per_image(loops["plain CE (no teachers)"].student.model, common.TRAIN_SIZE)}
     for tid, tt in zip(online.ids, online.teachers):
@@ -290,13 +352,29 @@ def main() -> dict[str, Any]:
     print(f"forward GFLOPs per {common.TRAIN_SIZE}px image: student {flops['student resnet18']:.3f}, "
           f"10 teachers together {teacher_sum:.3f} ({teacher_sum / flops['student resnet18']:.1f}x the student)")
 
+    print("probes ...", flush=True)
+    adam = optimizer_probe(cached["ktc uniform, 100 cached"])
+    print(f"AdamW step over student + uniform heads of 100 teachers ({adam['tensors']} tensors, "
+          f"{adam['parameters'] / 1e6:.0f} M parameters): default {adam['default']:.3f} s, foreach {adam['foreach']:.3f} s, "
+          f"fused {adam['fused']:.3f} s")
+    probe = small_op_probe()
+    print("threads: student forward (batch 32) {:.3f} s with 1 thread, {:.3f} s with 2; scatter_full_logits [16, 1000] "
+          "{:.3f} ms vs {:.3f} ms (index_copy_ instead: {:.3f} ms, 1 thread)".format(
+              probe["student_forward_s_1t"], probe["student_forward_s_2t"], probe["scatter_full_logits_ms_1t"],
+              probe["scatter_full_logits_ms_2t"], probe["index_copy_ms_1t"]))
+
     med = {name: common.median(v) for name, v in times.items()}
-    ce = med["plain CE (no teachers)"]
+
+    def paired(name: str, base: str) -> float:
+        """Median over rounds of (this loop's step / the base loop's step in the same round)."""
+        return common.median([a / b for a, b in zip(times[name], times[base])])
+
     rows, results = [], {}
     for name, value in med.items():
         loop = loops[name]
-        base = med["plain CE, fused AdamW"] if "fused" in name else ce       # fused variants vs fused CE
-        entry = {"step_s": value, "steps_s": times[name], "vs_plain_ce": value / base,
+        base = "plain CE, fused AdamW" if "fused" in name else "plain CE (no teachers)"   # fused vs fused CE
+        ratio = paired(name, base)
+        entry = {"step_s": value, "steps_s": times[name], "vs_plain_ce": ratio,
                  "samples_per_s": BATCH / value}
         if isinstance(loop, CachedLoop):
             entry.update(head_param_bytes=loop.head_bytes, table_bytes=loop.table_bytes, n_teachers=loop.n_teachers,
@@ -305,18 +383,21 @@ def main() -> dict[str, Any]:
             entry.update(teacher_forward_s=common.median(online.teacher_s[args.warmup:]),
                          teacher_param_bytes=online.teacher_param_bytes, teacher_load_s=online.load_s)
         results[name] = entry
-        rows.append((name, f"{value:.3f}", f"{BATCH / value:.1f}", f"{value / base:.2f}x",
+        rows.append((name, f"{value:.3f}", f"{BATCH / value:.1f}", f"{ratio:.2f}x",
                      f"{entry.get('gather_s', float('nan')) * 1000:.1f}",
                      f"{entry.get('head_param_bytes', 0) / 2**20:.1f}"))
     common.print_table(f"step time (median, batch {BATCH}, resnet18 @ 64 px, CPU)", rows,
                        ("loop", "step s", "samples/s", "vs plain CE", "gather+TeacherBatch ms", "head params MiB"))
 
-    online_vs = med["online KD, 10 teachers in memory"] / med["ktc kd, 10 cached"]
+    online_vs = paired("online KD, 10 teachers in memory", "ktc kd, 10 cached")
+    results["online KD, 10 teachers in memory"]["vs_cached_kd10"] = online_vs
     targets = [
-        ("ktc train (kd) at 10 cached teachers vs plain CE", med["ktc kd, 10 cached"] / ce, TARGET_10, "<="),
-        ("ktc train (uniform) at 10 cached teachers vs plain CE", med["ktc uniform, 10 cached"] / ce, TARGET_10, "<="),
-        ("ktc train (kd) at 100 cached teachers vs plain CE", med["ktc kd, 100 cached"] / ce, TARGET_100, "<="),
-        ("ktc train (uniform) at 100 cached teachers vs plain CE", med["ktc uniform, 100 cached"] / ce, TARGET_100, "<="),
+        ("ktc train (kd) at 10 cached teachers vs plain CE", results["ktc kd, 10 cached"]["vs_plain_ce"], TARGET_10, "<="),
+        ("ktc train (uniform) at 10 cached teachers vs plain CE", results["ktc uniform, 10 cached"]["vs_plain_ce"],
+         TARGET_10, "<="),
+        ("ktc train (kd) at 100 cached teachers vs plain CE", results["ktc kd, 100 cached"]["vs_plain_ce"], TARGET_100, "<="),
+        ("ktc train (uniform) at 100 cached teachers vs plain CE", results["ktc uniform, 100 cached"]["vs_plain_ce"],
+         TARGET_100, "<="),
         ("online KD (10 teachers in memory) vs ktc cached kd, 10 teachers", online_vs, TARGET_ONLINE, ">="),
     ]
     checks = []
@@ -328,12 +409,13 @@ def main() -> dict[str, Any]:
     if "plain CE, fused AdamW" in med:
         print("  (supplementary, the proposed fix: both loops with AdamW(fused=True))")
         for n, target in (("ktc uniform, 10 cached, fused AdamW", TARGET_10), ("ktc uniform, 100 cached, fused AdamW", TARGET_100)):
-            value = med[n] / med["plain CE, fused AdamW"]
+            value = results[n]["vs_plain_ce"]
             print(f"  {common.verdict(value <= target)}  {n} vs plain CE, fused AdamW: {value:.2f}x (target <= {target}x)")
     print(f"\nonline KD: teachers' forward {results['online KD, 10 teachers in memory']['teacher_forward_s']:.2f} s of "
           f"{med['online KD, 10 teachers in memory']:.2f} s per step; load average before {load_before}, "
           f"after {common.load_average()}")
-    data = {"results": results, "targets": checks, "parts": parts_of, "gflops": flops, "batch_size": BATCH, "threads": args.threads, "student": "resnet18", "img_size": common.TRAIN_SIZE,
+    data = {"results": results, "targets": checks, "parts": parts_of, "gflops": flops, "adamw_probe": adam,
+            "small_op_probe": probe, "batch_size": BATCH, "threads": args.threads, "student": "resnet18", "img_size": common.TRAIN_SIZE,
             "teachers": [m for m, _ in common.TRAIN_TEACHERS], "steps": args.steps, "warmup": args.warmup,
             "load_before": load_before, "load_after": common.load_average()}
     common.save_result("train", data)

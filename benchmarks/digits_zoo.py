@@ -8,9 +8,10 @@ Steps (each one is also a helper module under ``benchmarks/digits/``):
    as safetensors: ``digits_lo`` (classes 0-4), ``digits_hi`` (5-9), ``digits_all`` (0-9, deliberately weak:
    1/5 of the images) and ``digits_parity`` (descriptive: trained on even/odd, features only).
 3. ``extract``: write ``OUT/manifest.yaml`` (a lab's own checkpoints, 4 views, 256-row units) and run
-   ``ktc extract`` into ``OUT/store.zarr``.
+   ``ktc extract`` into ``OUT/store.zarr``; ``targets`` then scores the soft targets that KD, UNIFORM/AVG
+   and Bi-KD/FG build from the stored logits.
 4. ``students``: ``ktc train`` a ``resnet10t`` student with ce, kd, avg, uniform, kpu, bikd and fg for each
-   seed, then ``ktc eval --data OUT/data/val --json``.
+   seed, then ``ktc eval --data OUT/data/val --json`` and a linear probe on its frozen features (``probe``).
 5. ``report``: print the table; write ``OUT/results.md`` and ``OUT/digits_methods.png``; with ``--doc``, also
    refresh the generated block of that Markdown page and its chart (``<doc folder>/img/digits_methods.png``).
 
@@ -21,7 +22,8 @@ Usage::
     python benchmarks/digits_zoo.py --out /tmp/digits --doc docs/results-digits.md
 
 Reruns reuse the rendered images and the trained teachers when their recipe is unchanged; the store and the
-student runs are always made afresh. Logs of every ``ktc`` call are in ``OUT/logs/``.
+student runs are always made afresh. Logs of every ``ktc`` call are in ``OUT/logs/``. ``--report-only`` rebuilds
+the table, chart and page of a finished run (``OUT/summary.json`` + ``OUT/students.jsonl``) without training.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import platform
 import shutil
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -41,6 +44,7 @@ from digits import report  # noqa: E402
 from digits.data import load_split, render_digits  # noqa: E402
 from digits.extract import UNIT_ROWS, VIEWS, extract  # noqa: E402
 from digits.students import METHODS, STUDENT, TrainSettings, run_all  # noqa: E402
+from digits.targets import target_quality, targets_table  # noqa: E402
 from digits.teachers import ARCH, VIEW_SCALE, build_zoo  # noqa: E402
 
 
@@ -57,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the stratified train/val split")
     parser.add_argument("--teacher-seed", type=int, default=0, help="seed of the teacher zoo")
     parser.add_argument("--doc", type=Path, help="also refresh the generated block of this Markdown page")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: rebuild tables, chart and --doc from OUT/summary.json + OUT/students.jsonl")
     args = parser.parse_args(argv)
     args.seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
     args.methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
@@ -107,36 +113,81 @@ def publish(args: argparse.Namespace, block_inputs: dict, rows: list[dict], zoo:
         print(f"updated {args.doc} and {image}")
 
 
+class Stopwatch:
+    """Wall seconds per named stage (``with clock("teachers"): ...``), plus the load average around the run."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.start, self.loads = time.perf_counter(), [os.getloadavg()[0]]
+        self.stage = ""
+
+    def __call__(self, stage: str) -> Stopwatch:
+        self.stage = stage
+        return self
+
+    def __enter__(self) -> None:
+        self.tick = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds[self.stage] = time.perf_counter() - self.tick
+
+    def summary(self) -> dict:
+        return {**self.seconds, "total": time.perf_counter() - self.start, "load": [*self.loads, os.getloadavg()[0]]}
+
+
+def prepare(args: argparse.Namespace, clock: Stopwatch) -> dict:
+    """Stages 1-3: images, teacher zoo, store (+ the quality of the soft targets built from it)."""
+    print(f"[1/4] rendering digits into {args.out / 'data'}")
+    with clock("data"):
+        counts = render_digits(args.out / "data", args.split_seed)
+    print("[2/4] teacher zoo")
+    with clock("teachers"):
+        zoo = build_zoo(args.out / "teachers", load_split(args.out / "data" / "train"),
+                        load_split(args.out / "data" / "val"), args.teacher_seed)
+    print("[3/4] ktc extract")
+    with clock("extract"):
+        extraction = extract(args.out)
+    print(f"  {extraction['images']} images in {extraction['seconds']:.1f} s ({extraction['images_per_s']:.1f} images/s)")
+    targets = targets_table(target_quality(args.out / "store.zarr"))
+    print(targets)
+    return {"counts": counts, "zoo": zoo, "extraction": extraction, "targets": targets}
+
+
+def finish(args: argparse.Namespace, settings: TrainSettings, ready: dict, results: list[dict], seconds: dict) -> None:
+    """Aggregate, print the table, save ``summary.json``, write the results page(s) and the chart."""
+    rows = report.aggregate(results, args.methods)
+    summary = {**ready, "rows": rows, "seconds": seconds, "settings": asdict(settings), "seeds": list(args.seeds)}
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(report.student_table(rows))
+    inputs = {"setup": setup_text(args, ready["counts"], settings, seconds), "zoo": ready["zoo"],
+              "extraction": ready["extraction"], "targets": ready["targets"], "rows": rows}
+    publish(args, inputs, rows, ready["zoo"])
+    print(f"total {seconds['total']:.0f} s; results in {args.out / 'results.md'}")
+
+
+def report_only(args: argparse.Namespace) -> None:
+    """Rebuild every output of a finished run from its ``summary.json`` and ``students.jsonl``."""
+    summary = json.loads((args.out / "summary.json").read_text())
+    results = [json.loads(line) for line in (args.out / "students.jsonl").read_text().splitlines() if line.strip()]
+    args.seeds = tuple(summary["seeds"])
+    settings = TrainSettings(**summary["settings"])
+    ready = {k: summary[k] for k in ("counts", "zoo", "extraction", "targets")}
+    finish(args, settings, ready, results, summary["seconds"])
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.report_only:
+        report_only(args)
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     settings = TrainSettings(args.epochs, args.batch_size, args.lr, workers=args.workers)
-    seconds, loads, start = {}, [os.getloadavg()[0]], time.perf_counter()
-    print(f"[1/4] rendering digits into {args.out / 'data'}")
-    counts = render_digits(args.out / "data", args.split_seed)
-    seconds["data"] = time.perf_counter() - start
-    print("[2/4] teacher zoo")
-    tick = time.perf_counter()
-    zoo = build_zoo(args.out / "teachers", load_split(args.out / "data" / "train"),
-                    load_split(args.out / "data" / "val"), args.teacher_seed)
-    seconds["teachers"] = time.perf_counter() - tick
-    print("[3/4] ktc extract")
-    tick = time.perf_counter()
-    extraction = extract(args.out)
-    seconds["extract"] = time.perf_counter() - tick
-    print(f"  {extraction['images']} images in {extraction['seconds']:.1f} s ({extraction['images_per_s']:.1f} images/s)")
+    clock = Stopwatch()
+    ready = prepare(args, clock)
     print(f"[4/4] students: {', '.join(args.methods)} x seeds {args.seeds}, {settings.epochs} epochs")
-    tick = time.perf_counter()
-    results = run_all(args.out, args.methods, args.seeds, settings)
-    seconds |= {"students": time.perf_counter() - tick, "total": time.perf_counter() - start}
-    seconds["load"] = [*loads, os.getloadavg()[0]]
-    rows = report.aggregate(results, args.methods)
-    (args.out / "summary.json").write_text(json.dumps({"zoo": zoo, "extraction": extraction, "rows": rows,
-                                                      "seconds": seconds}, indent=1))
-    print(report.student_table(rows))
-    inputs = {"setup": setup_text(args, counts, settings, seconds), "zoo": zoo, "extraction": extraction, "rows": rows}
-    publish(args, inputs, rows, zoo)
-    print(f"total {seconds['total']:.0f} s; results in {args.out / 'results.md'}")
+    with clock("students"):
+        results = run_all(args.out, args.methods, args.seeds, settings)
+    finish(args, settings, ready, results, clock.summary())
 
 
 if __name__ == "__main__":

@@ -71,9 +71,10 @@ def extract(out: Path) -> dict[str, Any]:
     manifest, store = write_manifest(out), out / "store.zarr"
     if store.exists():
         shutil.rmtree(store)
-    stdout, wall = run_ktc(["extract", "--manifest", str(manifest), "--out", str(store), "--no-progress"],
-                           out / "logs" / "extract.log")
-    return parse_report(stdout) | {"wall_s": wall, "store": str(store), "store_bytes": folder_bytes(store)}
+    run = run_ktc(["extract", "--manifest", str(manifest), "--out", str(store), "--no-progress"],
+                  out / "logs" / "extract.log")
+    return parse_report(run.stdout) | {"wall_s": run.wall_s, "cpu_s": run.cpu_s, "store": str(store),
+                                       "store_bytes": folder_bytes(store)}
 
 
 def folder_bytes(folder: Path) -> int:

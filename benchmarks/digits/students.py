@@ -43,6 +43,7 @@ class StudentResult:
     top5: float
     probe_top1: float         # linear probe on the frozen student features (digits.probe)
     train_wall_s: float       # the whole `ktc train` process (start-up, data, loop, final evaluation)
+    train_cpu_s: float        # its CPU seconds (user + system): steadier than wall time on a shared machine
     loop_s: float             # the epochs only (sum of metrics.jsonl epoch seconds)
     eval_wall_s: float
     final_loss: float | None
@@ -74,15 +75,15 @@ def used_teachers(run: Path, method: str) -> str:
 def run_student(out: Path, method: str, seed: int, settings: TrainSettings, splits: tuple[Split, Split]) -> StudentResult:
     """Train one student from ``out/store.zarr``; evaluate it on ``out/data/val`` (``ktc eval`` + linear probe)."""
     run, logs = out / "runs" / f"{method}-s{seed}", out / "logs"
-    _, train_wall = run_ktc(train_args(out / "store.zarr", out / "data" / "train", method, seed, settings, run),
-                            logs / f"train-{method}-s{seed}.log")
-    stdout, eval_wall = run_ktc(["eval", "--checkpoint", str(run), "--data", str(out / "data" / "val"), "--json"],
-                                logs / f"eval-{method}-s{seed}.log")
-    metrics = json.loads(stdout.strip().splitlines()[-1])
+    trained = run_ktc(train_args(out / "store.zarr", out / "data" / "train", method, seed, settings, run),
+                      logs / f"train-{method}-s{seed}.log")
+    evaluated = run_ktc(["eval", "--checkpoint", str(run), "--data", str(out / "data" / "val"), "--json"],
+                        logs / f"eval-{method}-s{seed}.log")
+    metrics = json.loads(evaluated.stdout.strip().splitlines()[-1])
     loop_s, loss = read_metrics(run)
     return StudentResult(method, seed, used_teachers(run, method), metrics["top1"], metrics["top5"],
-                         linear_probe(run, *splits, seed=seed), train_wall, loop_s,
-                         eval_wall, loss)
+                         linear_probe(run, *splits, seed=seed), trained.wall_s, trained.cpu_s, loop_s,
+                         evaluated.wall_s, loss)
 
 
 def run_all(out: Path, methods: tuple[str, ...], seeds: tuple[int, ...], settings: TrainSettings) -> list[dict[str, Any]]:
@@ -94,7 +95,7 @@ def run_all(out: Path, methods: tuple[str, ...], seeds: tuple[int, ...], setting
                 result = asdict(run_student(out, method, seed, settings, splits))
                 print(f"  {method:<8} seed {seed}: top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  "
                       f"probe {result['probe_top1']:.4f}  "
-                      f"train {result['train_wall_s']:.0f} s", flush=True)
+                      f"train {result['train_wall_s']:.0f} s wall / {result['train_cpu_s']:.0f} s CPU", flush=True)
                 sink.write(json.dumps(result) + "\n")
                 sink.flush()
                 results.append(result)

@@ -164,11 +164,12 @@ def train_and_save(spec: ZooTeacher, folder: Path, train: Split, val: Split, see
     from safetensors.torch import save_file
 
     images, targets = teacher_subset(spec, train, teacher_rng(spec, seed + 1))
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     model = train_teacher(spec, images, targets, seed)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     accuracy, n_val = teacher_accuracy(model, spec, val)
     file = f"{spec.name}.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / file))
     return {"name": spec.name, "file": file, "classes": list(spec.classes), "role": spec.role, "task": spec.task,
-            "epochs": spec.epochs, "n_train": len(targets), "n_val": n_val, "val_acc": accuracy, "seconds": seconds}
+            "epochs": spec.epochs, "n_train": len(targets), "n_val": n_val, "val_acc": accuracy, "seconds": seconds,
+            "cpu_s": cpu}
