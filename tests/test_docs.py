@@ -1,8 +1,10 @@
 """Every command shown in README.md and docs/quickstart.md runs, as written (``tests/`` keeps docs true).
 
 Fenced ``bash`` blocks are run line by line in a scratch folder; ``python`` blocks are executed there.
-Install lines (``pip install …``) are what CI itself runs. Commands that need a GPU cluster are shown
-in ``console`` blocks (docs/scale.md) and are not run here.
+Install lines (``pip install …``) are what CI itself runs. Commands that need a GPU cluster (docs/scale.md)
+and the benchmark reproductions that take minutes of CPU (docs/benchmarks.md, docs/results-digits.md) are
+shown in ``console`` blocks and are not run here; tests/test_benchmark_docs.py checks that those pages
+are what their scripts generate from the saved results.
 """
 
 from __future__ import annotations

@@ -18,45 +18,47 @@ UNIT_ROWS = 256
 FEATMAP_GRID = 2
 
 
-def teacher_entry(spec: ZooTeacher) -> dict[str, Any]:
+def teacher_entry(spec: ZooTeacher, folder: str = "teachers", featmap: bool = True) -> dict[str, Any]:
     """One ``teachers:`` item: a local safetensors checkpoint with its own classes and preprocessing."""
     entry: dict[str, Any] = {
         "id": spec.name, "source": "timm", "model": ARCH, "role": spec.role,
-        "checkpoint": f"teachers/{spec.name}.safetensors",
+        "checkpoint": f"{folder}/{spec.name}.safetensors",
         "model_args": {"num_classes": len(spec.classes), **MODEL_ARGS},
         "preprocess": {"input_size": [3, IMAGE_SIZE, IMAGE_SIZE], "mean": list(MEAN), "std": list(STD),
                        "interpolation": "bilinear"},
     }
-    if spec.role == "predictive":
+    if spec.role == "predictive" and featmap:
         entry |= {"classes": list(spec.classes), "outputs": ["features", "logits", "featmap"],
                   "featmap": {"grid": FEATMAP_GRID}}
+    elif spec.role == "predictive":
+        entry |= {"classes": list(spec.classes), "outputs": ["features", "logits"]}
     else:
         entry["outputs"] = ["features"]
     return entry
 
 
-def write_manifest(out: Path) -> Path:
-    """``out/manifest.yaml`` over ``out/data/train`` with every zoo teacher (paths relative to ``out``)."""
+def write_manifest(out: Path, entries: list[dict[str, Any]] | None = None, store: str = "store.zarr",
+                   name: str = "manifest.yaml") -> Path:
+    """``out/NAME`` over ``out/data/train`` with ``entries`` (default: every zoo teacher); paths relative to ``out``."""
     manifest = {
         "dataset": {"root": "data/train", "classes": list(CLASSES)},
-        "store": "store.zarr",
+        "store": store,
         "views": {"count": VIEWS, "seed": 0, "scale": list(VIEW_SCALE), "ratio": list(VIEW_RATIO), "flip": False,
                   "center_crop": CENTER_CROP},
         "storage": {"unit_rows": UNIT_ROWS},
         "defaults": {"batch_size": 256, "dtype": "float16"},
-        "teachers": [teacher_entry(spec) for spec in ZOO],
+        "teachers": entries if entries is not None else [teacher_entry(spec) for spec in ZOO],
     }
-    path = out / "manifest.yaml"
+    path = out / name
     path.write_text(yaml.safe_dump(manifest, sort_keys=False, default_flow_style=None))
     return path
 
 
-def parse_report(stdout: str) -> dict[str, Any]:
+def parse_report(stdout: str, names: set[str]) -> dict[str, Any]:
     """Images, seconds and images/s of ``ktc extract``'s summary, plus its per-teacher table rows."""
     head = re.search(r"(\d+) images processed in ([\d.]+) s \(([\d.]+) images/s", stdout)
     if head is None:
         raise ValueError(f"no summary line in ktc extract output:\n{stdout[-2000:]}")
-    names = {spec.name for spec in ZOO}
     teachers = {}
     for line in stdout.splitlines():
         parts = line.split()
@@ -66,15 +68,19 @@ def parse_report(stdout: str) -> dict[str, Any]:
     return {"images": int(head[1]), "seconds": float(head[2]), "images_per_s": float(head[3]), "teachers": teachers}
 
 
-def extract(out: Path) -> dict[str, Any]:
-    """Write the manifest, extract a fresh store (``out/store.zarr``); returns the parsed report + wall time."""
-    manifest, store = write_manifest(out), out / "store.zarr"
-    if store.exists():
+def extract(out: Path, entries: list[dict[str, Any]] | None = None, name: str = "store",
+            fresh: bool = True) -> dict[str, Any]:
+    """Write ``out/NAME.yaml`` and extract ``out/NAME.zarr`` (afresh, or resumed with ``fresh=False``: a
+    complete store is then left as it is); returns the parsed report + wall time."""
+    manifest = write_manifest(out, entries, f"{name}.zarr", "manifest.yaml" if name == "store" else f"{name}.yaml")
+    store = out / f"{name}.zarr"
+    if store.exists() and fresh:
         shutil.rmtree(store)
     run = run_ktc(["extract", "--manifest", str(manifest), "--out", str(store), "--no-progress"],
-                  out / "logs" / "extract.log")
-    return parse_report(run.stdout) | {"wall_s": run.wall_s, "cpu_s": run.cpu_s, "store": str(store),
-                                       "store_bytes": folder_bytes(store)}
+                  out / "logs" / f"extract-{name}.log".replace("extract-store", "extract"))
+    names = {entry["id"] for entry in entries} if entries is not None else {spec.name for spec in ZOO}
+    return parse_report(run.stdout, names) | {"wall_s": run.wall_s, "cpu_s": run.cpu_s, "store": str(store),
+                                              "store_bytes": folder_bytes(store)}
 
 
 def folder_bytes(folder: Path) -> int:

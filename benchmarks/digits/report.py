@@ -117,12 +117,15 @@ def generated_block(setup: str, zoo: list[dict], extraction: dict, targets: str,
                         f"![val top-1 per method]({image})", END])
 
 
-def update_doc(doc: Path, block: str, title: str) -> None:
-    """Replace the generated block of ``doc`` (or create ``doc`` with just a title and the block)."""
-    text = doc.read_text() if doc.is_file() else f"# {title}\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text or END not in text:
-        text = text.rstrip() + f"\n\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
+def update_doc(doc: Path, block: str, title: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the ``begin``..``end`` block of ``doc`` (or create ``doc`` with just a title and the block).
+
+    ``block`` includes its own markers; a page without them gets the block appended.
+    """
+    text = doc.read_text() if doc.is_file() else f"# {title}\n\n{begin}\n{end}\n"
+    if begin not in text or end not in text:
+        text = text.rstrip() + f"\n\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(head + block + tail)

@@ -49,11 +49,15 @@ class StudentResult:
     final_loss: float | None
 
 
-def train_args(store: Path, data: Path, method: str, seed: int, settings: TrainSettings, run: Path) -> list[str]:
-    return ["train", "--cache", str(store), "--data", str(data), "--student", STUDENT,
-            "--img-size", str(settings.img_size), "--method", method, "--teachers", METHOD_TEACHERS[method],
+def train_args(store: Path, data: Path, method: str, seed: int, settings: TrainSettings, run: Path,
+               teachers: str | None = None, opts: tuple[str, ...] = ()) -> list[str]:
+    """``ktc train`` arguments; ``teachers`` defaults to the method's selection, ``opts`` are ``KEY=VALUE``."""
+    args = ["train", "--cache", str(store), "--data", str(data), "--student", STUDENT,
+            "--img-size", str(settings.img_size), "--method", method,
+            "--teachers", teachers or METHOD_TEACHERS[method],
             "--epochs", str(settings.epochs), "--batch-size", str(settings.batch_size), "--lr", str(settings.lr),
             "--seed", str(seed), "--workers", str(settings.workers), "--out", str(run), "--no-progress"]
+    return args + [f"--opt={opt}" for opt in opts]
 
 
 def read_metrics(run: Path) -> tuple[float, float | None]:
@@ -72,18 +76,26 @@ def used_teachers(run: Path, method: str) -> str:
     return ", ".join(i.removeprefix("digits_") for i in ids)
 
 
-def run_student(out: Path, method: str, seed: int, settings: TrainSettings, splits: tuple[Split, Split]) -> StudentResult:
-    """Train one student from ``out/store.zarr``; evaluate it on ``out/data/val`` (``ktc eval`` + linear probe)."""
-    run, logs = out / "runs" / f"{method}-s{seed}", out / "logs"
-    trained = run_ktc(train_args(out / "store.zarr", out / "data" / "train", method, seed, settings, run),
-                      logs / f"train-{method}-s{seed}.log")
+def train_and_eval(out: Path, store: Path, name: str, method: str, seed: int, settings: TrainSettings,
+                   splits: tuple[Split, Split], teachers: str | None = None,
+                   opts: tuple[str, ...] = ()) -> StudentResult:
+    """``ktc train`` one student from ``store`` into ``out/runs/NAME-sSEED``; ``ktc eval`` it on ``out/data/val``
+    and fit a linear probe on its frozen features."""
+    run, logs = out / "runs" / f"{name}-s{seed}", out / "logs"
+    trained = run_ktc(train_args(store, out / "data" / "train", method, seed, settings, run, teachers, opts),
+                      logs / f"train-{name}-s{seed}.log")
     evaluated = run_ktc(["eval", "--checkpoint", str(run), "--data", str(out / "data" / "val"), "--json"],
-                        logs / f"eval-{method}-s{seed}.log")
+                        logs / f"eval-{name}-s{seed}.log")
     metrics = json.loads(evaluated.stdout.strip().splitlines()[-1])
     loop_s, loss = read_metrics(run)
-    return StudentResult(method, seed, used_teachers(run, method), metrics["top1"], metrics["top5"],
+    return StudentResult(name, seed, used_teachers(run, method), metrics["top1"], metrics["top5"],
                          linear_probe(run, *splits, seed=seed), trained.wall_s, trained.cpu_s, loop_s,
                          evaluated.wall_s, loss)
+
+
+def run_student(out: Path, method: str, seed: int, settings: TrainSettings, splits: tuple[Split, Split]) -> StudentResult:
+    """Train one student from ``out/store.zarr`` with the method's default teachers; evaluate it on val/."""
+    return train_and_eval(out, out / "store.zarr", method, method, seed, settings, splits)
 
 
 def run_all(out: Path, methods: tuple[str, ...], seeds: tuple[int, ...], settings: TrainSettings) -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ import torch
 PREDICTIVE = ("digits_lo", "digits_hi", "digits_all")
 
 
-def padded_logits(store: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
+def padded_logits(store: Path, teachers: tuple[str, ...] = PREDICTIVE) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
     """Teacher id -> logits ``[N*V, C]`` in the target space (``-inf`` where uncovered); labels ``[N*V]``; C."""
     from kt_cache.store import StoreReader
 
@@ -28,7 +28,7 @@ def padded_logits(store: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor, i
     classes = list(reader.class_names)
     labels = np.asarray(reader.root["samples/label"][:])
     out = {}
-    for tid in PREDICTIVE:
+    for tid in teachers:
         stored = np.asarray(reader.root[f"teachers/{tid}/logits"][:], dtype=np.float32)   # [N, V, C_t]
         full = np.full((*stored.shape[:2], len(classes)), -np.inf, dtype=np.float32)
         for j, name in enumerate(reader.teacher_attrs(tid)["class_names"]):

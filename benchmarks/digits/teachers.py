@@ -43,6 +43,7 @@ class ZooTeacher:
         epochs: training epochs over its own training subset.
         train_frac: fraction of its eligible training images it sees (a weaker teacher sees fewer).
         task: ``digit`` (predict its digit classes) or ``parity`` (even / odd, a related task).
+        batch: training batch size.
     """
 
     name: str
@@ -51,6 +52,7 @@ class ZooTeacher:
     epochs: int
     train_frac: float = 1.0
     task: str = "digit"
+    batch: int = 64
 
     def targets(self, labels: torch.Tensor) -> torch.Tensor:
         """Digit labels -> this teacher's class index, -1 for images outside its classes."""
@@ -141,13 +143,14 @@ def teacher_accuracy(model: torch.nn.Module, spec: ZooTeacher, val: Split) -> tu
     return float((logits.argmax(1) == targets[keep]).float().mean()), int(keep.sum())
 
 
-def build_zoo(folder: Path, train: Split, val: Split, seed: int = 0) -> list[dict]:
+def build_zoo(folder: Path, train: Split, val: Split, seed: int = 0,
+              specs: tuple[ZooTeacher, ...] = ZOO) -> list[dict]:
     """Train (or reuse, when ``zoo.json`` records the same recipe) every teacher; returns one record each."""
     folder.mkdir(parents=True, exist_ok=True)
     index = folder / "zoo.json"
     cached = {r["name"]: r for r in json.loads(index.read_text())} if index.is_file() else {}
     records = []
-    for spec in ZOO:
+    for spec in specs:
         recipe = {**dataclasses.asdict(spec), "classes": list(spec.classes), "seed": seed, "arch": ARCH,
                   "model_args": MODEL_ARGS, "n_train": len(train.labels)}
         old = cached.get(spec.name)
@@ -165,7 +168,7 @@ def train_and_save(spec: ZooTeacher, folder: Path, train: Split, val: Split, see
 
     images, targets = teacher_subset(spec, train, teacher_rng(spec, seed + 1))
     start, cpu = time.perf_counter(), time.process_time()
-    model = train_teacher(spec, images, targets, seed)
+    model = train_teacher(spec, images, targets, seed, batch=spec.batch)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     accuracy, n_val = teacher_accuracy(model, spec, val)
     file = f"{spec.name}.safetensors"
