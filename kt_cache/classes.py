@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections import Counter
 from pathlib import Path
 
 from kt_cache.errors import ManifestError
@@ -9,15 +11,19 @@ from kt_cache.errors import ManifestError
 BUILTIN_CLASS_LISTS = ("imagenet-1k",)
 
 
+@functools.lru_cache(maxsize=1)   # asked once per teacher and for the dataset; timm re-reads its files each time
 def imagenet_1k_names() -> tuple[str, ...]:
-    """The 1000 ImageNet-1k class names in logit order (timm's packaged synset descriptions)."""
+    """The 1000 ImageNet-1k class names in logit order (timm's packaged synset descriptions).
+
+    A tuple: the one cached object is shared by every caller, so it must not be mutable.
+    """
     from timm.data import ImageNetInfo
 
     info = ImageNetInfo()
     names = [info.index_to_description(i) for i in range(info.num_classes())]
     # Two classes share the short name "crane" (bird 134, machine 517): names must be unique labels,
     # so a repeated name carries its WordNet id.
-    repeated = {n for n in names if names.count(n) > 1}
+    repeated = repeated_names(names)
     return tuple(f"{n} ({info.index_to_label_name(i)})" if n in repeated else n for i, n in enumerate(names))
 
 
@@ -44,7 +50,12 @@ def resolve_class_names(value: tuple[str, ...] | list[str] | str, where: str, ba
         names = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
     if not names:
         raise ManifestError(f"{where}: the class list is empty. Fix: give at least one class name.")
-    dupes = sorted({n for n in names if names.count(n) > 1})
+    dupes = sorted(repeated_names(names))
     if dupes:
         raise ManifestError(f"{where}: duplicate class names {dupes[:5]}. Fix: class names must be unique.")
     return names
+
+
+def repeated_names(names: tuple[str, ...] | list[str]) -> set[str]:
+    """The names occurring more than once; one counting pass (``names.count`` per name is O(C²))."""
+    return {n for n, count in Counter(names).items() if count > 1}

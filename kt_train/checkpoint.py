@@ -54,8 +54,17 @@ def load_checkpoint(out: Path, run: Any, optimizer: Any, scheduler: Any, scaler:
         load_model(student, str(out / name), strict=True)
     run.method.load_state_dict(load_file(str(out / "method.safetensors")))
     saved = torch.load(out / "optimizer.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
+    optimizer.load_state_dict(with_current_kernel(saved["optimizer"], optimizer))
     scheduler.load_state_dict(saved["scheduler"])
     scaler.load_state_dict(saved["scaler"])
     state = json.loads((out / STATE).read_text())
     return int(state["epoch"]) + 1, int(state["step"])
+
+
+def with_current_kernel(state: dict[str, Any], optimizer: Any) -> dict[str, Any]:
+    """``state`` with the running optimizer's fused/foreach choice: torch's load_state_dict would take the
+    checkpoint's, so a run saved before AdamW was fused (or on another device) would resume unfused, or
+    fused where the kernel is missing. The choice also places ``step`` (on the parameter's device if fused)."""
+    for group, current in zip(state["param_groups"], optimizer.param_groups):
+        group.update({k: current[k] for k in ("fused", "foreach") if k in current})
+    return state

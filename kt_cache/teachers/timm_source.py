@@ -9,6 +9,9 @@ Also holds the pieces both sources share (preprocess overrides, class-count chec
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,6 +238,45 @@ def _probe(spec: TeacherSpec, model: torch.nn.Module, size: tuple[int, int, int]
     return dims
 
 
+@dataclass
+class _Probed:
+    """A teacher's model built for resolving, and the output sizes found for it so far."""
+
+    model: torch.nn.Module
+    dims: dict[tuple, Dims]          # (input size, featmap wanted, featmap grid) -> sizes
+
+
+# Meta models per (architecture, tag, model_args): the weights (checkpoint, hub, random) change neither the
+# model nor its output sizes, so teachers sharing an architecture -- fine-tuned checkpoints of one model,
+# or a manifest planned again in one process -- build and probe it once. Both are slow: the meta kernels run
+# in Python, so a meta build + probe costs about what the real build does. Only meta models are kept (a
+# CPU-built fallback would pin real memory); errors are not cached, so every teacher gets its own message.
+_PROBED: OrderedDict[tuple, _Probed] = OrderedDict()
+PROBE_CACHE_SIZE = 32
+
+
+def _meta_model(spec: TeacherSpec, arch: str, tag: str) -> _Probed:
+    """The spec's model in eval mode on the meta device (or on the CPU, see ``meta_build``), cached."""
+    key = (arch, tag, json.dumps(spec.model_args, sort_keys=True, default=repr))
+    if key in _PROBED:
+        _PROBED.move_to_end(key)
+        return _PROBED[key]
+    probed = _Probed(meta_build(lambda: build(spec, arch, tag)), {})
+    if model_device(probed.model).type == "meta":
+        _PROBED[key] = probed
+        if len(_PROBED) > PROBE_CACHE_SIZE:
+            _PROBED.popitem(last=False)
+    return probed
+
+
+def _probed_dims(spec: TeacherSpec, probed: _Probed, size: tuple[int, int, int]) -> Dims:
+    """``_probe``, once per model, input size and featmap grid; a copy, as Dims is mutable."""
+    key = (size, "featmap" in spec.outputs, spec.featmap_grid)
+    if key not in probed.dims:
+        probed.dims[key] = _probe(spec, probed.model, size)
+    return dataclasses.replace(probed.dims[key])
+
+
 def _class_names(spec: TeacherSpec, count: int | None, base_dir: Path | None) -> tuple[str, ...] | None:
     """Names of the model's logits: ``spec.classes``, else ImageNet-1k for 1000 logits, else None."""
     if count is None:
@@ -253,10 +295,11 @@ def _class_names(spec: TeacherSpec, count: int | None, base_dir: Path | None) ->
 def resolve(spec: TeacherSpec, target_classes: tuple[str, ...] | None, base_dir: Path | None = None) -> TeacherPlan:
     """Resolve a timm teacher offline (meta device, no weights). See ``kt_cache.teachers.resolve_teacher``."""
     arch, tag = split_name(spec)
-    model = meta_build(lambda: build(spec, arch, tag))
+    probed = _meta_model(spec, arch, tag)
+    model = probed.model
     weights = _weights(spec, model, base_dir)
     pre = _data_config(spec, model)
-    dims = _probe(spec, model, pre["input_size"])
+    dims = _probed_dims(spec, probed, pre["input_size"])
     want = set(spec.outputs)
     names = _class_names(spec, dims.logits, base_dir) if "logits" in want else None
     cfg = getattr(model, "pretrained_cfg", {}) or {}
