@@ -10,7 +10,7 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from extract_helpers import CLASSES, cnn_teacher, make_image_folder, vit_teacher, write_manifest
+from extract_helpers import CLASSES, cnn_teacher, make_image_folder, store_files, vit_teacher, write_manifest
 from kt_cache.cli import cli
 
 
@@ -112,6 +112,84 @@ def test_teacher_attrs_record_provenance_stats_and_timing(project):
     assert attrs["timing"]["images"] == 12 * 3 and attrs["timing"]["forward_s"] > 0
     assert len(attrs["feature_stats"]["mean"]) == attrs["feature_dim"] and attrs["complete"]
     assert attrs["class_names"] == list(CLASSES) and "torch" in attrs["library_versions"]
+    assert (attrs["source"], attrs["model"], attrs["pretrained"]) == ("timm", "resnet10t", "none")
+    assert attrs["weights"] == "random" and attrs["weights_sha256"] is None       # nothing was loaded
+    assert attrs["seconds"] > 0 and attrs["feature_stats"]["count"] == 12 * 3
+    root = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")
+    stored = root["teachers/cnn32/features"][:].astype(np.float64).reshape(-1, attrs["feature_dim"])
+    np.testing.assert_allclose(attrs["feature_stats"]["mean"], stored.mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(attrs["feature_stats"]["std"], stored.std(0), rtol=1e-3, atol=1e-5)
+    assert max(attrs["feature_stats"]["std"]) > 0
+    meta = root.attrs["ktc"]
+    assert (meta["format"], meta["version"]) == ("ktc", 1)
+    assert meta["views"] == {"count": 3, "seed": 0, "scale": [0.35, 1.0], "ratio": [0.75, 4 / 3], "flip": True,
+                             "center_crop": 0.875}
+    assert meta["dataset"]["classes"] == list(CLASSES) and len(meta["dataset"]["fingerprint"]) == 64
+
+
+def test_teacher_attrs_record_pretrained_tag_and_sha256_of_the_loaded_checkpoint(tmp_path):
+    import hashlib
+
+    import timm
+    from safetensors.torch import save_file
+
+    save_file(timm.create_model("resnet10t", num_classes=3).state_dict(), tmp_path / "lab.safetensors")
+    make_image_folder(tmp_path / "images", per_class=1)
+    teacher = cnn_teacher(pretrained="c3_in1k", checkpoint="lab.safetensors")
+    extract(write_manifest(tmp_path / "teachers.yaml", [teacher]))
+    attrs = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")["teachers/cnn32"].attrs["ktc_teacher"]
+    assert (attrs["source"], attrs["model"], attrs["pretrained"]) == ("timm", "resnet10t", "c3_in1k")
+    assert attrs["weights"].endswith("lab.safetensors")
+    assert attrs["weights_sha256"] == hashlib.sha256((tmp_path / "lab.safetensors").read_bytes()).hexdigest()
+
+
+def test_dataloader_workers_give_a_bit_identical_store(tmp_path):
+    """Decoding in 2 DataLoader worker processes writes exactly the bytes of the in-process path."""
+    make_image_folder(tmp_path / "images", per_class=2)
+    manifest = write_manifest(tmp_path / "teachers.yaml", [cnn_teacher(), vit_teacher()])
+    extract(manifest, "--out", tmp_path / "w0.zarr")
+    result = run_cli("extract", "--manifest", manifest, "--workers", "2", "--no-progress",
+                     "--out", tmp_path / "w2.zarr")
+    assert result.exit_code == 0, result.output
+    serial, parallel = store_files(tmp_path / "w0.zarr"), store_files(tmp_path / "w2.zarr")
+    assert "teachers/vit48/featmap/c/0/0/0/0/0" in serial and "samples/views/c/0/0/0" in serial
+    assert parallel.keys() == serial.keys()
+    assert [k for k in serial if serial[k] != parallel[k]] == []
+
+
+def test_each_image_is_decoded_once_per_pass_and_resized_once_per_resolution(tmp_path, monkeypatch):
+    """Three teachers at two input resolutions in one wave: one decode per image, one resize per
+    (resolution, interpolation); with one teacher per wave (tiny budget), one decode per image per wave."""
+    from collections import Counter
+
+    import kt_cache.decode as decode
+
+    decoded, resized = Counter(), Counter()
+    real_decode, real_resize = decode.decode_image, decode.views_to_pixels
+
+    def counting_decode(path):
+        decoded[str(path)] += 1
+        return real_decode(path)
+
+    def counting_resize(image, views, size, interpolation="bilinear"):
+        resized[(*size, interpolation)] += 1
+        return real_resize(image, views, size, interpolation)
+
+    monkeypatch.setattr(decode, "decode_image", counting_decode)
+    monkeypatch.setattr(decode, "views_to_pixels", counting_resize)
+    make_image_folder(tmp_path / "images", per_class=2)
+    teachers = [cnn_teacher(), vit_teacher(), cnn_teacher(id="cnn32b")]
+    manifest = write_manifest(tmp_path / "teachers.yaml", teachers)
+    extract(manifest, "--out", tmp_path / "one_pass.zarr")
+    assert len(decoded) == 6 and set(decoded.values()) == {1}, decoded
+    assert resized == {(32, 32, "bilinear"): 6, (48, 48, "bicubic"): 6}, resized
+    root = zarr.open_group(str(tmp_path / "one_pass.zarr"), mode="r")
+    assert all(root[f"teachers/{t['id']}/done"][:].all() for t in teachers)
+    decoded.clear()
+    resized.clear()
+    extract(manifest, "--out", tmp_path / "three_passes.zarr", "--max-teacher-memory", "1KB")
+    assert len(decoded) == 6 and set(decoded.values()) == {3}, decoded          # 3 waves, 3 passes
+    assert resized == {(32, 32, "bilinear"): 12, (48, 48, "bicubic"): 6}, resized
 
 
 def test_add_teacher_runs_only_the_new_one(tmp_path):

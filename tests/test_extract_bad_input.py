@@ -122,6 +122,47 @@ def test_fp16_overflow_is_reported_not_stored_as_inf():
     assert stored["features"].dtype == np.float32 and np.isfinite(stored["features"]).all()
 
 
+def test_fp16_overflow_through_the_cli_names_teacher_array_and_fix(tmp_path):
+    """A teacher whose logits exceed float16 (fc bias 1e6): `ktc extract` exits 1 naming the teacher, the
+    array and `dtype: float32`; the store holds no inf and no unit is marked done; the named fix works."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    model = timm.create_model("resnet10t", num_classes=3)
+    with torch.no_grad():
+        model.fc.bias.fill_(1e6)                                      # every logit ~1e6 > 65504
+    save_file(model.state_dict(), tmp_path / "huge.safetensors")
+    make_image_folder(tmp_path / "images", per_class=2)
+    teacher = cnn_teacher(checkpoint="huge.safetensors", outputs=["features", "logits"])
+    del teacher["logits"], teacher["featmap"]                         # full logits: array 'logits'
+    manifest = write_manifest(tmp_path / "teachers.yaml", [teacher])
+    result = invoke("extract", "--manifest", manifest, "--workers", "0", "--no-progress")
+    assert result.exit_code == 1, result.output
+    assert "teacher 'cnn32'" in result.output and "'logits'" in result.output and "float16" in result.output
+    assert "dtype: float32" in result.output and "--overwrite cnn32" in result.output
+    assert "Traceback" not in result.output
+    store = tmp_path / "out.zarr"
+    root = zarr.open_group(str(store), mode="r", use_consolidated=False)
+    arrays = dict(root.members(max_depth=None))
+    floats = [k for k, a in arrays.items() if isinstance(a, zarr.Array) and np.issubdtype(a.dtype, np.floating)]
+    assert "teachers/cnn32/logits" in floats
+    for name in floats:
+        assert not np.isinf(arrays[name][:]).any(), f"{name} holds inf"
+    assert not root["teachers/cnn32/done"][:].any(), "no unit claims the overflowing data"
+    assert not [p for p in (store / "teachers" / "cnn32").rglob("*") if p.is_file() and p.name != "zarr.json"]
+    assert not (store / "ktc-objects.json").exists(), "an interrupted store is never finalized"
+
+    teacher["dtype"] = "float32"                                      # the fix the message names
+    write_manifest(manifest, [teacher])
+    fixed = invoke("extract", "--manifest", manifest, "--workers", "0", "--no-progress", "--overwrite", "cnn32")
+    assert fixed.exit_code == 0, fixed.output
+    group = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")["teachers/cnn32"]
+    logits = group["logits"][:]
+    assert logits.dtype == np.float32 and group["done"][:].all()
+    assert np.isfinite(logits).all() and logits.min() > 65504
+
+
 def test_help_does_not_import_torch():
     code = "import sys; from kt_cache.cli import cli; cli(['--help'], standalone_mode=False); " \
            "print('torch' in sys.modules, 'timm' in sys.modules)"

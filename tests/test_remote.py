@@ -142,3 +142,21 @@ def test_one_epoch_train_over_http_reads_only_the_selected_teacher(served, remot
     paths = server.paths()
     assert any(p.startswith("/store.zarr/teachers/cnn32/") for p in paths)
     assert not [p for p in paths if "/teachers/vit48/" in p], "training on cnn32 requests no object of vit48"
+
+
+def test_one_epoch_train_from_a_packed_zip(remote_source: Path, tmp_path: Path) -> None:
+    """`ktc pack` then `ktc train --cache zip://PATH`: the single-file store trains like the folder it came from."""
+    packed = tmp_path / "store.zip"
+    assert run("pack", remote_source, packed).exit_code == 0
+    out = tmp_path / "run"
+    result = run("train", "--cache", f"zip://{packed}", "--data", remote_source.parent / "images", "--method", "kd",
+                 "--student", "resnet10t", "--img-size", "32", "--epochs", "1", "--batch-size", "4", "--workers", "0",
+                 "--no-progress", "--log-every", "1", "--out", out)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "eval.json").read_text())
+    assert metrics["n"] == 12 and 0 <= metrics["top1"] <= 1
+    assert metrics["teacher_agreement"]["teachers"] == ["cnn32", "vit48"]
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps if r["kind"] == "step"] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) for r in steps if r["kind"] == "step")
+    assert (out / "student.safetensors").is_file() and packed.stat().st_size > 0

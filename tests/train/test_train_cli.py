@@ -44,6 +44,8 @@ def test_every_method_trains_checkpoints_and_eval_reproduces(store, tmp_path, me
     steps = [r for r in records if r["kind"] == "step"]
     assert len(steps) == 3 and all(math.isfinite(r["loss"]) for r in steps)
     assert all(math.isfinite(v) for r in steps for k, v in r.items() if k.endswith("_loss"))
+    assert all(math.isfinite(r["lr"]) and r["lr"] >= 0 for r in steps) and any(r["lr"] > 0 for r in steps)
+    assert all(math.isfinite(r["samples_per_s"]) and r["samples_per_s"] > 0 for r in steps)
     for name in ("student.safetensors", "student.json", "method.safetensors", "optimizer.pt", "config.yaml",
                  "loss.png", "confusion.png", "eval.json"):
         assert (tmp_path / method / name).is_file(), name
@@ -152,3 +154,35 @@ def test_kpu_with_a_frozen_sentinel_from_the_store(store, tmp_path):
     assert result.exit_code == 0, result.output
     spec = json.loads((out / "student.json").read_text())
     assert spec["sentinel"]["model"] == "vit_tiny_patch16_224" and spec["name"] == "vit_tiny_patch16_224"
+
+
+def test_bikd_on_a_store_without_labels_names_the_label_free_option(tmp_path):
+    """A flat folder (no class sub-folders) gives a store whose labels are all -1: Bi-KD with true labels is
+    refused naming ``--opt label_source=vote``; with it, label-free Bi-KD trains on the teachers' vote."""
+    import shutil
+
+    make_image_folder(tmp_path / "nested", per_class=2)
+    (tmp_path / "images").mkdir()
+    for image in sorted((tmp_path / "nested").rglob("img*")):
+        shutil.move(image, tmp_path / "images" / f"{image.parent.name}_{image.name}")
+    manifest = write_manifest(tmp_path / "teachers.yaml", [cnn_teacher()])
+    doc = yaml.safe_load(manifest.read_text())
+    doc["dataset"]["classes"] = ["ant", "bee", "cat"]                 # the label space, without any label
+    manifest.write_text(yaml.safe_dump(doc, sort_keys=False))
+    assert invoke("extract", "--manifest", manifest, "--workers", "0", "--no-progress").exit_code == 0
+    store = tmp_path / "out.zarr"
+    assert (zarr.open_group(str(store), mode="r")["samples/label"][:] == -1).all()
+    refused = invoke("train", "--cache", store, "--out", tmp_path / "refused", *COMMON, "--method", "bikd")
+    assert refused.exit_code == 2, refused.output
+    assert "needs the true labels" in refused.output and "no labelled samples" in refused.output
+    assert "--opt label_source=vote" in refused.output and "Traceback" not in refused.output
+    assert not (tmp_path / "refused" / "student.safetensors").exists()
+    out = tmp_path / "vote"
+    result = invoke("train", "--cache", store, "--out", out, *COMMON, "--method", "bikd",
+                    "--opt", "label_source=vote", "--log-every", "1")
+    assert result.exit_code == 0, result.output
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if r["kind"] == "step"]
+    assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
+    assert (out / "student.safetensors").is_file()
+    assert "teacher_agreement" in json.loads((out / "eval.json").read_text()), "no labels: agreement only"
