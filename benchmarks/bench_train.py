@@ -2,7 +2,8 @@
 
 All loops train the same student (resnet18, 64 px, 1000 ImageNet classes, identical initial weights),
 on the same pre-loaded batches (32 images + their store rows/views, taken from the trainer's own
-block-shuffled loader), with the same optimizer (AdamW, lr 1e-3, wd 0.05, grad-clip 1):
+block-shuffled loader), with the same optimizer (AdamW, lr 1e-3, wd 0.05, grad-clip 1), built the way
+`kt_train.loop.make_optimizer` builds it (`fused=True` where every parameter allows it, i.e. on CPU and CUDA):
 
 - **plain CE**: student forward, cross-entropy, backward, clip, AdamW; no teacher anywhere.
 - **ktc cached** (`kt_train.setup.build_run` + `kt_train.loop.train_step`, i.e. exactly what `ktc train`
@@ -17,7 +18,7 @@ The configurations are interleaved step by step (round robin, the order rotated 
 from other processes hits them alike; the first `--warmup` rounds are not timed. Step times are medians;
 ratios are paired: the median over rounds of (this loop's step / the baseline's step in the same round).
 
-Usage: python benchmarks/bench_train.py [--steps 8] [--warmup 1] [--threads 1] [--no-fused]
+Usage: python benchmarks/bench_train.py [--steps 8] [--warmup 1] [--threads 1]
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import torch.nn.functional as F  # noqa: E402
 
 TARGET_10, TARGET_100, TARGET_ONLINE = 1.2, 1.5, 5.0
 BATCH = 32
+LR, WEIGHT_DECAY = 1e-3, 0.05        # kt_train.config's defaults, which the cached loops run with
 
 
 def param_bytes(module: torch.nn.Module) -> int:
@@ -46,7 +48,7 @@ def param_bytes(module: torch.nn.Module) -> int:
 class CachedLoop:
     """One `ktc train` configuration: build_run + train_step, as kt_train.loop.train_epoch does."""
 
-    def __init__(self, store: Path, method: str, name: str, options: dict | None = None, fused: bool = False) -> None:
+    def __init__(self, store: Path, method: str, name: str, options: dict | None = None) -> None:
         from kt_train.distributed import Trainable
         from kt_train.loop import make_optimizer
         from kt_train.setup import build_run
@@ -58,14 +60,7 @@ class CachedLoop:
         self.build_s = t.s
         self.model = Trainable(self.run.students, self.run.method).train()
         self.opt = make_optimizer(self.run, 1000)
-        if fused:      # the proposed fix: kt_train.loop.make_optimizer with AdamW(fused=True), nothing else changed
-            from timm.scheduler import CosineLRScheduler
-
-            params = [p for g in self.opt[0].param_groups for p in g["params"]]
-            optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
-            scheduler = CosineLRScheduler(optimizer, t_initial=1000, warmup_t=0, warmup_lr_init=config.lr * 0.01,
-                                          lr_min=config.lr * 0.01, t_in_epochs=False)
-            self.opt = (optimizer, scheduler, self.opt[2])
+        self.optimizer = self.opt[0]
         self.step_n = 0
         self.head_bytes = param_bytes(self.run.method)
         self.table_bytes = sum(a.nbytes for t in self.run.cached.tables.values() for a in t.values())
@@ -116,6 +111,13 @@ def make_student(seed: int = 0) -> Any:
     return build_student("resnet18", 1000, img_size=common.TRAIN_SIZE)
 
 
+def adamw(params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
+    """AdamW as kt_train.loop.make_optimizer builds it (fused where ``fusable``), for the loops without a Run."""
+    from kt_train.loop import fusable
+
+    return torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, **({"fused": True} if fusable(params) else {}))
+
+
 def clip_and_step(params: list[torch.nn.Parameter], optimizer: Any) -> None:
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()
@@ -124,10 +126,10 @@ def clip_and_step(params: list[torch.nn.Parameter], optimizer: Any) -> None:
 class PlainCE:
     """The baseline: the same student trained with cross-entropy only, no teacher anywhere."""
 
-    def __init__(self, fused: bool = False) -> None:
+    def __init__(self) -> None:
         self.student = make_student().train()
         self.params = list(self.student.parameters())
-        self.optimizer = torch.optim.AdamW(self.params, lr=1e-3, weight_decay=0.05, **({"fused": True} if fused else {}))
+        self.optimizer = adamw(self.params)
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> None:
         logits = self.student(batch["image"]).logits
@@ -183,7 +185,7 @@ class OnlineKD:
         self.method = build_method("kd", {}, dims)
         self.model = Trainable([self.student], self.method).train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=1e-3, weight_decay=0.05)
+        self.optimizer = adamw(self.params)
         cfg = self.student.data_config
         self.s_mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1) * 255
         self.s_std = torch.tensor(cfg["std"]).view(1, 3, 1, 1) * 255
@@ -220,7 +222,7 @@ def optimizer_probe(loop: CachedLoop) -> dict[str, float]:
         p.grad = torch.randn_like(p)
     seconds = {"tensors": len(params), "parameters": sum(p.numel() for p in params)}
     for name, kw in (("default", {}), ("foreach", {"foreach": True}), ("fused", {"fused": True})):
-        optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05, **kw)
+        optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, **kw)
         times = []
         for _ in range(3):
             start = time.perf_counter()
@@ -291,7 +293,6 @@ def main() -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: stable on a shared, oversubscribed CPU; see docs)")
-    parser.add_argument("--no-fused", action="store_true", help="skip the fused-AdamW variants")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -309,12 +310,6 @@ def main() -> dict[str, Any]:
     loops.update(cached)
     online = OnlineKD(store10, cached["ktc kd, 10 cached"])
     loops["online KD, 10 teachers in memory"] = online
-    if not args.no_fused:
-        loops["plain CE, fused AdamW"] = PlainCE(fused=True)
-        cached["ktc uniform, 100 cached, fused AdamW"] = CachedLoop(store100, "uniform", "uniform100f", fused=True)
-        cached["ktc uniform, 10 cached, fused AdamW"] = CachedLoop(store10, "uniform", "uniform10f", fused=True)
-        loops["ktc uniform, 100 cached, fused AdamW"] = cached["ktc uniform, 100 cached, fused AdamW"]
-        loops["ktc uniform, 10 cached, fused AdamW"] = cached["ktc uniform, 10 cached, fused AdamW"]
     batches = collect_batches(cached["ktc kd, 10 cached"].run, 3)
 
     times: dict[str, list[float]] = {name: [] for name in loops}
@@ -372,8 +367,7 @@ def main() -> dict[str, Any]:
     rows, results = [], {}
     for name, value in med.items():
         loop = loops[name]
-        base = "plain CE, fused AdamW" if "fused" in name else "plain CE (no teachers)"   # fused vs fused CE
-        ratio = paired(name, base)
+        ratio = paired(name, "plain CE (no teachers)")
         entry = {"step_s": value, "steps_s": times[name], "vs_plain_ce": ratio,
                  "samples_per_s": BATCH / value}
         if isinstance(loop, CachedLoop):
@@ -406,15 +400,13 @@ def main() -> dict[str, Any]:
         ok = value <= target if op == "<=" else value >= target
         checks.append({"what": what, "value": value, "target": f"{op} {target}x", "pass": ok})
         print(f"  {common.verdict(ok)}  {what}: {value:.2f}x (target {op} {target}x)")
-    if "plain CE, fused AdamW" in med:
-        print("  (supplementary, the proposed fix: both loops with AdamW(fused=True))")
-        for n, target in (("ktc uniform, 10 cached, fused AdamW", TARGET_10), ("ktc uniform, 100 cached, fused AdamW", TARGET_100)):
-            value = results[n]["vs_plain_ce"]
-            print(f"  {common.verdict(value <= target)}  {n} vs plain CE, fused AdamW: {value:.2f}x (target <= {target}x)")
     print(f"\nonline KD: teachers' forward {results['online KD, 10 teachers in memory']['teacher_forward_s']:.2f} s of "
           f"{med['online KD, 10 teachers in memory']:.2f} s per step; load average before {load_before}, "
           f"after {common.load_average()}")
+    fused = {name: bool(loop.optimizer.defaults.get("fused")) for name, loop in loops.items()}
+    print(f"AdamW fused in {sum(fused.values())} of {len(fused)} loops (as kt_train.loop.make_optimizer builds it)")
     data = {"results": results, "targets": checks, "parts": parts_of, "gflops": flops, "adamw_probe": adam,
+            "adamw_fused": fused,
             "small_op_probe": probe, "batch_size": BATCH, "threads": args.threads, "student": "resnet18", "img_size": common.TRAIN_SIZE,
             "teachers": [m for m, _ in common.TRAIN_TEACHERS], "steps": args.steps, "warmup": args.warmup,
             "load_before": load_before, "load_after": common.load_average()}

@@ -3,8 +3,8 @@
 Fenced ``bash`` blocks are run line by line in a scratch folder; ``python`` blocks are executed there.
 Install lines (``pip install …``) are what CI itself runs. Commands that need a GPU cluster (docs/scale.md)
 and the benchmark reproductions that take minutes of CPU (docs/benchmarks.md, docs/results-digits.md) are
-shown in ``console`` blocks and are not run here; tests/test_benchmark_docs.py checks that those pages
-are what their scripts generate from the saved results.
+shown in ``console`` blocks and are not run here; tests/test_benchmark_docs.py checks that
+docs/benchmarks.md is exactly what its script generates from the saved results.
 """
 
 from __future__ import annotations

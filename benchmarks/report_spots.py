@@ -1,0 +1,118 @@
+"""The "ktc slow spots and bugs found" section of docs/benchmarks.md (see ``report_doc.write_doc``).
+
+The spots the first benchmark run found, in their original numbering (other sections refer to them by
+number), each marked fixed, partly fixed or open in the code. Numbers come from the saved results.
+"""
+
+from __future__ import annotations
+
+from report_format import by_store, fmt_x, fused_rows
+
+FIXED, PARTLY, OPEN = "fixed", "partly fixed", "open"
+
+
+def slow_spots(ex: dict, tr: dict, st: dict, me: dict) -> str:
+    spots = [adamw(tr), ram_tables(st, me), teacher_batch(tr, st), class_names(ex), timm_builds(ex), metadata(st)]
+    numbers = {state: [str(i + 1) for i, (s, _) in enumerate(spots) if s == state] for state in (FIXED, PARTLY, OPEN)}
+    status = "; ".join(f"{state}: {', '.join(n)}" for state, n in numbers.items() if n)
+    items = "\n".join(f"{i + 1}. {text}" for i, (_, text) in enumerate(spots))
+    return f"""## ktc slow spots and bugs found
+
+What the benchmarks showed in ktc itself, and where the code stands now ({status}).
+The numbers are those of the saved results (`benchmarks/results/*.json`).
+
+{items}
+
+No correctness bug showed up: every store written here was read back by `StoreReader`/`CachedTeachers`
+without error, and the BlockCache read each block exactly once per epoch.
+"""
+
+
+def adamw(tr: dict) -> tuple[str, str]:
+    adam = tr["adamw_probe"]
+    return FIXED, f"""**`kt_train/loop.py` `make_optimizer`: AdamW without `fused=True` — fixed.** It now builds
+   `AdamW(fused=True)` whenever every parameter is a floating-point CPU or CUDA tensor (`fusable`; torch's
+   default otherwise), and a resumed run keeps that kernel (`kt_train/checkpoint.py` `with_current_kernel`).
+   On CPU torch's default AdamW is the per-tensor for-loop: with UNIFORM's heads at 100 teachers
+   ({adam['tensors']} tensors, {adam['parameters'] / 1e6:.0f} M parameters with the student) one `optimizer.step()` takes
+   {adam['default']:.2f} s by default, {adam['foreach']:.2f} s with `foreach=True` and {adam['fused']:.2f} s fused (measured on this
+   machine, 1 thread).{baseline_note(tr)}"""
+
+
+def baseline_note(tr: dict) -> str:
+    """Whether the training ratios of these results compare like with like (both sides' AdamW)."""
+    if fused_rows(tr):
+        return ("\n   In these results the plain CE baseline still used torch's default AdamW (`plain CE, fused AdamW` is"
+                "\n   the fused one); `benchmarks/bench_train.py` now builds every loop's AdamW as `make_optimizer` does,"
+                "\n   so the next run's ratios compare like with like.")
+    if tr.get("adamw_fused"):
+        return "\n   The training benchmark builds every loop's AdamW that way, the plain CE baseline included."
+    return ""
+
+
+def ram_tables(st: dict, me: dict) -> tuple[str, str]:
+    per_row = me["table_bytes_per_teacher_sample_view"]
+    block = by_store(st)["2048 images, featmaps via BlockCache"]
+    return OPEN, f"""**`kt_train/data.py` `CachedTeachers.__init__` / `_ram_paths`: features and top-k always go to RAM — open.**
+   `ram_budget_bytes` only applies to featmaps (`_place_featmaps`); for 100 teachers × ImageNet × 4 views these
+   tables (features + top-k + LSE) would be ≈ {per_row * 1.28e6 * 4 * 100 / 2**30:.0f} GiB (measured {per_row:.0f} B per teacher-sample-view, scaled).
+   DESIGN §6 allows "RAM (or a memory map)"; the BlockCache path used for featmaps (measured
+   {block['gather_rows_per_s']:,.0f} rows/s here) would serve features too when they exceed the budget."""
+
+
+def teacher_batch(tr: dict, st: dict) -> tuple[str, str]:
+    res, probe = tr["results"], tr["small_op_probe"]
+    kd10, kd100 = res["ktc kd, 10 cached"], res["ktc kd, 100 cached"]
+    r100 = by_store(st)["train benchmark, 100 teachers"]
+    return PARTLY, f"""**`kt_train/data.py` `CachedTeachers.to_teacher_batch` → `kt_train/methods/base.py` `scatter_topk_logits` /
+   `scatter_full_logits`: one Python loop iteration and several small tensor ops per teacher per batch — partly
+   fixed.** Fixed: `scatter_full_logits` (which `scatter_topk_logits` ends in) copies with `index_select` +
+   `index_copy_` instead of a boolean-mask gather and an advanced-index assignment, bit-identical (the probe
+   in these results: {probe['scatter_full_logits_ms_1t']:.2f} ms per teacher with 1 thread, {probe['scatter_full_logits_ms_2t']:.2f} ms with 2 on this loaded machine).
+   Open: the loop over teachers itself. Reading costs {1000 * kd100['gather_s']:.0f} ms per batch of {tr['batch_size']} at 100 teachers
+   ({1000 * kd10['gather_s']:.1f} ms at 10), linear in teachers; in the reader benchmark `to_teacher_batch` takes
+   {r100['to_teacher_batch_ms']:.0f} ms for {r100['batch']} rows at 100 teachers. Stacking all top-k teachers into one `[T, B, k]` scatter
+   would make it one op per batch (on GPU: one kernel per op instead of one per op and teacher)."""
+
+
+def class_names(ex: dict) -> tuple[str, str]:
+    oo = ex["one_off_parts"]
+    cached = oo.get("imagenet_1k_names_s")
+    cached_note = f" (the cached list itself: {1e6 * cached:.0f} µs)" if cached is not None else ""
+    return FIXED, f"""**`kt_cache/classes.py` `imagenet_1k_names` / `resolve_class_names`: recomputed per teacher, with O(C²)
+   duplicate checks — fixed.** `imagenet_1k_names` is `functools.lru_cache`d, so timm's `ImageNetInfo()`
+   re-read ({1000 * oo['timm_imagenet_info_s']:.0f} ms) happens once per process instead of once per teacher and once for the
+   dataset, and both duplicate checks count the names in one `Counter` pass (`repeated_names`) instead of
+   the O(C²) `names.count` scan ({1000 * oo['count_scan_s']:.0f} ms a scan of the ImageNet-1k names, two per call).
+   In these results `resolve_class_names('imagenet-1k')` takes {1000 * oo['resolve_class_names_s']:.2f} ms per teacher{cached_note}."""
+
+
+def timm_builds(ex: dict) -> tuple[str, str]:
+    oo, n = ex["one_off_parts"], len(ex["teachers"])
+    if "plan_cached_s" in oo:
+        plan = (f"Planning the {n} teachers took {oo['plan_s']:.2f} s from cold and {oo['plan_cached_s']:.2f} s again in the\n"
+                "   same process (every architecture cached)")
+    else:
+        plan = (f"Planning the {n} teachers took {oo['plan_s']:.2f} s here, timed by `bench_extract.py` after its own\n"
+                "   runs in the same process, i.e. with every architecture cached")
+    return PARTLY, f"""**`kt_cache/teachers/timm_source.py`: every timm teacher is built twice — partly fixed.** `resolve` now
+   takes its meta-device model and the probed output sizes from a cache keyed by architecture, tag and
+   `model_args` (`_meta_model`), so teachers sharing an architecture (fine-tuned checkpoints of one model)
+   and a manifest planned again in one process build and probe it once. Open: a real `ktc extract` over
+   distinct architectures still builds each model twice, on the meta device in `resolve`, then for real in
+   `load`. {plan}; loading them took {oo['load_s']:.2f} s. Both are part of the
+   {ex['fixed_s']:.2f} s of one-off cost of this small extraction (ktc / pure forward {fmt_x(ex['targets'][0]['value'])}, marginal {fmt_x(ex['marginal_ratio'])})."""
+
+
+def metadata(st: dict) -> tuple[str, str]:
+    m10, m100 = st["metadata"]
+    per_teacher = (m100["root_json_bytes"] - m10["root_json_bytes"]) / (m100["teachers"] - m10["teachers"])
+    at_1000 = m10["root_json_bytes"] + per_teacher * (1000 - m10["teachers"])
+    return OPEN, f"""**Consolidated metadata grows ≈ {per_teacher / 1e3:.0f} kB per teacher — open** (`kt_cache/finalize.py`
+   `update_teacher_attrs` writes `feature_stats` as JSON float lists — {m10['feature_stats_json'] / 1e3:.0f} kB for
+   {m10['model']}'s D = {m10['feature_dim']} — and every teacher repeats its
+   `class_names`, {m10['class_names_json'] / 1e3:.0f} kB for ImageNet-1k): the root `zarr.json` is
+   {m10['root_json_bytes'] / 1e6:.1f} MB at {m10['teachers']} teachers and {m100['root_json_bytes'] / 1e6:.1f} MB at {m100['teachers']}
+   (opened in {m10['open_s']:.2f} s / {m100['open_s']:.2f} s). Every reader, remote ones included, fetches and
+   parses it before reading anything; at 1000 teachers it would be ≈ {at_1000 / 1e9:.1f} GB. Storing the statistics as
+   small arrays in the teacher group (`features_mean`, `features_std`) would keep the document small."""
