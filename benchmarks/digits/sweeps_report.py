@@ -51,14 +51,23 @@ def method_table(rows: list[dict], sweep: str, first: str, order: list[str], met
     head = [first] + [f"`{m}` top-1 %" for m in methods] + [f"`{m}` probe %" for m in methods]
     head += [extra_head] if extra else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    seeds = max((c["n"] for c in table.values()), default=0)
     for setting in settings_in_order(table, order):
         got = [table.get((setting, m)) for m in methods]
-        top1 = [pct(c["top1"], c["top1_sd"]) if c else "—" for c in got]
-        probe = [pct(c["probe"], c["probe_sd"]) if c else "—" for c in got]
+        top1 = [cell(c, "top1", seeds) for c in got]
+        probe = [cell(c, "probe", seeds) for c in got]
         tail = [extra.get(setting, "")] if extra else []
         lines.append("| " + " | ".join([setting, *top1, *probe, *tail]) + " |")
     seeds = sorted({r["seed"] for r in rows if r["sweep"] == sweep})
-    return "\n".join(lines) + f"\n\nMean ± std over seeds {', '.join(map(str, seeds))}."
+    return "\n".join(lines) + (f"\n\nMean ± std over seeds {', '.join(map(str, seeds))}; a cell marked (n=…) "
+                               "has fewer finished seeds.")
+
+
+def cell(stats: dict[str, Any] | None, key: str, seeds: int) -> str:
+    """``mean ± std`` in %, with the seed count when a cell has fewer seeds than the sweep's fullest cell."""
+    if stats is None:
+        return "—"
+    return pct(stats[key], stats[key + "_sd"]) + (f" (n={stats['n']})" if stats["n"] < seeds else "")
 
 
 def plot_teachers(rows: list[dict], counts: tuple[int, ...], methods: tuple[str, ...], path: Path,
@@ -80,6 +89,7 @@ def plot_teachers(rows: list[dict], counts: tuple[int, ...], methods: tuple[str,
         ax.axhline(100 * reference, color="#555555", ls=":", lw=1, label=f"ce with labels ({100 * reference:.1f})")
     ax.set(xscale="log", xticks=list(counts), xticklabels=[str(n) for n in counts], xlabel="cached teachers",
            ylabel="val top-1 %", title="digits: students from a crowd of weak 5-class teachers")
+    ax.minorticks_off()                      # log axis: only the swept counts are labelled
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
