@@ -4,14 +4,20 @@ dask is used as a task runner only (``client.map`` over (wave, unit) tasks; neve
 ``dask.array``). Each task runs the same ``engine.run_wave`` as the single-process path, restricted to
 its unit, and writes only that unit's whole shards plus its ``done`` flags, so tasks never share a
 storage object. A worker keeps the teachers of the wave it last ran and reuses them for its next task
-of that wave. A worker that dies mid-task has its task rerun elsewhere (rewriting whole shards is
-idempotent); a killed run is resumed from the ``done`` flags like any other.
+of that wave in the same run (the wave key holds a per-run token, so a long-lived ``--scheduler`` cluster
+never reuses teachers loaded for an earlier run whose manifest may have changed); each task reports
+whether it loaded, and the run prints how many loads there were per worker and wave. A worker that dies
+mid-task has its task rerun elsewhere (rewriting whole shards is idempotent); a killed run is resumed from
+the ``done`` flags like any other. Paths sent to workers are absolute: a joined cluster's workers need
+not share the client's working directory.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import uuid
+from collections import Counter
 from typing import Any
 
 from kt_cache import store as fmt
@@ -75,15 +81,27 @@ def run_unit_task(store: str, wave_key: str, wave: list[Any], unit: int, options
     opts = SimpleNamespace(**dict(options, device=worker_device(options["device"]), workers=0))
     root = fmt.open_group(store, mode="r+", consolidated=False)
     state = RunState()
-    if _WORKER_WAVE.get("key") != wave_key:
-        for old in _WORKER_WAVE.get("teachers", []):
+    loaded = _WORKER_WAVE.get("key") != wave_key
+    if loaded:
+        for old in _WORKER_WAVE.pop("teachers", []):
             old.model.release()
+        _WORKER_WAVE.pop("key", None)
         _WORKER_WAVE.update(key=wave_key, teachers=load_wave(root, wave, torch.device(opts.device), state))
     run_wave(root, wave, opts, state, units={unit}, teachers=_WORKER_WAVE["teachers"])
     weights = {wt.plan.id: wt.model.weights_sha256 for wt in _WORKER_WAVE["teachers"]
                if getattr(wt.model, "weights_sha256", None)}
     return {"timings": {k: dataclasses.asdict(v) for k, v in state.timings.items()},
-            "failures": state.failures, "rows": state.rows, "weights_sha256": weights}
+            "failures": state.failures, "rows": state.rows, "weights_sha256": weights,
+            "worker": worker_address(), "loaded": loaded}
+
+
+def worker_address() -> str:
+    from dask.distributed import get_worker
+
+    try:
+        return str(get_worker().address)
+    except ValueError:              # called outside a worker (a direct call)
+        return f"pid {os.getpid()}"
 
 
 def run_on_cluster(plan: Any, root: Any, options: Any, state: Any, progress_factory: Any) -> None:
@@ -95,20 +113,47 @@ def run_on_cluster(plan: Any, root: Any, options: Any, state: Any, progress_fact
     client = make_client(options.cluster, options.scheduler, options.device)
     print(f"dask dashboard: {client.dashboard_link}  ({len(client.scheduler_info()['workers'])} workers)", flush=True)
     settings = {k: getattr(options, k) for k in ("device", "batch_size", "strict", "data_root")}
-    futures = []
+    settings["data_root"] = os.path.abspath(settings["data_root"])
+    store, run = os.path.abspath(plan.out), uuid.uuid4().hex
+    futures, waves = [], {}
     try:
         for number, wave in enumerate(plan.waves):
-            key = f"{plan.out}:{number}:{','.join(p.id for p in wave)}"
+            key = f"{store}:{run}:{number}:{','.join(p.id for p in wave)}"
             units = sorted(set().union(*(pending_units(root, p.id) for p in wave)))
-            futures += [client.submit(run_unit_task, str(plan.out), key, wave, unit, settings, pure=False,
-                                      retries=3, priority=-number, key=f"ktc-wave{number}-unit{unit}") for unit in units]
+            submitted = [client.submit(run_unit_task, store, key, wave, unit, settings, pure=False, retries=3,
+                                       priority=-number, key=f"ktc-{run[:8]}-wave{number}-unit{unit}") for unit in units]
+            waves.update({future.key: number for future in submitted})
+            futures += submitted
+        loads: Counter = Counter()              # (worker, wave) -> teacher loads
+        workers: set[str] = set()
         with progress_factory(len(futures)) as bar:
             for future in as_completed(futures):
-                merge_result(future.result(), state, TeacherTiming)
+                result = future.result()
+                merge_result(result, state, TeacherTiming)
+                workers.add(result["worker"])
+                if result["loaded"]:
+                    loads[result["worker"], waves[future.key]] += 1
                 if bar is not None:
                     bar.update(1)
+        if futures:
+            print(f"cluster: {len(futures)} tasks on {len(workers)} workers; wave teachers loaded "
+                  f"{sum(loads.values())} times ({max(loads.values(), default=0)} at most per worker and wave)",
+                  flush=True)
     finally:
+        if options.scheduler:                   # a joined cluster outlives the run: free its workers' teachers
+            try:
+                client.run(release_wave, run)
+            except Exception:                   # best effort: a dead worker holds nothing
+                pass
         client.close()
+
+
+def release_wave(run: str) -> None:
+    """On a worker: drop the teachers kept for run ``run`` (a later run loads its own)."""
+    if run in str(_WORKER_WAVE.get("key", "")):
+        for old in _WORKER_WAVE.pop("teachers", []):
+            old.model.release()
+        _WORKER_WAVE.clear()
 
 
 def merge_result(result: dict[str, Any], state: Any, timing_cls: Any) -> None:

@@ -3,25 +3,30 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
+import zarr
 
 from extract_helpers import cnn_teacher, make_image_folder, store_files, vit_teacher, write_manifest
 
 UNITS = 12
 
 
-def extract(manifest: Path, out: Path, *extra: str) -> subprocess.Popen:
+def extract(manifest: Path, out: Path, *extra: str, cwd: Path | None = None,
+            own_group: bool = False) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "kt_cache", "extract", "--manifest", str(manifest), "--out", str(out),
            "--workers", "0", "--no-progress", "--batch-size", "2", *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1")       # same thread count in every process: same float results
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                            start_new_session=own_group)
 
 
 def finished(proc: subprocess.Popen) -> str:
@@ -39,13 +44,54 @@ def project(tmp_path_factory):
     return root, manifest
 
 
+def assert_same_store(a: Path, b: Path) -> None:
+    first, second = store_files(a), store_files(b)
+    assert sorted(first) == sorted(second)
+    assert [k for k in first if first[k] != second[k]] == []
+
+
+def cluster_line(output: str) -> dict[str, int]:
+    """The run's task summary: tasks, workers that ran them, teacher loads, most loads of one worker and wave."""
+    match = re.search(r"cluster: (\d+) tasks on (\d+) workers; wave teachers loaded (\d+) times "
+                      r"\((\d+) at most per worker and wave\)", output)
+    assert match, output
+    return dict(zip(("tasks", "workers", "loads", "most"), map(int, match.groups())))
+
+
 def test_local_cluster_store_is_bit_identical_to_single_process(project):
     root, manifest = project
     output = finished(extract(manifest, root / "cluster.zarr", "--cluster", "local:2"))
     assert "dask dashboard: http" in output and "(2 workers)" in output
-    single, cluster = store_files(root / "single.zarr"), store_files(root / "cluster.zarr")
-    assert sorted(single) == sorted(cluster)
-    assert [k for k in single if single[k] != cluster[k]] == []
+    assert_same_store(root / "single.zarr", root / "cluster.zarr")
+    # one wave (both teachers fit the default memory budget): each worker loads it once, for all its tasks
+    summary = cluster_line(output)
+    assert summary["tasks"] == UNITS and 1 <= summary["workers"] <= 2
+    assert summary["loads"] == summary["workers"] and summary["most"] == 1
+
+
+def worker_wave_keys() -> list[str]:
+    """Run on a worker: the keys of the waves it still holds teachers for."""
+    from kt_cache import cluster
+
+    return [cluster._WORKER_WAVE["key"]] if "key" in cluster._WORKER_WAVE else []
+
+
+def test_scheduler_address_joins_a_running_cluster(project):
+    """--scheduler: a cluster started elsewhere (another working directory); relative paths still work."""
+    from dask.distributed import Client, LocalCluster
+
+    root, manifest = project
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None, env={"OMP_NUM_THREADS": "1"}) as running:
+        assert Path.cwd() != root
+        output = finished(extract(Path(manifest.name), Path("scheduler.zarr"), "--scheduler",
+                                  running.scheduler_address, cwd=root))
+        assert "(2 workers)" in output
+        summary = cluster_line(output)
+        assert summary["tasks"] == UNITS and summary["loads"] == summary["workers"] and summary["most"] == 1
+        with Client(running.scheduler_address) as client:      # the run gave its teachers back
+            assert list(client.run(worker_wave_keys).values()) == [[], []]
+    assert_same_store(root / "single.zarr", root / "scheduler.zarr")
 
 
 def dask_workers(proc: subprocess.Popen) -> list[psutil.Process]:
@@ -53,9 +99,13 @@ def dask_workers(proc: subprocess.Popen) -> list[psutil.Process]:
     return [c for c in children if "spawn_main" in " ".join(c.cmdline())]
 
 
-def done_units(out: Path) -> int:
-    folder = out / "teachers" / "cnn32" / "done" / "c"
-    return len(list(folder.glob("*"))) if folder.exists() else 0
+def done_units(out: Path, teacher: str = "cnn32") -> int:
+    return len(done_chunks(out, teacher))
+
+
+def done_chunks(out: Path, teacher: str) -> set[str]:
+    folder = out / "teachers" / teacher / "done" / "c"
+    return {f.name for f in folder.glob("*")} if folder.exists() else set()
 
 
 def test_a_worker_killed_mid_run_is_replaced_and_the_store_is_identical(project):
@@ -69,9 +119,61 @@ def test_a_worker_killed_mid_run_is_replaced_and_the_store_is_identical(project)
     assert 0 < done_at_kill < UNITS, f"the kill must land mid-run (done units: {done_at_kill})"
     os.kill(dask_workers(proc)[0].pid, signal.SIGKILL)
     finished(proc)
-    single, killed = store_files(root / "single.zarr"), store_files(out)
-    assert sorted(single) == sorted(killed)
-    assert [k for k in single if single[k] != killed[k]] == []
+    assert_same_store(root / "single.zarr", out)
+
+
+def pending_units(out: Path) -> int:
+    teachers = zarr.open_group(str(out), mode="r")["teachers"]
+    done = np.stack([np.asarray(teachers[f"{t}/done"][:], dtype=bool) for t in ("cnn32", "vit48")])
+    return int((~done.all(axis=0)).sum())
+
+
+def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """Those still running (a zombie has exited; its parent died too, so nobody reaps it here)."""
+    living = []
+    for proc in procs:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                living.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    return living
+
+
+def group_members(pgid: int) -> list[psutil.Process]:
+    members = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid:
+                members.append(proc)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    return members
+
+
+def test_the_whole_cluster_run_killed_then_rerun_resumes(project):
+    root, manifest = project
+    out = root / "resumed.zarr"
+    proc = extract(manifest, out, "--cluster", "local:2", own_group=True)
+    deadline = time.time() + 120
+    while ((not done_chunks(out, "cnn32") & done_chunks(out, "vit48")) or len(dask_workers(proc)) < 2) \
+            and proc.poll() is None and time.time() < deadline:   # a unit done by both teachers, 2 workers up
+        time.sleep(0.02)
+    everyone = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    assert len(dask_workers(proc)) == 2
+    os.killpg(proc.pid, signal.SIGKILL)                 # the client, its LocalCluster and every worker
+    proc.wait()
+    deadline = time.time() + 30
+    while (alive(everyone) or alive(group_members(proc.pid))) and time.time() < deadline:
+        time.sleep(0.1)
+    assert alive(everyone) == [] and alive(group_members(proc.pid)) == []
+    done_at_kill, pending = done_units(out), pending_units(out)
+    assert 0 < done_at_kill < UNITS and 0 < pending < UNITS, f"the kill must land mid-run ({done_at_kill} done)"
+
+    output = finished(extract(manifest, out, "--cluster", "local:2"))
+    assert "resumed" in output
+    assert cluster_line(output)["tasks"] == pending       # only the units left undone are rerun
+    assert_same_store(root / "single.zarr", out)
 
 
 def test_bad_cluster_spec_is_a_usage_error(project):
