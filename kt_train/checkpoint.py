@@ -2,13 +2,22 @@
 
 Layout of ``--out DIR``: ``student.safetensors`` + ``student.json`` (or ``student0…`` for several),
 ``method.safetensors``, ``optimizer.pt`` (tensors and numbers only: loads with ``weights_only=True``),
-``state.json`` (last finished epoch and step), ``run.json`` (what ``ktc eval`` needs), ``config.yaml``.
+``state.json`` (last finished epoch and step, and the sha256 of every checkpoint file it belongs to),
+``run.json`` (what ``ktc eval`` needs), ``config.yaml``.
+
+A checkpoint is committed like a journal, so a kill at any moment leaves either the previous checkpoint
+or the new one, never a mix: every file is first written into ``.checkpoint-next/``, then that folder's
+``state.json`` (written last, atomically) marks it complete; only then are the files renamed into place,
+``state.json`` last. ``--resume`` first finishes an interrupted commit (a complete staging folder is
+rolled forward, an incomplete one discarded), then checks every file against the hashes in ``state.json``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,39 +26,92 @@ import torch
 from kt_cache.errors import UsageError
 
 STATE = "state.json"
+STAGING = ".checkpoint-next"
+rename = os.replace   # one name for every rename of a commit (tests kill the commit at each one)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(text)
-    os.replace(tmp, path)
+    rename(tmp, path)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def save_checkpoint(out: Path, run: Any, optimizer: Any, scheduler: Any, scaler: Any, epoch: int, step: int) -> None:
-    """Everything needed to evaluate the students and to resume after ``epoch``."""
+    """Everything needed to evaluate the students and to resume after ``epoch``, committed atomically."""
+    recover_checkpoint(out)
+    stage = out / STAGING
+    stage.mkdir(parents=True)
+    write_files(stage, run, optimizer, scheduler, scaler)
+    files = {p.name: file_sha256(p) for p in sorted(stage.iterdir())}
+    atomic_write_text(stage / STATE, json.dumps({"epoch": epoch, "step": step, "files": files}))
+    commit_staging(out)
+
+
+def write_files(stage: Path, run: Any, optimizer: Any, scheduler: Any, scaler: Any) -> None:
     from safetensors.torch import save_file
 
     from kt_train.students import save_student
 
     for student, name in zip(run.students, run.info["students"]):
-        save_student(student, out / name)
+        save_student(student, stage / name)
     heads = {k: v.detach().contiguous().cpu() for k, v in run.method.state_dict().items()}
-    save_file(heads, str(out / "method.safetensors"), metadata={"method": run.config.method})
-    tmp = out / "optimizer.pt.partial"
+    save_file(heads, str(stage / "method.safetensors"), metadata={"method": run.config.method})
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict()}, tmp)
-    os.replace(tmp, out / "optimizer.pt")
-    atomic_write_text(out / "run.json", json.dumps(run.info, indent=1))
-    atomic_write_text(out / STATE, json.dumps({"epoch": epoch, "step": step}))
+                "scaler": scaler.state_dict()}, stage / "optimizer.pt")
+    (stage / "run.json").write_text(json.dumps(run.info, indent=1))
+
+
+def commit_staging(out: Path) -> None:
+    """Move a complete staging folder's files into ``out`` (``state.json`` last) and remove the folder.
+    Files already moved by an interrupted earlier call are absent from the folder and are skipped."""
+    stage = out / STAGING
+    for name in json.loads((stage / STATE).read_text())["files"]:
+        if (stage / name).exists():
+            rename(stage / name, out / name)
+    rename(stage / STATE, out / STATE)
+    shutil.rmtree(stage)
+
+
+def recover_checkpoint(out: Path) -> None:
+    """Finish or discard a commit that a kill interrupted: a staging folder with its ``state.json`` is
+    complete (roll forward); one without it was still being written (the previous checkpoint is intact)."""
+    stage = out / STAGING
+    if (stage / STATE).is_file():
+        commit_staging(out)
+    elif stage.exists():
+        shutil.rmtree(stage)
+
+
+def check_checkpoint_files(out: Path, state: dict[str, Any]) -> None:
+    """Every file ``state.json`` lists must be there with its recorded sha256 (older runs list none)."""
+    for name, want in state.get("files", {}).items():
+        path = out / name
+        got = file_sha256(path) if path.is_file() else "missing"
+        if got != want:
+            raise UsageError(f"--resume: {path} does not belong to the checkpoint in {out / STATE} (epoch "
+                             f"{state.get('epoch')}): sha256 expected {want[:16]}…, got {got[:16]}…. It was changed "
+                             "or replaced after that checkpoint was written, so resuming would mix weights. Fix: "
+                             "restore the file from the same run, or drop --resume to start a new run.")
 
 
 def load_checkpoint(out: Path, run: Any, optimizer: Any, scheduler: Any, scaler: Any) -> tuple[int, int]:
     """Restore a run folder written by ``save_checkpoint``; returns (next epoch, step)."""
     from safetensors.torch import load_file, load_model
 
+    recover_checkpoint(out)
     if not (out / STATE).is_file():
         raise UsageError(f"--resume: {out} holds no finished epoch ({STATE} missing). "
                          "Fix: drop --resume to start a new run, or point --out at the folder of the run to continue.")
+    state = json.loads((out / STATE).read_text())
+    check_checkpoint_files(out, state)
     for student, name in zip(run.students, run.info["students"]):
         load_model(student, str(out / name), strict=True)
     run.method.load_state_dict(load_file(str(out / "method.safetensors")))
@@ -57,7 +119,6 @@ def load_checkpoint(out: Path, run: Any, optimizer: Any, scheduler: Any, scaler:
     optimizer.load_state_dict(with_current_kernel(saved["optimizer"], optimizer))
     scheduler.load_state_dict(saved["scheduler"])
     scaler.load_state_dict(saved["scaler"])
-    state = json.loads((out / STATE).read_text())
     return int(state["epoch"]) + 1, int(state["step"])
 
 
