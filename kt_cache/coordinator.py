@@ -136,12 +136,18 @@ def teacher_attrs(plan: Any, weights_sha256: str | None) -> dict[str, Any]:
         "weights": plan.weights, "weights_sha256": weights_sha256,
         "preprocess": {"input_size": list(plan.input_size), "mean": list(plan.mean), "std": list(plan.std),
                        "interpolation": plan.interpolation},
-        "outputs": list(spec.outputs), "logits_topk": spec.logits_topk, "featmap_grid": spec.featmap_grid,
+        "outputs": list(spec.outputs), "logits_topk": stored_topk(spec.logits_topk, plan.num_classes),
+        "featmap_grid": spec.featmap_grid,
         "dtype": spec.dtype, "feature_dim": plan.feature_dim, "num_classes": plan.num_classes,
         "featmap_dim": plan.featmap_dim, "class_names": list(plan.class_names) if plan.class_names else None,
         "entry": entry, "entry_sha256": json_sha256(entry), "extra": plan.extra,
         "library_versions": library_versions(),
     }
+
+
+def stored_topk(topk: int | None, num_classes: int | None) -> int | None:
+    """The k the store really holds: a teacher with fewer classes than ``topk`` keeps all of them."""
+    return min(topk, num_classes) if topk is not None and num_classes else topk
 
 
 def weights_file_sha256(plan: Any) -> str | None:

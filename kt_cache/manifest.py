@@ -41,6 +41,7 @@ from kt_cache.manifest_types import (
     DTYPES, INTERPOLATIONS, OUTPUT_KINDS, ROLES, SOURCES, DatasetSpec, Manifest, PreprocessSpec,
     StorageSpec, TeacherSpec, ViewsSpec,
 )
+from kt_cache.store_checks import MAX_VIEWS
 
 BUILTIN_DATASETS = ("skimage",)
 TOP_KEYS = ("dataset", "store", "views", "defaults", "storage", "teachers")
@@ -199,7 +200,7 @@ def _dataset(value: Any, loc: Loc, base: Path) -> DatasetSpec:
 
 
 _VIEWS: dict[str, Check] = {
-    "count": partial(check_int, minimum=1), "seed": partial(check_int, minimum=0),
+    "count": partial(check_int, minimum=1, maximum=MAX_VIEWS), "seed": partial(check_int, minimum=0),
     "scale": partial(check_range_pair, upper=1.0), "ratio": partial(check_range_pair, upper=None),
     "flip": check_bool, "center_crop": also(partial(check_float, expected="a number in (0, 1]"), lambda x: 0 < x <= 1,
                                         "a number in (0, 1]", "e.g. center_crop: 0.875."),
@@ -278,7 +279,7 @@ def _teacher_id(data: dict[str, Any], loc: Loc, source: str, model: str, pretrai
         ident = data["id"]
         if not isinstance(ident, str) or not ID_PATTERN.match(ident) or ".." in ident:
             loc.key("id").expected(f"an id of {rule} (it names a Zarr group)", ident,
-                                   f"use e.g. {safe_id(str(ident))!r}.")
+                                   f"use e.g. {valid_id(str(ident))!r}.")
         return ident
     ident = safe_id(default_teacher_id(source, model, pretrained))
     if not ID_PATTERN.match(ident) or ".." in ident:
@@ -300,6 +301,12 @@ def safe_id(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
+def valid_id(name: str) -> str:
+    """``safe_id`` with '..' runs and leading non-alphanumerics removed too: always a valid id (for hints)."""
+    ident = re.sub(r"^[^A-Za-z0-9]+", "", re.sub(r"\.{2,}", "_", safe_id(name)))[:128]
+    return ident or "teacher"
+
+
 def _weights(data: dict[str, Any], loc: Loc, base: Path) -> dict[str, Any]:
     """checkpoint (local path or pkg: reference), remap, model_args."""
     raw = data.get("checkpoint")
@@ -315,7 +322,21 @@ def _weights(data: dict[str, Any], loc: Loc, base: Path) -> dict[str, Any]:
     if args is not None and not isinstance(args, dict):
         loc.key("model_args").expected("a mapping of keyword arguments", args,
                                        "write e.g. model_args: {num_classes: 5}.")
+    for key in sorted(WEIGHT_LOADING_ARGS & set(args or {})):
+        loc.key(f"model_args.{key}").fail(
+            f"model_args.{key} would make the model library load weights that the store cannot record "
+            "(no sha256, so resume and provenance could not check them), and --dry-run would load them.",
+            "give the weights file as the teacher's `checkpoint:` (with `remap: true` for timm's key remap) "
+            "and remove this key.")
+    classes = (args or {}).get("num_classes")
+    if classes is not None:
+        check_int(classes, loc.key("model_args.num_classes"), minimum=0)
     return {"checkpoint": checkpoint, "remap": remap, "model_args": check_plain(args or {}, loc.key("model_args"))}
+
+
+# keyword arguments through which timm.create_model / open_clip.create_model load files or hub weights
+WEIGHT_LOADING_ARGS = frozenset({"checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay",
+                                 "pretrained_hf", "pretrained_image", "pretrained_text", "cache_dir"})
 
 
 def _pkg_ref(raw: str, loc: Loc) -> str:

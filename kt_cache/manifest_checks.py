@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import re
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,12 +66,24 @@ def read_text(path: Path) -> str:
         raise ManifestError(f"{path}: cannot be read ({exc.strerror}). Fix: check its permissions.") from None
 
 
+class StrictBoolLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` where only true/false are booleans (YAML 1.2): PyYAML's YAML 1.1 also reads
+    yes/no/on/off as booleans, so ``flip: yes`` or a class named ``no`` would silently change meaning."""
+
+
+StrictBoolLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+StrictBoolLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                       list("tTfF"))
+
+
 def parse_yaml(text: str, path: Path) -> Any:
     """``yaml.safe_load`` the text after checking for duplicate keys; syntax errors name the line."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=StrictBoolLoader)
         check_duplicate_keys(node, path)
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=StrictBoolLoader)   # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
         lines = text.splitlines()
         mark = exc.problem_mark if exc.problem_mark and exc.problem_mark.line < len(lines) else None
@@ -141,10 +154,12 @@ def sub_mapping(data: dict[str, Any], key: str, loc: Loc, allowed: tuple[str, ..
     return {} if value is None else check_mapping(value, loc.key(key), allowed)
 
 
-def check_int(value: Any, loc: Loc, minimum: int | None = None) -> int:
-    """An integer (not a bool), at least ``minimum`` when given."""
+def check_int(value: Any, loc: Loc, minimum: int | None = None, maximum: int | None = None) -> int:
+    """An integer (not a bool), at least ``minimum`` and at most ``maximum`` when given."""
     bound = "" if minimum is None else f" >= {minimum}"
-    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+    bound += "" if maximum is None else f"{' and' if bound else ''} <= {maximum}"
+    too_big = maximum is not None and isinstance(value, int) and value > maximum
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum) or too_big:
         loc.expected(f"an integer{bound}", value, f"write a whole number{bound}, without quotes.")
     return value
 

@@ -230,9 +230,9 @@ def test_non_string_key_is_explained() -> None:
 
 
 @pytest.mark.parametrize(("data", "match"), [
-    ({"views": {"count": "four"}}, r"teachers\.yaml:views\.count: expected an integer >= 1, got str 'four'\. "
-                                   r"Fix: write a whole number >= 1, without quotes"),
-    ({"views": {"count": 0}}, r"views\.count: expected an integer >= 1, got int 0"),
+    ({"views": {"count": "four"}}, r"teachers\.yaml:views\.count: expected an integer >= 1 and <= 4096, got str 'four'\. "
+                                   r"Fix: write a whole number >= 1 and <= 4096, without quotes"),
+    ({"views": {"count": 0}}, r"views\.count: expected an integer >= 1 and <= 4096, got int 0"),
     ({"views": {"seed": 1.5}}, r"views\.seed: expected an integer >= 0, got float 1\.5"),
     ({"views": {"flip": "yes"}}, r"views\.flip: expected true or false, got str 'yes'"),
     ({"views": {"scale": [0.5]}}, r"views\.scale: expected a list of 2 numbers"),

@@ -47,6 +47,11 @@ def resolve_checkpoint(teacher_id: str, checkpoint: Path | str, base_dir: Path |
     path = _package_file(teacher_id, text[4:]) if text.startswith("pkg:") else Path(text).expanduser()
     if not path.is_absolute() and base_dir is not None:
         path = base_dir / path
+    if path.exists() and not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file (a device, pipe or socket)"
+        raise TeacherError(
+            f"teacher {teacher_id}: checkpoint {text!r} is {kind} ({path}); a checkpoint is one weights file. "
+            "Fix: point `checkpoint:` at the .safetensors/.pth file itself (e.g. inside that folder).")
     if not path.is_file():
         raise TeacherError(
             f"teacher {teacher_id}: checkpoint {text!r} does not exist (looked for {path}). "
