@@ -135,6 +135,24 @@ def get_many(store: Any, keys: list[str], concurrency: int = 16) -> list[bytes |
     return sync(run()) if keys else []
 
 
+def exists_many(store: Any, keys: list[str], concurrency: int = 16) -> list[bool]:
+    """Whether each object exists (a stat locally, a HEAD-like request remotely), checked concurrently."""
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    async def run() -> list[bool]:
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(key: str) -> bool:
+            async with gate:
+                return bool(await store.exists(key))
+
+        return list(await asyncio.gather(*(one(k) for k in keys)))
+
+    return sync(run()) if keys else []
+
+
 def list_keys(store: Any, prefix: str = "") -> list[str]:
     """Every object key below ``prefix`` of a listable store, orphan temp files excluded, sorted."""
     from zarr.core.sync import sync

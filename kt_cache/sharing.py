@@ -219,6 +219,13 @@ def source_keys(reader: fmt.StoreReader) -> list[str]:
                              f"{fmt.OBJECT_MANIFEST}. Fix: ask its producer to finalize it (`ktc extract`) or to pack it.")
         keys = sorted(manifest)
     keys = [k for k in keys if k != fmt.OBJECT_MANIFEST]
+    absent = sorted(set(reader.listed_objects()) - set(keys))
+    if absent:   # a copy without them would write an object list that hides the loss
+        shown = ", ".join(absent[:5]) + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
+        raise StoreError(f"{reader.where}: {len(absent)} object(s) listed in its {fmt.OBJECT_MANIFEST} are missing "
+                         f"(or hidden behind a symbolic link): {shown}. ktc copies only complete stores, so nothing "
+                         f"was written. Fix: get an intact copy of the store (`ktc verify {reader.where}` lists "
+                         "every damaged object); if you produced it, rerun `ktc extract` with its manifest first.")
     folder = reader.location.local_folder if reader.location else None
     for key in keys:
         checks.check_object_key(key, reader.where)

@@ -233,6 +233,33 @@ def object_key(array: Any, path: str, block: int) -> str:
     return f"{path}/{array.metadata.encode_chunk_key((block,) + (0,) * (array.ndim - 1))}"
 
 
+def missing_objects_error(where: str, path: str, missing: list[tuple[str, int]], step: int) -> StoreError:
+    named = "; ".join(f"{key} (rows {a}-{a + step - 1})" for key, a in missing[:5])
+    more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+    return StoreError(f"{where}: array {path}: {len(missing)} object(s) listed in {OBJECT_MANIFEST} are missing: "
+                      f"{named}{more}. The store lost them after it was finalized (a deleted file, an incomplete copy "
+                      "or download, a server answering 404); reading on would pass fill values off as data. Fix: "
+                      f"get an intact copy of those objects or of the store; if you produced it, rerun `ktc extract` "
+                      f"with its manifest, which recomputes the units whose objects are missing (`ktc verify {where}` "
+                      "lists them all).")
+
+
+class CheckedRows:
+    """One store array, sliced by rows through ``StoreReader.read`` (so missing and corrupt objects are
+    StoreErrors); every other attribute (shape, dtype, chunks, nbytes) is the zarr array's."""
+
+    def __init__(self, reader: StoreReader, teacher_id: str, path: str, array: Any) -> None:
+        self.reader, self.teacher_id, self.path, self.array = reader, teacher_id, path, array
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.array, name)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        if not isinstance(rows, slice):
+            raise TypeError(f"CheckedRows reads row slices only, got {type(rows).__name__}")
+        return self.reader.read(self.teacher_id, self.path, rows)
+
+
 class StoreReader:
     """Read-only, validated view of a ktc store: root metadata, samples, teachers and their arrays.
 
@@ -258,6 +285,8 @@ class StoreReader:
                              "consolidation) or to publish it packed (`ktc pack`), or download it and open it locally.")
         self._ids: list[str] | None = None
         self._checked: dict[str, dict[str, Any]] = {}
+        self._listed: dict[str, dict[str, Any]] | None = None
+        self._present: set[str] = set()
 
     def close(self) -> None:
         """Release the store (a packed store keeps its zip file open until then)."""
@@ -323,9 +352,38 @@ class StoreReader:
         return {name: array for name, array in arrays.items() if name != "done"}
 
     def read(self, teacher_id: str, path: str, rows: slice = slice(None)) -> np.ndarray:
-        """Rows of one teacher array; a truncated or corrupt object is a StoreError naming its key."""
+        """Rows of one teacher array; a missing, truncated or corrupt object is a StoreError naming its key."""
         array = self.checked_arrays(teacher_id)[path]
+        self.require_objects(array, f"teachers/{teacher_id}/{path}", rows)
         return read_rows(array, f"teachers/{teacher_id}/{path}", self.where, rows)
+
+    def rows(self, teacher_id: str, path: str) -> CheckedRows:
+        """The array at ``path`` as a row-sliceable object whose every read goes through ``read``."""
+        return CheckedRows(self, teacher_id, path, self.checked_arrays(teacher_id)[path])
+
+    def listed_objects(self) -> dict[str, dict[str, Any]]:
+        """``ktc-objects.json``'s objects, read once (empty for a store that was never finalized)."""
+        if self._listed is None:
+            self._listed = self.object_manifest() or {}
+        return self._listed
+
+    def require_objects(self, array: Any, path: str, rows: slice = slice(None)) -> None:
+        """Every object of ``rows`` that ``ktc-objects.json`` lists must exist: zarr would silently read an
+        absent one as fill values (NaN features, label -1, ok False), i.e. lost data passed off as data."""
+        listed = self.listed_objects()
+        if not listed:
+            return
+        step = checks.object_rows(array)
+        start, stop, _ = rows.indices(int(array.shape[0]))
+        blocks = {object_key(array, path, b): b for b in range(start // step, -(-stop // step))}
+        todo = [key for key in blocks if key in listed and key not in self._present]
+        from kt_cache.remote import exists_many
+
+        found = exists_many(self.store, todo)
+        self._present.update(key for key, ok in zip(todo, found) if ok)
+        missing = [key for key, ok in zip(todo, found) if not ok]
+        if missing:
+            raise missing_objects_error(self.where, path, [(k, blocks[k] * step) for k in missing], step)
 
     def done(self, teacher_id: str) -> np.ndarray:
         return np.asarray(self.read(teacher_id, "done"), dtype=bool)
@@ -342,8 +400,11 @@ class StoreReader:
         return array
 
     def samples(self) -> dict[str, np.ndarray]:
-        found = {name: read_rows(self.sample_array(name), f"samples/{name}", self.where)
-                 for name in ("id", "index", "label", "ok", "views")}
+        found = {}
+        for name in ("id", "index", "label", "ok", "views"):
+            array = self.sample_array(name)
+            self.require_objects(array, f"samples/{name}")
+            found[name] = read_rows(array, f"samples/{name}", self.where)
         checks.check_sample_ids(found["id"], self.where)
         return found
 

@@ -109,9 +109,9 @@ class CachedTeachers:
         featmaps: dict[str, Any] = {}
         for tid in self.ids:
             arrays = reader.teacher_arrays(tid)
-            self.tables[tid] = {p: np.asarray(arrays[p][:]) for p in self._ram_paths(tid, arrays, reader)}
+            self.tables[tid] = {p: reader.read(tid, p) for p in self._ram_paths(tid, arrays, reader)}
             if "featmaps" in self.wanted and "featmap" in arrays:
-                featmaps[tid] = arrays["featmap"]
+                featmaps[tid] = reader.rows(tid, "featmap")
         self._place_featmaps(featmaps, int(ram_budget_bytes), block_rows)
 
     def _ram_paths(self, tid: str, arrays: dict[str, Any], reader: StoreReader) -> list[str]:

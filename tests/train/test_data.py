@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from extract_helpers import cnn_teacher, make_image_folder, vit_teacher, write_manifest
 from kt_cache.cli import cli
 from kt_cache.errors import UsageError
+from kt_cache.finalize import write_object_manifest
 from kt_cache.images import decode_image
 from kt_cache.store import StoreReader
 from kt_cache.views import view_pixels
@@ -89,6 +90,7 @@ def test_select_incomplete_teacher_names_units_and_fix(store, tmp_path):
     copy = tmp_path / "copy.zarr"
     shutil.copytree(store, copy)
     zarr.open_group(str(copy), mode="r+", use_consolidated=False)["teachers/cnn32/done"][1] = False
+    write_object_manifest(copy)   # as finalized by a run whose unit 1 failed
     reader = StoreReader(copy)
     assert select_teachers(reader, ["vit48"]) == ["vit48"]
     with pytest.raises(UsageError) as err:
@@ -198,14 +200,14 @@ class CountingArray:
 def test_featmap_block_cache_matches_ram_and_reads_each_block_once(store, cached, monkeypatch):
     reader = StoreReader(store)
     wrapped = {}
-    original = reader.teacher_arrays
+    original = reader.rows
 
-    def counting(tid):
-        found = original(tid)
-        wrapped[tid] = found["featmap"] = CountingArray(found["featmap"])
-        return found
+    def counting(tid, path):
+        assert path == "featmap"
+        wrapped[tid] = CountingArray(original(tid, path))
+        return wrapped[tid]
 
-    monkeypatch.setattr(reader, "teacher_arrays", counting)
+    monkeypatch.setattr(reader, "rows", counting)
     lazy = CachedTeachers(reader, ["cnn32", "vit48"], needs={"featmaps"}, ram_budget_bytes=1, window_blocks=2,
                           block_rows=4)
     assert set(lazy.caches) == {"cnn32", "vit48"} and not any(w.reads for w in wrapped.values())

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from extract_helpers import cnn_teacher, make_image_folder, vit_teacher, write_manifest
 from kt_cache.cli import cli
+from kt_cache.finalize import write_object_manifest
 
 COMMON = ["--student", "resnet10t", "--img-size", "32", "--epochs", "1", "--batch-size", "4", "--workers", "0",
           "--no-progress"]
@@ -136,6 +137,7 @@ def test_incomplete_teacher_is_refused(store, tmp_path):
     copy = tmp_path / "copy.zarr"
     shutil.copytree(store / "out.zarr", copy)
     zarr.open_group(str(copy), mode="r+", use_consolidated=False)["teachers/cnn32/done"][1] = False
+    write_object_manifest(copy)   # as finalized by a run whose unit 1 failed
     result = invoke("train", "--cache", copy, "--out", tmp_path / "run", *COMMON, "--method", "kd")
     assert result.exit_code == 2 and "cnn32" in result.output and "ktc extract" in result.output
 
