@@ -128,6 +128,7 @@ def run_extract(options: ExtractOptions) -> ExtractReport:
     options.data_root = plan.listing.root
     manifest = plan.manifest
     root = open_or_create_store(plan.out, plan.listing, manifest.views, manifest.storage, options.limit)
+    reopen_damaged_units(plan, options)
     statuses = {p.id: prepare_teacher(root, p, p.id in options.overwrite) for p in plan.plans}
     state, start = RunState(), time.perf_counter()
     if options.cluster or options.scheduler:
@@ -144,6 +145,17 @@ def run_extract(options: ExtractOptions) -> ExtractReport:
     failures = {str(ids[row]): reason for row, reason in sorted(state.failures.items())}
     timings = {k: v.as_dict() for k, v in state.timings.items()}
     return ExtractReport(plan, statuses, timings, failures, state.rows, state.wall_s)
+
+
+def reopen_damaged_units(plan: ExtractPlan, options: ExtractOptions) -> None:
+    """A rerun recomputes units whose objects changed since the last finalize (never re-lists damage)."""
+    import click
+
+    from kt_cache.repair import check_and_reopen_damaged_units, describe_repairs
+
+    reopened = check_and_reopen_damaged_units(plan.out, [p.id for p in plan.plans], tuple(options.overwrite))
+    if reopened:
+        click.echo(f"{plan.out}: {describe_repairs(reopened)}", err=True)
 
 
 def task_progress(total: int, options: ExtractOptions) -> Any:

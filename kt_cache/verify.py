@@ -247,7 +247,8 @@ def compare_digest(key: str, data: bytes | None, want: dict[str, Any], unit_rows
     if len(data) != want["size"] or digest != want["sha256"]:
         report.add(array, key, f"{where}: bytes differ from {fmt.OBJECT_MANIFEST} (size {want['size']} -> {len(data)}, "
                    f"sha256 {want['sha256'][:12]}… -> {digest[:12]}…): changed or truncated after finalize. "
-                   "Fix: get an intact copy of this object from the producer, or re-extract the unit.")
+                   "Fix: get an intact copy of this object from the producer; or, where you have the images, rerun "
+                   "`ktc extract` with the store's manifest: it recomputes every unit whose objects changed.")
 
 
 def check_values(reader: fmt.StoreReader, arrays: dict[str, Any], report: VerifyReport) -> None:
