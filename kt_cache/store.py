@@ -399,12 +399,14 @@ class StoreReader:
         checks.check_array(array, path, name, self.meta, self.where)
         return array
 
+    def sample(self, name: str) -> np.ndarray:
+        """One ``samples/*`` array, checked (shape, dtype, sizes) before it is read, and its objects present."""
+        array = self.sample_array(name)
+        self.require_objects(array, f"samples/{name}")
+        return read_rows(array, f"samples/{name}", self.where)
+
     def samples(self) -> dict[str, np.ndarray]:
-        found = {}
-        for name in ("id", "index", "label", "ok", "views"):
-            array = self.sample_array(name)
-            self.require_objects(array, f"samples/{name}")
-            found[name] = read_rows(array, f"samples/{name}", self.where)
+        found = {name: self.sample(name) for name in ("id", "index", "label", "ok", "views")}
         checks.check_sample_ids(found["id"], self.where)
         return found
 

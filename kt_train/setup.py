@@ -118,7 +118,7 @@ def build_run(config: TrainConfig, rank: int = 0, world: int = 1, local_rank: in
     reader = StoreReader(config.cache)
     teacher_ids = select_teachers(reader, config.teachers)
     options = build_options(config.method, method_options(config, max(1, len(config.students))))
-    labels = np.asarray(reader.root["samples/label"][:])
+    labels = reader.sample("label")
     use_labels = config.labels == "use" and bool((labels >= 0).any())
     check_requirements(config, reader, teacher_ids, options, use_labels)
     cached = CachedTeachers(reader, teacher_ids, needs=METHODS[config.method].needs, window_blocks=config.window_blocks,
