@@ -169,9 +169,9 @@ def prepare_teacher(root: Any, plan: Any, overwrite: bool) -> str:
         same = stored.get("entry_sha256") == entry_sha and weights_sha in (None, stored.get("weights_sha256"))
         if not overwrite and same and stored_arrays_match(teachers[plan.id], plan, meta):
             return "resumed"
-        if not overwrite:
+        if not overwrite and any_unit_done(teachers[plan.id]):
             raise StoreMismatchError(changed_teacher_message(plan, stored, weights_sha))
-        del teachers[plan.id]
+        del teachers[plan.id]   # --overwrite, or an earlier run that failed before any unit: nothing is lost
         status = "recreated"
     group = teachers.create_group(plan.id)
     for spec in fmt.teacher_array_specs(plan, meta["n_views"]):
@@ -179,6 +179,11 @@ def prepare_teacher(root: Any, plan: Any, overwrite: bool) -> str:
     fmt.create_done_array(group, meta["n_units"])
     group.attrs[fmt.TEACHER_ATTR] = teacher_attrs(plan, weights_sha)
     return status
+
+
+def any_unit_done(group: Any) -> bool:
+    """Whether the stored teacher holds finished work (a missing ``done`` array counts as finished: keep it)."""
+    return "done" not in group or bool(np.asarray(group["done"][:], dtype=bool).any())
 
 
 def stored_arrays_match(group: Any, plan: Any, meta: dict[str, Any]) -> bool:
