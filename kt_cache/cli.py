@@ -6,7 +6,10 @@ traceback, with exit code 2 for usage errors and 1 for runtime failures.
 
 from __future__ import annotations
 
+import errno
 import importlib
+import sys
+import zipfile
 
 import click
 
@@ -61,9 +64,45 @@ class KtcGroup(click.Group):
         try:
             return super().invoke(ctx)
         except KtError as err:
-            failure = click.ClickException(str(err))
-            failure.exit_code = err.exit_code
-            raise failure from None
+            raise failure(str(err), err.exit_code) from None
+        except OSError as err:
+            if err.errno not in DISK_FULL:
+                raise
+            raise failure(disk_full_message(ctx, err), 1) from None
+        except zipfile.BadZipFile as err:
+            raise failure(f"ktc {ctx.invoked_subcommand}: a packed store is damaged ({err}). Fix: run `ktc verify` "
+                          "on it for the list; get an intact copy, or pack it again from an intact store.", 1) from None
+        except Exception as err:
+            if not is_network_error(err):
+                raise
+            raise failure(network_message(ctx, err), 1) from None
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def failure(message: str, exit_code: int) -> click.ClickException:
+    error = click.ClickException(message)
+    error.exit_code = exit_code
+    return error
+
+
+def disk_full_message(ctx: click.Context, err: OSError) -> str:
+    where = f" writing {err.filename}" if err.filename else ""
+    return (f"ktc {ctx.invoked_subcommand}: the disk is full{where} ({err.strerror}). Nothing finished is lost: "
+            "`ktc extract` resumes from its finished units, and merge, subset and pack remove their unfinished "
+            "output. Fix: free space or write to a disk with room (`df -h` shows it), then rerun the same command.")
+
+
+def is_network_error(err: Exception) -> bool:
+    """aiohttp's client errors (an HTTP store that went away mid-run); aiohttp is imported only if in use."""
+    aiohttp = sys.modules.get("aiohttp")
+    return aiohttp is not None and isinstance(err, aiohttp.ClientError)
+
+
+def network_message(ctx: click.Context, err: Exception) -> str:
+    return (f"ktc {ctx.invoked_subcommand}: a remote store stopped answering ({type(err).__name__}: {err}). "
+            "Fix: check that the server is running and reachable, then rerun the same command.")
 
 
 @click.group(cls=KtcGroup, context_settings={"help_option_names": ["-h", "--help"]})

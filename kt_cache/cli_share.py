@@ -10,7 +10,7 @@ import click
 @click.command()
 @click.argument("store")
 @click.option("--quick", is_flag=True, help="Check metadata only (attributes, array metadata, metadata digests, "
-              "consolidation, object list); read no chunk.")
+              "consolidation, object list, object sizes); read no chunk.")
 @click.option("--keep-temp", is_flag=True, help="List orphan temp files of killed writers instead of removing them.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 def verify(store: str, quick: bool, keep_temp: bool, as_json: bool) -> None:
@@ -30,8 +30,7 @@ def verify(store: str, quick: bool, keep_temp: bool, as_json: bool) -> None:
             raise click.exceptions.Exit(1)
         return
     if not report.ok:
-        raise StoreError(report.summary() + "\nFix: get intact copies of the named objects from the store's producer, "
-                         "or re-extract the affected teachers (`ktc extract --overwrite ID`).")
+        raise StoreError(report.summary() + f"\nFix: {report.repair}.")
     click.echo(report.summary())
 
 

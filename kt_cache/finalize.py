@@ -85,8 +85,9 @@ def object_digest(path: Path) -> dict[str, Any]:
     return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
-def write_object_manifest(path: Path) -> dict[str, Any]:
-    """``ktc-objects.json``: size and sha256 of every stored object (key = path relative to the store)."""
+def write_object_manifest(path: Path, made_by: str = "ktc extract") -> dict[str, Any]:
+    """``ktc-objects.json``: size and sha256 of every stored object (key = path relative to the store),
+    and ``made_by``, the command that rebuilds the store (verify's advice for damage names it)."""
     objects = {}
     for folder, _, files in os.walk(path):
         for name in files:
@@ -94,7 +95,8 @@ def write_object_manifest(path: Path) -> dict[str, Any]:
             key = full.relative_to(path).as_posix()
             if key != fmt.OBJECT_MANIFEST and not name.endswith(".partial"):
                 objects[key] = object_digest(full)
-    manifest = {"format": fmt.FORMAT_NAME, "version": fmt.FORMAT_VERSION, "objects": dict(sorted(objects.items()))}
+    manifest = {"format": fmt.FORMAT_NAME, "version": fmt.FORMAT_VERSION, "made_by": made_by,
+                "objects": dict(sorted(objects.items()))}
     tmp = path / (fmt.OBJECT_MANIFEST + ".partial")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, path / fmt.OBJECT_MANIFEST)

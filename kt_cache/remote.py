@@ -76,6 +76,8 @@ def open_store(location: str | Path | Location, storage_options: dict[str, Any] 
         StoreError: nothing is there (missing folder or zip file).
         UsageError: an unknown URL protocol, or one whose fsspec driver is not installed.
     """
+    import zipfile
+
     import zarr.storage
 
     loc = location if isinstance(location, Location) else parse_location(location)
@@ -87,6 +89,10 @@ def open_store(location: str | Path | Location, storage_options: dict[str, Any] 
     if loc.kind == "zip":
         if not loc.path.is_file():
             raise StoreError(f"{loc.text}: no zip file at {loc.path}. Fix: check the path of the packed store.")
+        if not zipfile.is_zipfile(loc.path):
+            raise StoreError(f"{loc.text}: {loc.path} is not a zip file (no zip directory found; truncated, or "
+                             "another kind of file). Fix: point at a store packed by `ktc pack`, or fetch the "
+                             "packed file again if its download was cut short.")
         return zarr.storage.ZipStore(loc.path, mode="r")
     return open_fsspec(loc, storage_options)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from kt_cache import store as fmt
 from kt_cache import store_checks as checks
 from kt_cache.errors import StoreError, StoreMismatchError, UsageError, did_you_mean
 from kt_cache.remote import get_many, list_keys
+from kt_cache.staging import staged_output
 
 BATCH = 64                          # objects per concurrent fetch
 SAME = (("dataset fingerprint", ("dataset", "fingerprint")), ("--limit", ("dataset", "limit")),
@@ -60,7 +60,8 @@ def subset_store(location: str, teachers: Sequence[str], out: str | Path) -> Pat
                              f"{did_you_mean(teacher_id, reader.teacher_ids())} Stored: {', '.join(reader.teacher_ids())}.")
     part = Part(reader, {t: t for t in dict.fromkeys(wanted)})
     validate_part(part)
-    return write_store([part], [0] * reader.meta["n_units"], Path(out))
+    made_by = f"ktc subset {location} --teachers {','.join(part.teachers)} --out {out}"
+    return write_store([part], [0] * reader.meta["n_units"], Path(out), made_by)
 
 
 def merge_stores(locations: Sequence[str], out: str | Path, renames: Sequence[str] = ()) -> Path:
@@ -77,12 +78,14 @@ def merge_stores(locations: Sequence[str], out: str | Path, renames: Sequence[st
     for part, mapping in zip(parts, plan_renames(readers, renames)):
         part.teachers = mapping
         validate_part(part)
-    return write_store(parts, sample_owners(parts), Path(out))
+    made_by = " ".join(["ktc merge", *map(str, locations), *(f"--rename {r}" for r in renames), "--out", str(out)])
+    return write_store(parts, sample_owners(parts), Path(out), made_by)
 
 
 def pack_store(location: str, out: str | Path) -> Path:
     """Copy every object of a finalized store into one ``ZIP_STORED`` file that zarr's ZipStore reads."""
     import zarr.storage
+    from zarr.core.sync import sync
 
     reader, out = fmt.StoreReader(location), Path(out)
     if out.suffix.lower() != ".zip":
@@ -91,15 +94,12 @@ def pack_store(location: str, out: str | Path) -> Path:
         raise UsageError(f"ktc pack: {out} already exists. Fix: choose a new output file or remove it.")
     validate_part(Part(reader, {t: t for t in reader.teacher_ids()}))
     keys = [(k, k) for k in source_keys(reader)] + [(fmt.OBJECT_MANIFEST, fmt.OBJECT_MANIFEST)]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    zipped = zarr.storage.ZipStore(out, mode="w")
-    try:
-        copy_objects(reader, keys, zipped)
-    except BaseException:
-        zipped.close()
-        out.unlink(missing_ok=True)
-        raise
-    zipped.close()
+    with staged_output(out, "ktc pack") as staging:
+        zipped = sync(zarr.storage.ZipStore.open(staging, mode="w"))   # opened now, so close() always works
+        try:
+            copy_objects(reader, keys, zipped)
+        finally:
+            zipped.close()
     return out
 
 
@@ -303,8 +303,9 @@ def prepare_output(out: Path, readers: Sequence[fmt.StoreReader]) -> None:
             raise UsageError(f"output {out} is inside the input store {reader.where}. Fix: write the new store elsewhere.")
 
 
-def write_store(parts: list[Part], owners: list[int], out: Path) -> Path:
-    """Create ``out``, copy the planned objects, set attributes last, consolidate, write the manifest."""
+def write_store(parts: list[Part], owners: list[int], out: Path, made_by: str) -> Path:
+    """Create ``out`` (staged, renamed when whole), copy the planned objects, set attributes last,
+    consolidate, write the manifest (recording ``made_by``, the command that can rebuild it)."""
     import zarr
     import zarr.storage
 
@@ -312,23 +313,20 @@ def write_store(parts: list[Part], owners: list[int], out: Path) -> Path:
 
     prepare_output(out, [p.reader for p in parts])
     plans = copy_plan(parts, owners)
-    try:
-        zarr.open_group(str(out), mode="w", zarr_format=3)
-        dest = zarr.storage.LocalStore(out)
+    with staged_output(out, " ".join(made_by.split()[:2])) as staging:
+        zarr.open_group(str(staging), mode="w", zarr_format=3)
+        dest = zarr.storage.LocalStore(staging)
         for part, pairs in zip(parts, plans):
             copy_objects(part.reader, pairs, dest)
-        root = zarr.open_group(str(out), mode="r+", use_consolidated=False, zarr_format=3)
+        root = zarr.open_group(str(staging), mode="r+", use_consolidated=False, zarr_format=3)
         if "teachers" not in root:
             root.create_group("teachers")
         record_renames(root, parts)
         root.attrs[fmt.ROOT_ATTR] = parts[0].reader.meta   # last: a store without it is recognisably unfinished
         with warnings.catch_warnings():   # "consolidated metadata is not in the v3 spec": known, documented
             warnings.simplefilter("ignore")
-            zarr.consolidate_metadata(str(out))
-        write_object_manifest(out)
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
-        raise
+            zarr.consolidate_metadata(str(staging))
+        write_object_manifest(staging, made_by=made_by)
     return out
 
 

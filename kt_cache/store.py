@@ -185,12 +185,28 @@ def open_root(target: Any, where: str, mode: str = "r", consolidated: bool | Non
     except FileNotFoundError as err:
         raise StoreError(f"{where}: no Zarr v3 store there ({err}). Fix: check the path or URL "
                          "(a ktc store is a folder holding zarr.json; use zip:// for a packed store).") from err
+    except network_errors() as err:
+        raise StoreError(unreachable_message(where, err)) from err
     except (ValueError, KeyError, TypeError) as err:
         node = checks.locate_bad_node(root_document(target)) if not isinstance(target, str) else ""
         detail = str(node or err).rstrip(".")
         raise StoreError(f"{where}: cannot be opened as a Zarr v3 group: {detail}. The metadata is damaged or "
                          "not written by ktc. Fix: point at a store written by `ktc extract`, or ask its producer "
                          "for an intact copy.") from err
+
+
+def network_errors() -> tuple[type[BaseException], ...]:
+    """What a failed read raises: OSError (disk, refused connection), and aiohttp's errors (HTTP stores)."""
+    try:
+        import aiohttp
+    except ImportError:
+        return (OSError,)
+    return (OSError, aiohttp.ClientError)
+
+
+def unreachable_message(where: str, err: BaseException) -> str:
+    return (f"{where}: cannot be read ({type(err).__name__}: {err}). A server that is down or unreachable, or a "
+            "failing disk. Fix: check that the server is running and the URL is right (or the disk), then rerun.")
 
 
 def root_document(target: Any) -> bytes | None:

@@ -5,6 +5,7 @@ Checks, in order (``--quick`` stops after the metadata checks, reading no chunk)
 1. the store opens and its metadata is valid (``StoreReader``: sizes, dtypes, codecs, ids, attributes);
 2. orphan temp files of killed writers (zarr LocalStore's ``<key>.<32 hex>.partial``) are removed;
 3. ``ktc-objects.json`` exists; every listed object exists and nothing unlisted is stored (listable stores);
+   with ``--quick``, each listed object's size matches (local folders and zips: a stat, no read);
    consolidated metadata exists and lists every node with current attributes;
 4. metadata documents (``zarr.json``) match their sha256 (all objects without ``--quick``);
 5. every object decodes; rows of decoded samples (``samples/ok``) in ``done`` units hold no NaN
@@ -53,6 +54,20 @@ class VerifyReport:
     removed: list[str] = field(default_factory=list)
     objects_hashed: int = 0
     arrays_scanned: int = 0
+    made_by: str = "ktc extract"          # ktc-objects.json's record of the command that built the store
+    packed: bool = False
+
+    @property
+    def repair(self) -> str:
+        """The command that repairs damage in this store: the one that built it, from intact inputs."""
+        if self.packed:
+            return ("get an intact copy of the packed file from the producer, or pack it again from an intact "
+                    "store: `ktc pack STORE OUT.zip`")
+        if not self.made_by.startswith("ktc extract"):
+            return (f"get an intact copy from the producer, or rebuild the store from intact inputs: remove it "
+                    f"and rerun `{self.made_by}`")
+        return ("get an intact copy of this object from the producer; or, where you have the images, rerun "
+                "`ktc extract` with the store's manifest: it recomputes every unit whose objects changed")
 
     @property
     def ok(self) -> bool:
@@ -65,7 +80,7 @@ class VerifyReport:
         return sorted({p.array for p in self.problems})
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(asdict(self), ok=self.ok, bad_arrays=self.bad_arrays())
+        return dict(asdict(self), ok=self.ok, bad_arrays=self.bad_arrays(), repair=self.repair)
 
     def summary(self) -> str:
         what = "metadata checked" if self.quick else f"{self.objects_hashed} objects hashed, {self.arrays_scanned} arrays scanned"
@@ -82,7 +97,8 @@ def verify_store(location: str, quick: bool = False, clean: bool = True,
                  storage_options: dict[str, Any] | None = None) -> VerifyReport:
     """Verify the store at ``location`` (local path or URL); see the module docstring for the checks."""
     reader = fmt.StoreReader(location, storage_options=storage_options)
-    report = VerifyReport(reader.where, quick, teachers=reader.teacher_ids())
+    packed = reader.location is not None and (reader.location.kind == "zip" or (reader.location.url or "").startswith("zip:"))
+    report = VerifyReport(reader.where, quick, teachers=reader.teacher_ids(), packed=packed)
     handle_orphans(reader, report, clean)
     manifest = load_manifest(reader, report)
     arrays = check_layout(reader, report)
@@ -132,12 +148,16 @@ def handle_orphans(reader: fmt.StoreReader, report: VerifyReport, clean: bool) -
 
 
 def load_manifest(reader: fmt.StoreReader, report: VerifyReport) -> dict[str, dict[str, Any]] | None:
+    raw = get_bytes(reader.store, fmt.OBJECT_MANIFEST)
     try:
-        manifest = reader.object_manifest()
+        manifest = None if raw is None else checks.parse_object_manifest(raw, reader.where)
     except StoreError as err:
         report.add("store", fmt.OBJECT_MANIFEST, str(err))
         return None
-    if manifest is None:
+    if manifest is not None:
+        made_by = json.loads(raw).get("made_by")
+        report.made_by = made_by if isinstance(made_by, str) and made_by.startswith("ktc ") else report.made_by
+    else:
         report.add("store", fmt.OBJECT_MANIFEST, "no object manifest: the store was never finalized (an interrupted "
                    "run?). Fix: rerun `ktc extract` with the same manifest; it resumes and finalizes.")
     return manifest
@@ -187,7 +207,8 @@ def json_document(reader: fmt.StoreReader, key: str) -> dict[str, Any] | None:
 
 def check_consolidation(reader: fmt.StoreReader, manifest: dict[str, Any] | None, report: VerifyReport) -> None:
     """Consolidated metadata exists and lists every node (a stale one hides teachers from remote readers)."""
-    fix = "Fix: rerun `ktc extract` with the store's manifest (it re-finalizes), or ask the producer to."
+    fix = ("Fix: rerun `ktc extract` with the store's manifest (it re-finalizes), or ask the producer to."
+           if report.made_by.startswith("ktc extract") and not report.packed else f"Fix: {report.repair}.")
     if not reader.consolidated:
         report.add("store", "zarr.json", f"no consolidated metadata: readers over https cannot discover teachers. {fix}")
         return
@@ -211,16 +232,46 @@ def check_keys(reader: fmt.StoreReader, manifest: dict[str, Any], report: Verify
     stored = set(list_keys(reader.store)) - {fmt.OBJECT_MANIFEST}
     for key in sorted(set(manifest) - stored):
         array, where = describe_key(key, unit_rows)
-        report.add(array, key, f"{where}: listed in {fmt.OBJECT_MANIFEST} but missing from the store")
+        report.add(array, key, f"{where}: listed in {fmt.OBJECT_MANIFEST} but missing from the store. Fix: {report.repair}.")
     for key in sorted(stored - set(manifest)):
         array, where = describe_key(key, unit_rows)
+        finish = ("rerun `ktc extract` to finish and finalize the store" if report.made_by.startswith("ktc extract")
+                  and not report.packed else report.repair)
         report.add(array, key, f"{where}: stored but not in {fmt.OBJECT_MANIFEST} (written after the last finalize; "
-                   "rerun `ktc extract` to finish and finalize the store)")
+                   f"{finish})")
+    if report.quick:
+        check_sizes(reader, manifest, stored & set(manifest), report)
     folder = reader.location.local_folder if reader.location else None
     for key in sorted(stored & set(manifest)) if folder else []:
         path = folder / key
         if path.is_symlink() or not path.resolve().is_relative_to(folder.resolve()):
             report.add(describe_key(key, unit_rows)[0], key, "is a symbolic link; a store holds plain files only")
+
+
+def check_sizes(reader: fmt.StoreReader, manifest: dict[str, Any], keys: set[str], report: VerifyReport) -> None:
+    """--quick: each listed object's size (a stat per file, the zip's directory): catches truncation
+    and most damage without reading a chunk; a same-size rewrite needs the full verify's hashes."""
+    sizes = stored_sizes(reader)
+    unit_rows = int(reader.meta["unit_rows"])
+    for key in sorted(keys & set(sizes)):
+        if sizes[key] != manifest[key]["size"]:
+            array, where = describe_key(key, unit_rows)
+            report.add(array, key, f"{where}: size differs from {fmt.OBJECT_MANIFEST} ({manifest[key]['size']} -> "
+                       f"{sizes[key]} bytes): truncated or changed after finalize. Fix: {report.repair}.")
+
+
+def stored_sizes(reader: fmt.StoreReader) -> dict[str, int]:
+    """Object key -> size in bytes, for local folders and local zip files (empty elsewhere)."""
+    loc = reader.location
+    if loc is None or loc.kind not in ("local", "zip"):
+        return {}
+    if loc.kind == "zip":
+        import zipfile
+
+        with zipfile.ZipFile(loc.path) as packed:
+            return {info.filename: info.file_size for info in packed.infolist()}
+    folder = loc.path
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
 
 
 def check_digests(reader: fmt.StoreReader, expected: dict[str, dict[str, Any]], report: VerifyReport) -> None:
@@ -232,9 +283,31 @@ def check_digests(reader: fmt.StoreReader, expected: dict[str, dict[str, Any]], 
         batch.append(key)
         size += expected[key]["size"]
         if index + 1 == len(keys) or size >= BATCH_BYTES or len(batch) >= 256:
-            for name, data in zip(batch, get_many(reader.store, batch)):
-                compare_digest(name, data, expected[name], unit_rows, report)
+            for name, data in zip(batch, fetch_batch(reader, batch, report)):
+                if data is not BAD_MEMBER:
+                    compare_digest(name, data, expected[name], unit_rows, report)
             batch, size = [], 0
+
+
+BAD_MEMBER = b"\0damaged zip member"       # stands for an object a packed store cannot return intact
+
+
+def fetch_batch(reader: fmt.StoreReader, keys: list[str], report: VerifyReport) -> list[bytes | None]:
+    """Bytes of ``keys``; in a packed store, a member whose CRC fails is reported, not raised."""
+    import zipfile
+
+    try:
+        return get_many(reader.store, keys)
+    except zipfile.BadZipFile:
+        found: list[bytes | None] = []
+        for key in keys:
+            try:
+                found.append(get_bytes(reader.store, key))
+            except zipfile.BadZipFile as err:
+                array, where = describe_key(key, int(reader.meta["unit_rows"]))
+                report.add(array, key, f"{where}: the zip member is damaged ({err}). Fix: {report.repair}.")
+                found.append(BAD_MEMBER)
+        return found
 
 
 def compare_digest(key: str, data: bytes | None, want: dict[str, Any], unit_rows: int, report: VerifyReport) -> None:
@@ -247,8 +320,7 @@ def compare_digest(key: str, data: bytes | None, want: dict[str, Any], unit_rows
     if len(data) != want["size"] or digest != want["sha256"]:
         report.add(array, key, f"{where}: bytes differ from {fmt.OBJECT_MANIFEST} (size {want['size']} -> {len(data)}, "
                    f"sha256 {want['sha256'][:12]}… -> {digest[:12]}…): changed or truncated after finalize. "
-                   "Fix: get an intact copy of this object from the producer; or, where you have the images, rerun "
-                   "`ktc extract` with the store's manifest: it recomputes every unit whose objects changed.")
+                   f"Fix: {report.repair}.")
 
 
 def check_values(reader: fmt.StoreReader, arrays: dict[str, Any], report: VerifyReport) -> None:
