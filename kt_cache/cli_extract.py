@@ -27,9 +27,12 @@ from kt_cache.extract import ExtractOptions, parse_bytes
 @click.option("--scheduler", metavar="ADDRESS", help="Run units as tasks on a running dask cluster (tcp://HOST:8786).")
 @click.option("--strict", is_flag=True, help="Fail at the first unreadable image instead of recording it.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--force-unlock", is_flag=True, help="Remove the store's lock (<store>.ktc-lock) left by a writer "
+              "you know is gone, then run.")
 def extract(manifest: Path, out: Path | None, dry_run: bool, device: str, batch_size: int, workers: int,
             limit: int | None, only: tuple[str, ...], overwrite: tuple[str, ...], max_teacher_memory: str,
-            cluster: str | None, scheduler: str | None, strict: bool, no_progress: bool) -> None:
+            cluster: str | None, scheduler: str | None, strict: bool, no_progress: bool,
+            force_unlock: bool) -> None:
     """Run the manifest's teachers once over the dataset and write one Zarr v3 store.
 
     Rerunning the same command resumes; a manifest with more teachers adds only the new ones.
@@ -39,7 +42,7 @@ def extract(manifest: Path, out: Path | None, dry_run: bool, device: str, batch_
     options = ExtractOptions(manifest=manifest, out=out, device=device, batch_size=batch_size, workers=workers,
                              limit=limit, only=only, overwrite=overwrite, strict=strict, dry_run=dry_run,
                              max_teacher_memory=parse_bytes(max_teacher_memory), progress=not no_progress,
-                             cluster=cluster, scheduler=scheduler)
+                             cluster=cluster, scheduler=scheduler, force_unlock=force_unlock)
     if dry_run:
         click.echo(format_plan(build_plan(options)))
         return

@@ -35,6 +35,7 @@ class ExtractOptions:
     progress: bool = True
     cluster: str | None = None               # "local:N": a dask LocalCluster of N workers
     scheduler: str | None = None             # address of a running dask scheduler
+    force_unlock: bool = False               # remove a lock the user knows is dead (kt_cache.lock)
     data_root: Path | None = field(default=None, repr=False)   # filled from the dataset listing
 
 
@@ -118,14 +119,22 @@ def build_plan(options: ExtractOptions) -> ExtractPlan:
 
 
 def run_extract(options: ExtractOptions) -> ExtractReport:
-    """Extract (or resume, or add teachers to) the store described by ``options``."""
-    from kt_cache.coordinator import open_or_create_store, prepare_teacher
-    from kt_cache.engine import RunState, run_wave
-    from kt_cache.finalize import finalize_store
+    """Extract (or resume, or add teachers to) the store described by ``options``, holding its lock."""
+    from kt_cache.lock import store_lock
 
     plan = build_plan(options)
     options.device = resolve_device(options.device)
     options.data_root = plan.listing.root
+    with store_lock(plan.out, f"ktc extract --manifest {options.manifest}", options.force_unlock):
+        return extract_into_store(plan, options)
+
+
+def extract_into_store(plan: ExtractPlan, options: ExtractOptions) -> ExtractReport:
+    """Create or resume the store, run every wave, finalize (the caller holds the store's lock)."""
+    from kt_cache.coordinator import open_or_create_store, prepare_teacher
+    from kt_cache.engine import RunState, run_wave
+    from kt_cache.finalize import finalize_store
+
     manifest = plan.manifest
     root = open_or_create_store(plan.out, plan.listing, manifest.views, manifest.storage, options.limit)
     reopen_damaged_units(plan, options)
