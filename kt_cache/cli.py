@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import errno
 import importlib
+import re
 import sys
+import warnings
 import zipfile
+from pathlib import Path
 
 import click
 
@@ -62,7 +65,9 @@ class KtcGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.showwarning = brief_warning
+                return super().invoke(ctx)
         except KtError as err:
             raise failure(str(err), err.exit_code) from None
         except OSError as err:
@@ -79,6 +84,20 @@ class KtcGroup(click.Group):
 
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+SHOWN: set[str] = set()
+LIBRARIES = ("torch", "torchvision", "timm", "open_clip", "zarr", "numcodecs", "PIL", "dask", "distributed")
+
+
+def brief_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """A library's warning as one line on stderr, once per text: no source path, no code line."""
+    text = " ".join(str(message).split())
+    sentences = re.split(r"(?<=[.!?])\s+", text)
+    brief = " ".join(sentences[:2])[:240]
+    if brief in SHOWN:
+        return
+    SHOWN.add(brief)
+    library = next((p for p in Path(filename).parts if p in LIBRARIES), category.__name__)
+    print(f"warning ({library}): {brief}", file=file or sys.stderr)
 
 
 def failure(message: str, exit_code: int) -> click.ClickException:

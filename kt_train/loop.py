@@ -36,7 +36,8 @@ def make_optimizer(run: Run, steps: int) -> tuple[Any, Any, Any]:
     optimizer = torch.optim.AdamW(params, lr=run.config.lr, weight_decay=run.config.weight_decay,
                                   **({"fused": True} if fusable(params) else {}))
     warmup = int(run.config.warmup_epochs * len(run.loader))
-    scheduler = CosineLRScheduler(optimizer, t_initial=max(1, steps), warmup_t=warmup, warmup_lr_init=run.config.lr * 0.01,
+    # t_initial >= 2: timm warns that a 1-step cosine is constant; step 0's lr is the same either way
+    scheduler = CosineLRScheduler(optimizer, t_initial=max(2, steps), warmup_t=warmup, warmup_lr_init=run.config.lr * 0.01,
                                   lr_min=run.config.lr * 0.01, t_in_epochs=False)
     scaler = torch.amp.GradScaler(enabled=run.device.type == "cuda" and run.config.amp)
     return optimizer, scheduler, scaler

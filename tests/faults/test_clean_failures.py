@@ -5,6 +5,7 @@ disk during extract, pack, subset and merge (which lose nothing finished and lea
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import socket
 from pathlib import Path
@@ -119,3 +120,15 @@ def test_disk_full_while_copying_leaves_no_output(finished, tmp_path, monkeypatc
     assert run("verify", out).exit_code == 0
     fault_log(9, "resource", f"disk full (ENOSPC) during ktc {command}", f"ktc {command}", 1,
               "clean error; no partial output left; rerun succeeds and verifies", bytes_lost=0)
+
+
+def test_library_warnings_are_one_line(finished, tmp_path, fault_log):
+    workers = (os.cpu_count() or 1) + 2          # more than the cores: torch's DataLoader warns
+    result = CliRunner().invoke(cli, ["train", "--cache", str(finished / "out.zarr"), "--method", "kd", "--epochs", "1",
+                                      "--workers", str(workers), "--no-progress", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "UserWarning" not in result.output and "site-packages" not in result.output, result.output
+    assert "Cosine annealing scheduler will have no effect" not in result.output
+    assert result.output.count(f"warning (torch): This DataLoader will create {workers} worker processes") == 1, result.output
+    fault_log(14, "bad-input", "--workers above the core count; a 1-step schedule", "ktc train", 0,
+              "library warnings shown once as one line, no source paths; no scheduler warning")
