@@ -121,12 +121,25 @@ def _finish(root: Path, entries: list[tuple[str, int]], classes: tuple[str, ...]
     """Sort ``(relpath, label)`` entries and build the listing with its fingerprint."""
     entries.sort(key=lambda e: e[0])
     ids = tuple(e[0] for e in entries)
+    check_ids_storable(root, ids)
     labels = np.asarray([e[1] for e in entries], dtype=np.int32).reshape(len(entries))
     return DatasetListing(
         root=root, ids=ids, labels=labels, class_names=tuple(classes),
         fingerprint=dataset_fingerprint(root, ids), description=description,
         ignored=tuple(sorted(ignored)),
     )
+
+
+def check_ids_storable(root: Path, ids: tuple[str, ...]) -> None:
+    """Refuse, before any store exists, a file name the store's readers would refuse as a sample id."""
+    from kt_cache.store_checks import sample_id_problem
+
+    for rel in ids:
+        problem = sample_id_problem(rel)
+        if problem:
+            raise DatasetError(f"dataset: the file {str(root / rel)!r} cannot be stored as a sample id: {problem}. "
+                               "Fix: rename the file (or its folder), e.g. replace the character with '_', or move "
+                               "it out of the dataset, then rerun.")
 
 
 # ----------------------------------------------------------------------------------- image folder

@@ -153,11 +153,26 @@ def check_sample_ids(ids: np.ndarray, where: str, first_row: int = 0) -> None:
         suspicious |= np.array(["\x00" in str(v) for v in values], dtype=bool)
     for row in np.flatnonzero(suspicious):
         value = str(values[row])
-        parts = value.split("/")
-        if (not value or value.startswith("/") or "\\" in value or "\x00" in value or ".." in parts
-                or re.match(r"^[A-Za-z]:", value)):
+        if sample_id_problem(value):
             raise damaged(f"{where}: samples/id row {first_row + int(row)}", f"sample id {value[:200]!r} is not a "
                           "relative path inside the dataset root (absolute, '..', drive letter, backslash, NUL or empty)")
+
+
+def sample_id_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a sample id (the rule readers apply; the dataset listing applies it first)."""
+    if not value:
+        return "it is empty"
+    if value.startswith("/") or ".." in value.split("/"):
+        return "it is absolute or leaves the dataset root ('..')"
+    if "\\" in value:
+        return "it holds a backslash (a path separator on Windows)"
+    if "\x00" in value:
+        return "it holds a NUL byte"
+    if re.match(r"^[A-Za-z]:", value):
+        return "it starts with a drive letter ('c:')"
+    if any(ord(c) < 32 for c in value):
+        return "it holds a control character (tab, newline, ...), which breaks the dataset fingerprint's framing"
+    return None
 
 
 def check_teacher_attrs(attrs: Any, arrays: dict[str, Any], teacher_id: str, where: str) -> None:
