@@ -61,8 +61,17 @@ def root_attrs(listing: Any, views: Any, storage: Any, order: np.ndarray, limit:
         "chunk_bytes": storage.chunk_bytes, "dataset": dataset, "views": asdict(views),
         "order": {"seed": storage.order_seed, "sha256": hashlib.sha256(order.tobytes()).hexdigest()},
         "created_with": library_versions(),
+        "cpu_threads": cpu_threads(),
     }
     return json.loads(json.dumps(attrs))   # the form attrs take once stored (tuples become lists)
+
+
+def cpu_threads() -> int:
+    """The intra-op thread count every process computing a unit of this store uses on CPU: a float sum's
+    order, and so its last bit, depends on it (kt_cache.engine.recorded_threads)."""
+    import torch
+
+    return int(torch.get_num_threads())
 
 
 def check_output_path(path: Path) -> None:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -184,6 +185,12 @@ def run_wave(root: Any, wave: Sequence[Any], options: Any, state: RunState, prog
     todo = sorted(set().union(*pending.values()))
     if not todo:
         return
+    with recorded_threads(meta, device):
+        compute_wave(root, wave, options, state, progress, todo, pending, teachers, meta, device)
+
+
+def compute_wave(root: Any, wave: Sequence[Any], options: Any, state: RunState, progress: Any, todo: list[int],
+                 pending: dict[str, set[int]], teachers: list[WaveTeacher] | None, meta: dict, device: torch.device) -> None:
     loaded = teachers if teachers is not None else load_wave(root, wave, device, state)
     for wt in loaded:
         wt.pending = pending[wt.plan.id]
@@ -200,6 +207,22 @@ def run_wave(root: Any, wave: Sequence[Any], options: Any, state: RunState, prog
         if teachers is None:
             for wt in loaded:
                 wt.model.release()
+
+
+@contextmanager
+def recorded_threads(meta: dict, device: torch.device) -> Iterator[None]:
+    """Compute with the store's recorded CPU thread count (``cpu_threads``), whatever process runs the unit
+    (single process, dask worker, a resumed run), so a unit's bytes do not depend on how units were scheduled."""
+    wanted = meta.get("cpu_threads")
+    if device.type != "cpu" or not isinstance(wanted, int) or wanted < 1:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(wanted, 1024))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def make_loader(root: Any, options: Any, sample_ids: np.ndarray, wave: Sequence[Any], ranges: Sequence[slice], meta: dict) -> Any:

@@ -24,7 +24,7 @@ def extract(manifest: Path, out: Path, *extra: str, cwd: Path | None = None,
             own_group: bool = False) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "kt_cache", "extract", "--manifest", str(manifest), "--out", str(out),
            "--workers", "0", "--no-progress", "--batch-size", "2", *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1")       # same thread count in every process: same float results
+    env = dict(os.environ)       # no thread pinning: the engine computes with the store's recorded thread count
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                             start_new_session=own_group)
 
