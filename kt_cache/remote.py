@@ -9,11 +9,21 @@ Accepted forms (``location`` below)::
 
 Plain ``https://`` has no listing, so a reader discovers teachers only from consolidated metadata; the
 reader refuses such a store without it (``kt_cache.store.StoreReader``).
+
+Zarr sharding reads a shard's index with a suffix range and its chunks with byte ranges. Some servers
+(``python -m http.server``, a few CDNs) ignore ``Range`` and answer 200 with the whole object; fsspec
+passes that body on as if it were the range, so every partly read shard decodes as garbage. Every fsspec
+store is therefore wrapped in ``RangeCheckedStore``: a body longer than asked marks the server as
+range-less, and from then on ranges are cut locally from whole objects (the last few kept, bounded).
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import re
+import sys
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +32,7 @@ from kt_cache.errors import StoreError, UsageError
 
 UNLISTABLE = ("http", "https")            # protocols whose servers offer no object listing
 TEMP_FILE = re.compile(r"(\.[0-9a-f]{32}\.partial|\.json\.partial)$")   # zarr LocalStore / finalize temp files
+RECENT_BYTES = 64 << 20                   # whole objects kept for a range-less server (a shard is read piecewise)
 
 
 @dataclass(frozen=True)
@@ -101,7 +112,8 @@ def open_fsspec(loc: Location, storage_options: dict[str, Any] | None) -> Any:
     import zarr.storage
 
     try:
-        return zarr.storage.FsspecStore.from_url(loc.url, storage_options=storage_options, read_only=True)
+        store = zarr.storage.FsspecStore.from_url(loc.url, storage_options=storage_options, read_only=True)
+        return range_checked_store_class()(store)
     except ImportError as err:
         raise UsageError(f"{loc.text}: reading '{loc.protocol}://' URLs needs an fsspec driver that is not "
                          f"installed ({err}). Fix: pip install the driver (s3fs for s3://, gcsfs for gs://).") from err
@@ -110,6 +122,115 @@ def open_fsspec(loc: Location, storage_options: dict[str, Any] | None) -> Any:
                          "file://, zip://, https:// or another protocol fsspec knows.") from err
     except (FileNotFoundError, OSError) as err:
         raise StoreError(f"{loc.text}: cannot be reached ({err}). Fix: check the URL.") from err
+
+
+def asked_length(byte_range: Any) -> int | None:
+    """Bytes a range asks for; ``None`` for an offset range, whose length needs the object's size."""
+    from zarr.abc.store import RangeByteRequest, SuffixByteRequest
+
+    if isinstance(byte_range, RangeByteRequest):
+        return byte_range.end - byte_range.start
+    return byte_range.suffix if isinstance(byte_range, SuffixByteRequest) else None
+
+
+def cut(data: bytes, byte_range: Any) -> bytes:
+    """The part of a whole object's bytes that ``byte_range`` asks for."""
+    from zarr.abc.store import OffsetByteRequest, RangeByteRequest
+
+    if isinstance(byte_range, RangeByteRequest):
+        return data[byte_range.start:byte_range.end]
+    if isinstance(byte_range, OffsetByteRequest):
+        return data[byte_range.offset:]
+    return data[len(data) - min(byte_range.suffix, len(data)):]     # not data[-0:], the whole object
+
+
+@functools.cache
+def range_checked_store_class() -> type:
+    """``RangeChecks`` over zarr's ``WrapperStore``, built on first use so importing this module skips zarr."""
+    from zarr.storage import WrapperStore
+
+    return type("RangeCheckedStore", (RangeChecks, WrapperStore), {"__module__": __name__})
+
+
+def __getattr__(name: str) -> Any:
+    # lets pickle find the class built above as kt_cache.remote.RangeCheckedStore
+    if name == "RangeCheckedStore":
+        return range_checked_store_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class RangeChecks:
+    """A read-only fsspec store (mixed into zarr's ``WrapperStore``) that notices a server ignoring ``Range``
+    and then cuts ranges locally. While the server honours ranges every read passes through unchanged.
+    """
+
+    def __init__(self, store: Any, recent_bytes: int = RECENT_BYTES) -> None:
+        super().__init__(store)
+        self.ranges_ignored = False
+        self.recent: OrderedDict[str, bytes] = OrderedDict()   # key -> whole object, oldest first
+        self.recent_bytes = recent_bytes
+
+    def _with_store(self, store: Any) -> Any:
+        return type(self)(store, self.recent_bytes)
+
+    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+        if byte_range is None:
+            return await self._store.get(key, prototype)
+        if self.ranges_ignored:
+            data = await self.whole(key, prototype)
+            return None if data is None else prototype.buffer.from_bytes(cut(data, byte_range))
+        return await self.checked_get(key, prototype, byte_range)
+
+    async def checked_get(self, key: str, prototype: Any, byte_range: Any) -> Any:
+        """A ranged read; a body longer than asked is the whole object from a server that ignored Range."""
+        byte_range = await self.measurable(key, byte_range)
+        value = None if byte_range is None else await self._store.get(key, prototype, byte_range)
+        if value is None or len(value) <= asked_length(byte_range):
+            return value
+        self.range_ignored(key, value.to_bytes())
+        return prototype.buffer.from_bytes(cut(value.to_bytes(), byte_range))
+
+    async def measurable(self, key: str, byte_range: Any) -> Any:
+        """``byte_range`` as a range of known length (``None`` when an offset's object is absent)."""
+        from zarr.abc.store import OffsetByteRequest, RangeByteRequest
+
+        if isinstance(byte_range, OffsetByteRequest):   # a whole body would pass for "offset to the end"
+            if not await self._store.exists(key):
+                return None
+            byte_range = RangeByteRequest(byte_range.offset, max(byte_range.offset, await self._store.getsize(key)))
+        # fsspec sends a 0-byte suffix as "bytes=0-", which any server answers with the whole object
+        return RangeByteRequest(0, 0) if asked_length(byte_range) == 0 else byte_range
+
+    def range_ignored(self, key: str, data: bytes) -> None:
+        if not self.ranges_ignored:       # once per opened store: the reads that follow are whole objects
+            print(f"note: {self._store.path} ignores HTTP Range requests (answers with whole objects); "
+                  "reading whole objects and slicing them locally, which is slower", file=sys.stderr)
+        self.ranges_ignored = True
+        self.remember(key, data)
+
+    async def whole(self, key: str, prototype: Any) -> bytes | None:
+        if key in self.recent:
+            self.recent.move_to_end(key)
+            return self.recent[key]
+        value = await self._store.get(key, prototype)
+        data = None if value is None else value.to_bytes()
+        if data is not None:
+            self.remember(key, data)
+        return data
+
+    def remember(self, key: str, data: bytes) -> None:
+        """Keep ``data``; drop the oldest objects beyond ``recent_bytes`` (the newest always stays)."""
+        self.recent[key] = data
+        self.recent.move_to_end(key)
+        while len(self.recent) > 1 and sum(map(len, self.recent.values())) > self.recent_bytes:
+            self.recent.popitem(last=False)
+
+    async def get_partial_values(self, prototype: Any, key_ranges: Any) -> list[Any]:
+        # fsspec's _cat_ranges has the same blind spot, so each range goes through get()'s check
+        return list(await asyncio.gather(*(self.get(key, prototype, rng) for key, rng in key_ranges)))
+
+    def __repr__(self) -> str:
+        return f"RangeCheckedStore({self._store!r})"
 
 
 def get_bytes(store: Any, key: str) -> bytes | None:

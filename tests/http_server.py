@@ -2,12 +2,14 @@
 
 Like an object store or CDN it answers ``GET``/``HEAD`` of files, honours ``Range`` (fsspec's
 HTTPFileSystem reads shard indexes with suffix ranges and chunks with byte ranges) and offers **no
-directory listing**, so a client can only find what consolidated metadata tells it::
+directory listing**, so a client can only find what consolidated metadata tells it. ``ranges=False`` mimics
+``python -m http.server`` instead: ``Range`` is ignored (200, the whole body, no ``Accept-Ranges``)::
 
     with serve_folder(tmp_path / "store.zarr") as server:
         reader = StoreReader(server.url)                 # http://127.0.0.1:PORT
         server.paths()                                   # ["/zarr.json", "/samples/id/c/0", ...]
         server.clear()                                   # forget earlier requests
+    with serve_folder(tmp_path / "store.zarr", ranges=False) as server: ...   # a server that ignores Range
 """
 
 from __future__ import annotations
@@ -42,12 +44,14 @@ class RequestLog:
 
 
 class LoggingHandler(SimpleHTTPRequestHandler):
-    """Files with Range support; directories and missing files are 404; every request is logged."""
+    """Files with Range support (unless ``ranges`` is False); directories and missing files are 404; every
+    request is logged."""
 
     log: RequestLog
 
-    def __init__(self, *args, log: RequestLog, **kwargs) -> None:
+    def __init__(self, *args, log: RequestLog, ranges: bool = True, **kwargs) -> None:
         self.log = log
+        self.ranges = ranges
         super().__init__(*args, **kwargs)
 
     def do_GET(self) -> None:
@@ -62,10 +66,14 @@ class LoggingHandler(SimpleHTTPRequestHandler):
             self.finish_request_logged(HTTPStatus.NOT_FOUND)
             return
         data = path.read_bytes()
-        status, body, extra = self.ranged(data, self.headers.get("Range"))
+        if self.ranges:
+            status, body, extra = self.ranged(data, self.headers.get("Range"))
+            extra = {"Accept-Ranges": "bytes", **extra}
+        else:                             # like `python -m http.server`: Range ignored, never advertised
+            status, body, extra = HTTPStatus.OK, data, {}
         self.send_response(status)
         for key, value in {"Content-Type": "application/octet-stream", "Content-Length": str(len(body)),
-                           "Accept-Ranges": "bytes", **extra}.items():
+                           **extra}.items():
             self.send_header(key, value)
         self.end_headers()
         if send_body:
@@ -105,10 +113,10 @@ class LoggingHandler(SimpleHTTPRequestHandler):
 class FolderServer:
     """A running server (use ``serve_folder``): ``url``, ``requests``, ``paths()``, ``clear()``, ``stop()``."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, ranges: bool = True) -> None:
         self.root = Path(root)
         self.log = RequestLog()
-        handler = partial(LoggingHandler, directory=os.fspath(self.root), log=self.log)
+        handler = partial(LoggingHandler, directory=os.fspath(self.root), log=self.log, ranges=ranges)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
@@ -147,6 +155,7 @@ class FolderServer:
         self.stop()
 
 
-def serve_folder(root: Path) -> FolderServer:
-    """``with serve_folder(path) as server:`` serves ``path`` at ``server.url`` until the block ends."""
-    return FolderServer(root)
+def serve_folder(root: Path, ranges: bool = True) -> FolderServer:
+    """``with serve_folder(path) as server:`` serves ``path`` at ``server.url`` until the block ends;
+    ``ranges=False`` ignores every ``Range`` header (200 with the whole object)."""
+    return FolderServer(root, ranges)
