@@ -34,30 +34,61 @@ def votes(tb: Any) -> tuple[dict[str, np.ndarray], np.ndarray]:
     return per_teacher, np.where(counts[:, 1:].sum(1) > 0, consensus, -1)
 
 
+def store_views(reader: StoreReader, student: Any, data_root: str | None) -> Any:
+    """The centre view (view 0) of every store row at the student's input size."""
+    from kt_train.data import StudentViews
+
+    cfg = student.data_config
+    return StudentViews(reader, tuple(cfg["input_size"][1:]), cfg["mean"], cfg["std"], cfg.get("interpolation", "bilinear"),
+                        data_root=data_root, views_mode="center")
+
+
+def count_hits(student: Any, batches: Any, cached: Any, teachers: list[str], device: str) -> dict[str, list[int]]:
+    """``{"consensus" | teacher id: [agreeing rows, rows with a vote]}`` over the batches."""
+    hits = {t: [0, 0] for t in ["consensus", *teachers]}
+    student.eval()
+    for batch in batches:
+        pred = student(batch["image"].to(device)).logits.float().argmax(-1).cpu().numpy()
+        per_teacher, consensus = votes(cached.for_batch(batch, "cpu"))
+        for name, target in [("consensus", consensus), *per_teacher.items()]:
+            hits[name][0] += int(((pred == target) & (target >= 0)).sum())
+            hits[name][1] += int((target >= 0).sum())
+    return hits
+
+
+def readable_rows(dataset: Any, skipped: Any, batch_size: int, workers: int) -> Any:
+    """Batches of the rows whose image decodes (view 0); the rest are added to ``skipped``.
+
+    Rows recorded unreadable at extraction are not even opened: their teacher outputs are NaN.
+    """
+    from kt_train.data import collate
+    from kt_train.skipping import readable_batches
+
+    rows = np.flatnonzero(dataset.ok)
+    skipped.add([i.decode("utf-8") for i in dataset.ids[~dataset.ok]])
+    names = [i.decode("utf-8") for i in dataset.ids[rows]]
+    return readable_batches(torch.utils.data.Subset(dataset, rows.tolist()), names, skipped, batch_size, workers,
+                            collate)
+
+
 @torch.inference_mode()
 def teacher_agreement(student: Any, cache: str, run: dict[str, Any], batch_size: int, device: str,
                       workers: int) -> dict[str, Any]:
-    """``{"consensus": fraction, "per_teacher": {id: fraction}, "n": rows, "teachers": [...]}``."""
-    from kt_train.data import CachedTeachers, StudentViews, collate
+    """``{"consensus": fraction, "per_teacher": {id: fraction}, "n": rows, "teachers": [...], "skipped": rows}``.
+
+    Unreadable rows (recorded at extraction, or failing to decode now) are left out of ``n`` and counted.
+    """
+    from kt_train.data import CachedTeachers
+    from kt_train.skipping import Skipped
 
     reader = StoreReader(cache)
     teachers = predictive_teachers(reader, run.get("teachers", []))
     if not teachers:
         return {"n": 0, "teachers": [], "note": "the store has no predictive teachers with logits"}
     cached = CachedTeachers(reader, teachers, needs={"logits"})
-    cfg = student.data_config
-    dataset = StudentViews(reader, tuple(cfg["input_size"][1:]), cfg["mean"], cfg["std"], cfg.get("interpolation", "bilinear"),
-                           data_root=run.get("data_root"), views_mode="center")
-    rows = np.flatnonzero(dataset.ok)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, rows.tolist()), batch_size=batch_size,
-                                         num_workers=workers, collate_fn=collate)
-    hits = {t: [0, 0] for t in ["consensus", *teachers]}
-    student.eval()
-    for batch in loader:
-        pred = student(batch["image"].to(device)).logits.float().argmax(-1).cpu().numpy()
-        per_teacher, consensus = votes(cached.for_batch(batch, "cpu"))
-        for name, target in [("consensus", consensus), *per_teacher.items()]:
-            hits[name][0] += int(((pred == target) & (target >= 0)).sum())
-            hits[name][1] += int((target >= 0).sum())
+    dataset, skipped = store_views(reader, student, run.get("data_root")), Skipped()
+    hits = count_hits(student, readable_rows(dataset, skipped, batch_size, workers), cached, teachers, device)
     fraction = {k: round(h / n, 6) if n else None for k, (h, n) in hits.items()}
-    return {"consensus": fraction.pop("consensus"), "per_teacher": fraction, "n": int(rows.size), "teachers": teachers}
+    skipped.report(f"the store {cache}")
+    return {"consensus": fraction.pop("consensus"), "per_teacher": fraction, "n": len(dataset) - len(skipped.names),
+            "teachers": teachers, **skipped.as_metrics()}

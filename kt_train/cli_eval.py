@@ -29,6 +29,8 @@ def evaluate(checkpoint: str, data: str | None, cache: str | None, batch_size: i
     if "top1" in metrics:
         click.echo(f"top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  on {metrics['n']} images "
                    f"(confusion matrix: {Path(checkpoint) / 'confusion.png'})")
+    elif data:
+        click.echo(f"no readable image in {data}: {metrics['skipped']} skipped, no accuracy to report")
     if "teacher_agreement" in metrics:
         agree = metrics["teacher_agreement"]
         click.echo(f"agreement with the teachers' consensus: {agree.get('consensus')} on {agree.get('n')} store images")

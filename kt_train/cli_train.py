@@ -48,5 +48,5 @@ def train(opts: tuple[str, ...], config_file: str | None, no_progress: bool, **f
     metrics = run_training(config, show_progress=not no_progress)
     if not metrics:                      # a non-zero torchrun rank: rank 0 reports
         return
-    summary = {k: metrics[k] for k in ("top1", "top5", "teacher_agreement") if k in metrics}
+    summary = {k: metrics[k] for k in ("top1", "top5", "skipped", "teacher_agreement") if k in metrics}
     click.echo(f"run saved in {config.out}: {json.dumps(summary)}")

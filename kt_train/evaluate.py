@@ -2,7 +2,8 @@
 with ``--cache``, its agreement with the cached teachers' consensus on the store's images (view 0).
 
 Training ends by calling the same ``evaluate`` and saving its result as ``eval.json``, so
-``ktc eval --checkpoint DIR`` with the same inputs reproduces it.
+``ktc eval --checkpoint DIR`` with the same inputs reproduces it. Unreadable images are skipped and
+counted, never fatal (``kt_train.skipping``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from kt_cache.errors import UsageError
+from kt_train.skipping import Skipped, readable_batches
 
 RUN_INFO = "run.json"
 
@@ -46,12 +48,17 @@ class FolderViews(torch.utils.data.Dataset):
 
 
 @torch.inference_mode()
-def predict(student: Any, dataset: torch.utils.data.Dataset, batch_size: int, device: str, workers: int) -> np.ndarray:
-    """Logits ``[N, C]`` (fp32) of the student over the dataset, in order."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+def predict(student: Any, dataset: torch.utils.data.Dataset, names: tuple[str, ...], skipped: Skipped, batch_size: int,
+            device: str, workers: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logits ``[n, C]`` (fp32) and labels ``[n]`` of the readable images, in order; the rest go to ``skipped``."""
     student.eval()
-    outputs = [student(batch["image"].to(device)).logits.float().cpu() for batch in loader]
-    return torch.cat(outputs).numpy() if outputs else np.zeros((0, 0), np.float32)
+    logits, labels = [], []
+    for batch in readable_batches(dataset, names, skipped, batch_size, workers):
+        logits.append(student(batch["image"].to(device)).logits.float().cpu())
+        labels.append(batch["label"])
+    if not logits:
+        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
 
 def accuracy_metrics(logits: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
@@ -88,17 +95,26 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path) -
     return path
 
 
-def folder_metrics(student: Any, data: Path, run: dict[str, Any], batch_size: int, device: str, workers: int) -> dict:
+def labelled_listing(data: Path, classes: list[str]) -> Any:
     from kt_cache.datasets import list_dataset
     from kt_cache.manifest_types import DatasetSpec
 
-    classes = run["classes"]
     listing = list_dataset(DatasetSpec(root=Path(data), classes=tuple(classes)))
     if (listing.labels < 0).any():
         raise UsageError(f"--data {data}: {int((listing.labels < 0).sum())} images are not in a class sub-folder. "
                          "Evaluation needs labels. Fix: use a folder of class sub-folders named like the target classes.")
+    return listing
+
+
+def folder_metrics(student: Any, data: Path, run: dict[str, Any], batch_size: int, device: str, workers: int) -> dict:
+    """Accuracy over the folder's readable images; ``skipped`` counts the others (``kt_train.skipping``)."""
+    listing, skipped = labelled_listing(data, run["classes"]), Skipped()
     dataset = FolderViews(listing.root, listing.ids, listing.labels, student.data_config, run["center_crop"])
-    return accuracy_metrics(predict(student, dataset, batch_size, device, workers), np.asarray(listing.labels), classes)
+    logits, labels = predict(student, dataset, listing.ids, skipped, batch_size, device, workers)
+    skipped.report(str(data))
+    if not labels.size:             # nothing readable: no accuracy to state, only what was skipped
+        return {"n": 0, **skipped.as_metrics()}
+    return {**accuracy_metrics(logits, labels, run["classes"]), **skipped.as_metrics()}
 
 
 def load_run_info(checkpoint: Path) -> dict[str, Any]:
@@ -119,7 +135,7 @@ def evaluate(checkpoint: Path, data: Path | None = None, cache: str | None = Non
     metrics: dict[str, Any] = {"checkpoint": str(checkpoint)}
     if data is not None:
         metrics.update(folder_metrics(student, Path(data), run, batch_size, device, workers))
-        if plots:
+        if plots and "confusion" in metrics:
             plot_confusion(metrics["confusion"], run["classes"], Path(checkpoint) / "confusion.png")
     if cache is not None:
         from kt_train.agreement import teacher_agreement
