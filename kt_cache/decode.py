@@ -7,6 +7,7 @@ Normalisation happens later, per teacher, on the device.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,8 @@ import numpy as np
 import torch
 
 from kt_cache.errors import ImageDecodeError
-from kt_cache.images import decode_image
+from kt_cache.images import decode_image, read_image_bytes
+from kt_cache.store_checks import DIGEST_BYTES
 from kt_cache.views import sample_views, views_to_pixels
 
 ResizeKey = tuple[int, int, str]
@@ -40,18 +42,25 @@ class ViewDecodeDataset(torch.utils.data.Dataset):
     def __getitem__(self, row: int) -> dict[str, Any]:
         path = self.root / self.sample_ids[row]
         try:
-            image = decode_image(path)
+            data = read_image_bytes(path)
+            image = decode_image(path, data)
         except ImageDecodeError as err:
             return self.failed(row, str(err))
         views = sample_views(self.policy, row, (image.height, image.width))
         pixels = {key: views_to_pixels(image, views, (key[0], key[1]), key[2]) for key in self.resize_keys}
-        return {"row": row, "ok": True, "views": views, "error": "", "pixels": pixels}
+        return {"row": row, "ok": True, "views": views, "error": "", "pixels": pixels, "digest": content_digest(data)}
 
     def failed(self, row: int, reason: str) -> dict[str, Any]:
         count = self.policy.count
         pixels = {key: torch.zeros((count, 3, key[0], key[1]), dtype=torch.uint8) for key in self.resize_keys}
         views = np.full((count, 5), np.nan, dtype=np.float32)
-        return {"row": row, "ok": False, "views": views, "error": reason, "pixels": pixels}
+        return {"row": row, "ok": False, "views": views, "error": reason, "pixels": pixels,
+                "digest": np.zeros(DIGEST_BYTES, dtype=np.uint8)}     # 0: nothing recorded, nothing compared
+
+
+def content_digest(data: bytes) -> np.ndarray:
+    """blake2b-128 of the bytes the decoder read (never all zeros in practice; zero means unrecorded)."""
+    return np.frombuffer(hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest(), dtype=np.uint8).copy()
 
 
 def collate_views(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -61,6 +70,7 @@ def collate_views(items: list[dict[str, Any]]) -> dict[str, Any]:
         "rows": np.array([it["row"] for it in items], dtype=np.int64),
         "ok": np.array([it["ok"] for it in items], dtype=bool),
         "views": np.stack([it["views"] for it in items]).astype(np.float32),
+        "digests": np.stack([it["digest"] for it in items]),
         "errors": [it["error"] for it in items],
         "pixels": {key: torch.stack([it["pixels"][key] for it in items]) for key in keys},
     }

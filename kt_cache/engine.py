@@ -251,7 +251,7 @@ def consume(loader: Any, teachers: list[WaveTeacher], ranges: Sequence[slice], u
         if int(rows[0]) in unit_of:
             current, sample_parts = unit_of[int(rows[0])], []
         record_failures(batch, state, options.strict)
-        sample_parts.append({"ok": batch["ok"], "views": batch["views"]})
+        sample_parts.append({"ok": batch["ok"], "views": batch["views"], "digests": batch["digests"]})
         batch_labels = torch.as_tensor(labels[rows].astype(np.int64), device=device)
         for wt in teachers:
             if current[0] in wt.pending:
@@ -287,7 +287,8 @@ def submit_unit(root: Any, writer: UnitWriter, teachers: list[WaveTeacher], curr
     unit, rows = current
     ok = np.concatenate([p["ok"] for p in sample_parts])
     views = np.concatenate([p["views"] for p in sample_parts])
-    writer.submit(lambda: fmt.write_samples_unit(root, rows, ok, views))
+    digests = np.concatenate([p["digests"] for p in sample_parts])
+    writer.submit(lambda: fmt.write_samples_unit(root, rows, ok, views, digests))
     for wt in teachers:
         parts = wt.buffers.pop(unit, None)
         if parts is None:

@@ -17,6 +17,8 @@ Decisions:
 
 from __future__ import annotations
 
+import io
+
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +30,23 @@ _ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
 _INT16_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I;16S")
 
 
-def decode_image(path: Path | str) -> Image.Image:
+def read_image_bytes(path: Path | str) -> bytes:
+    """The file's bytes, read once: the decoder and the content digest both use them (no second read)."""
+    path = Path(path)
+    _check_file(path)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ImageDecodeError(f"{path}: cannot read the file ({exc.strerror or exc}). Fix: check its "
+                               "permissions and the disk, or remove it from the dataset.") from exc
+
+
+def decode_image(path: Path | str, data: bytes | None = None) -> Image.Image:
     """Open, fully load and convert an image file to 8-bit RGB.
 
     Args:
-        path: the image file.
+        path: the image file (named in errors).
+        data: its bytes when already read (``read_image_bytes``); else the file is opened.
 
     Returns:
         A loaded ``PIL.Image.Image`` in mode "RGB" (file closed).
@@ -42,9 +56,10 @@ def decode_image(path: Path | str) -> Image.Image:
             names the path, what is wrong and how to fix it).
     """
     path = Path(path)
-    _check_file(path)
+    if data is None:
+        _check_file(path)
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data) if data is not None else path) as im:
             im.load()
             return to_rgb(_orient(im))
     except ImageDecodeError:

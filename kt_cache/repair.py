@@ -22,7 +22,7 @@ from kt_cache import store_checks as checks
 from kt_cache.errors import StoreError
 from kt_cache.finalize import object_digest
 
-UNIT_SAMPLE_ARRAYS = ("samples/ok/", "samples/views/")
+UNIT_SAMPLE_ARRAYS = ("samples/ok/", "samples/views/", "samples/digest/")
 
 
 def damaged_objects(path: Path) -> list[str]:

@@ -138,6 +138,27 @@ def check_compatible(parts: list[Part]) -> None:
             if not np.array_equal(base[name], theirs[name]):
                 raise StoreMismatchError(f"cannot merge {first.where} and {part.reader.where}: samples/{name} differs although "
                                          "their dataset fingerprints match. Fix: re-extract one store from the other's dataset.")
+        check_same_digests(parts[0], part)
+
+
+def check_same_digests(first: Part, other: Part) -> None:
+    """Rows both stores decoded must come from the same file contents (the fingerprint sees names and sizes only)."""
+    mine, theirs = content_digests(first.reader), content_digests(other.reader)
+    if mine is None or theirs is None:
+        return                           # a store made before content digests: names and sizes only
+    both = mine.any(axis=1) & theirs.any(axis=1)
+    changed = np.flatnonzero(both & (mine != theirs).any(axis=1))
+    if changed.size:
+        ids = first.samples()["id"][changed[:3]]
+        raise StoreMismatchError(
+            f"cannot merge {first.reader.where} and {other.reader.where}: {changed.size} row(s) were extracted from "
+            f"different image contents under the same names and sizes (samples/digest differs), e.g. "
+            f"{', '.join(map(str, ids))}. Their teachers did not see the same images. Fix: merge only stores "
+            "extracted from the same image files; re-extract one store from the other's dataset.")
+
+
+def content_digests(reader: fmt.StoreReader) -> np.ndarray | None:
+    return reader.sample("digest") if "samples/digest" in reader.root else None
 
 
 def fmt_value(value: Any) -> str:
@@ -248,7 +269,7 @@ def copy_plan(parts: list[Part], owners: list[int]) -> list[list[tuple[str, str]
     for index, part in enumerate(parts):
         for key in source_keys(part.reader):
             unit = unit_of(key)
-            if key.startswith(("samples/ok/", "samples/views/")) and unit is not None:
+            if key.startswith(("samples/ok/", "samples/views/", "samples/digest/")) and unit is not None:
                 if owners[unit] == index:
                     plans[index].append((key, key))
             elif key.startswith("samples/") or key == "teachers/zarr.json":

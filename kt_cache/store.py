@@ -1,4 +1,4 @@
-"""Store format v1: the single definition of the ktc Zarr v3 layout, with its writer and reader.
+"""Store format v1: the single definition of the ktc Zarr v3 layout, with its writer (reader: store_reader).
 
 Layout (docs/store-format.md is the user-facing description of exactly this)::
 
@@ -8,6 +8,7 @@ Layout (docs/store-format.md is the user-facing description of exactly this)::
       samples/label     [N]         int32, -1 when unknown
       samples/ok        [N]         bool, image decoded (written with each unit's first pass)
       samples/views     [N, V, 5]   float32 (x0, y0, w, h, flip), normalised
+      samples/digest    [N, 16]     uint8 blake2b-128 of the image file's bytes (0: not recorded)
       teachers/<id>/                attrs["ktc_teacher"]: provenance, preprocessing, outputs, stats
         features        [N, V, D]   float16|float32
         logits          [N, V, C]   float16|float32 (full logits), or
@@ -65,6 +66,7 @@ def sample_array_specs(n_views: int) -> list[ArraySpec]:
         ArraySpec("label", (), "int32", -1, ("sample",)),
         ArraySpec("ok", (), "bool", False, ("sample",)),
         ArraySpec("views", (n_views, 5), "float32", float("nan"), ("sample", "view", "box")),
+        ArraySpec("digest", (checks.DIGEST_BYTES,), "uint8", 0, ("sample", "byte")),
     ]
 
 
@@ -162,10 +164,30 @@ def write_unit(teacher_group: Any, unit: int, rows: slice, arrays: dict[str, np.
     teacher_group["done"][unit] = True
 
 
-def write_samples_unit(root: Any, rows: slice, ok: np.ndarray, views: np.ndarray) -> None:
-    """Write the decode results of one unit. Every pass over the unit writes identical bytes."""
+def write_samples_unit(root: Any, rows: slice, ok: np.ndarray, views: np.ndarray, digests: np.ndarray) -> None:
+    """Write the decode results of one unit. Every pass over the unit writes identical bytes; image files
+    whose content changed since an earlier pass are refused first (``check_same_images``)."""
+    if "digest" in root["samples"]:        # stores made before content digests have none to compare
+        check_same_images(root, rows, digests)
+        root["samples/digest"][rows] = digests
     root["samples/ok"][rows] = ok
     root["samples/views"][rows] = views
+
+
+def check_same_images(root: Any, rows: slice, digests: np.ndarray) -> None:
+    """Refuse a pass that read other bytes than an earlier pass for the same rows (0 = not recorded)."""
+    from kt_cache.errors import StoreMismatchError
+
+    stored = np.asarray(root["samples/digest"][rows])
+    known = stored.any(axis=1) & digests.any(axis=1)
+    changed = np.flatnonzero(known & (stored != digests).any(axis=1))
+    if changed.size:
+        ids = np.asarray(root["samples/id"][rows])[changed]
+        raise StoreMismatchError(
+            f"{changed.size} image file(s) changed since this store recorded them (content digest differs), e.g. "
+            f"{', '.join(map(str, ids[:3]))} (rows {', '.join(str(rows.start + int(i)) for i in changed[:3])}). "
+            "Teacher outputs of different images cannot share one store. Fix: restore the original files, or "
+            "extract the changed dataset into a new store (--out NEW.zarr).")
 
 
 def open_group(store: Any, mode: str = "r", consolidated: bool | None = None) -> Any:
@@ -218,217 +240,7 @@ def root_document(target: Any) -> bytes | None:
         return None
 
 
-def read_rows(array: Any, path: str, where: str, rows: slice = slice(None)) -> np.ndarray:
-    """``array[rows]`` as numpy; an undecodable object becomes a StoreError naming its key and rows."""
-    try:
-        return np.asarray(array[rows])
-    except Exception as err:   # noqa: BLE001 - zstd/crc/UTF-8 errors of damaged objects differ by codec
-        bad = bad_objects(array, path, rows)
-        named = "; ".join(f"{key} (rows {a}-{b - 1}): {type(e).__name__}: {e}" for key, a, b, e in bad[:5])
-        raise StoreError(f"{where}: array {path}: {len(bad) or 'some'} stored object(s) cannot be decoded: "
-                         f"{named or err}. The object is truncated or corrupt. Fix: run `ktc verify {where}` "
-                         "for the full list; get an intact copy of the object, or re-extract that unit.") from err
-
-
-def bad_objects(array: Any, path: str, rows: slice = slice(None)) -> list[tuple[str, int, int, Exception]]:
-    """(key, first row, end row, error) of every storage object in ``rows`` that fails to decode."""
-    step = checks.object_rows(array)
-    start, stop, _ = rows.indices(int(array.shape[0]))
-    found = []
-    for block in range(start // step, -(-stop // step)):
-        a, b = block * step, min((block + 1) * step, int(array.shape[0]))
-        try:
-            array[a:b]
-        except Exception as err:   # noqa: BLE001
-            found.append((object_key(array, path, block), a, b, err))
-    return found
-
-
-def object_key(array: Any, path: str, block: int) -> str:
-    """Store key of the object (shard or chunk) holding row block ``block`` of the array at ``path``."""
-    return f"{path}/{array.metadata.encode_chunk_key((block,) + (0,) * (array.ndim - 1))}"
-
-
-def missing_objects_error(where: str, path: str, missing: list[tuple[str, int]], step: int) -> StoreError:
-    named = "; ".join(f"{key} (rows {a}-{a + step - 1})" for key, a in missing[:5])
-    more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-    return StoreError(f"{where}: array {path}: {len(missing)} object(s) listed in {OBJECT_MANIFEST} are missing: "
-                      f"{named}{more}. The store lost them after it was finalized (a deleted file, an incomplete copy "
-                      "or download, a server answering 404); reading on would pass fill values off as data. Fix: "
-                      f"get an intact copy of those objects or of the store; if you produced it, rerun `ktc extract` "
-                      f"with its manifest, which recomputes the units whose objects are missing (`ktc verify {where}` "
-                      "lists them all).")
-
-
-class CheckedRows:
-    """One store array, sliced by rows through ``StoreReader.read`` (so missing and corrupt objects are
-    StoreErrors); every other attribute (shape, dtype, chunks, nbytes) is the zarr array's."""
-
-    def __init__(self, reader: StoreReader, teacher_id: str, path: str, array: Any) -> None:
-        self.reader, self.teacher_id, self.path, self.array = reader, teacher_id, path, array
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.array, name)
-
-    def __getitem__(self, rows: slice) -> np.ndarray:
-        if not isinstance(rows, slice):
-            raise TypeError(f"CheckedRows reads row slices only, got {type(rows).__name__}")
-        return self.reader.read(self.teacher_id, self.path, rows)
-
-
-class StoreReader:
-    """Read-only, validated view of a ktc store: root metadata, samples, teachers and their arrays.
-
-    ``store`` is a local path, ``file://``, ``zip://`` or any fsspec URL (``kt_cache.remote``), or a zarr Store.
-    Everything taken from the store (sizes, dtypes, codecs, ids, attributes) is checked before use.
-    """
-
-    def __init__(self, store: Any, consolidated: bool | None = None,
-                 storage_options: dict[str, Any] | None = None) -> None:
-        from kt_cache.remote import open_store, parse_location
-
-        self.where = str(store)
-        self.location = parse_location(store) if isinstance(store, (str, Path)) else None
-        self.store = open_store(self.location, storage_options) if self.location else store
-        self.root = open_root(self.store, self.where, "r", consolidated)
-        self.meta = check_root_attrs(dict(self.root.attrs), self.where)
-        checks.check_root_meta(self.meta, self.where)
-        self.consolidated = self.root.metadata.consolidated_metadata is not None
-        if self.location is not None and not self.location.listable and not self.consolidated:
-            raise StoreError(f"{self.where}: this store has no consolidated metadata, and {self.location.protocol}:// "
-                             "offers no listing, so its teachers cannot be discovered remotely. Fix: ask its producer "
-                             "to finalize it (every `ktc extract` run does; `ktc verify` reports a missing or stale "
-                             "consolidation) or to publish it packed (`ktc pack`), or download it and open it locally.")
-        self._ids: list[str] | None = None
-        self._checked: dict[str, dict[str, Any]] = {}
-        self._listed: dict[str, dict[str, Any]] | None = None
-        self._present: set[str] = set()
-
-    def close(self) -> None:
-        """Release the store (a packed store keeps its zip file open until then)."""
-        if hasattr(self.store, "close"):
-            self.store.close()
-
-    def __enter__(self) -> StoreReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @property
-    def n_samples(self) -> int:
-        return int(self.meta["n_samples"])
-
-    @property
-    def n_views(self) -> int:
-        return int(self.meta["n_views"])
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.meta["dataset"].get("classes", []))
-
-    def teacher_ids(self) -> list[str]:
-        if self._ids is None:
-            ids = sorted(name for name, _ in self.root["teachers"].groups()) if "teachers" in self.root else []
-            for teacher_id in ids:
-                checks.check_teacher_id(teacher_id, self.where)
-            self._ids = ids
-        return list(self._ids)
-
-    def teacher(self, teacher_id: str) -> Any:
-        if teacher_id not in self.teacher_ids():
-            from kt_cache.errors import did_you_mean
-
-            raise StoreError(f"{self.where}: no teacher '{teacher_id}' (has: {', '.join(self.teacher_ids()) or 'none'})."
-                             f"{did_you_mean(teacher_id, self.teacher_ids())} Fix: pick a stored teacher id.")
-        return self.root[f"teachers/{teacher_id}"]
-
-    def teacher_attrs(self, teacher_id: str) -> dict[str, Any]:
-        attrs = self.teacher(teacher_id).attrs.get(TEACHER_ATTR, {})
-        checks.check_teacher_attrs(attrs, self.checked_arrays(teacher_id), teacher_id, self.where)
-        return dict(attrs)
-
-    def checked_arrays(self, teacher_id: str) -> dict[str, Any]:
-        """Every array of the teacher group (``done`` included), each validated once."""
-        if teacher_id not in self._checked:
-            group, found = self.teacher(teacher_id), {}
-            for name, member in group.members(max_depth=None):
-                if hasattr(member, "shape"):
-                    checks.check_array(member, f"teachers/{teacher_id}/{name}", name, self.meta, self.where)
-                    found[name] = member
-            if "done" not in found:
-                raise checks.damaged(self.where, f"teacher {teacher_id} has no 'done' array")
-            self._checked[teacher_id] = dict(sorted(found.items()))
-        return self._checked[teacher_id]
-
-    def teacher_arrays(self, teacher_id: str) -> dict[str, Any]:
-        """Array path (``features``, ``logits_topk/values`` …) -> zarr array, ``done`` excluded."""
-        arrays = self.checked_arrays(teacher_id)
-        checks.check_teacher_attrs(self.teacher(teacher_id).attrs.get(TEACHER_ATTR, {}), arrays, teacher_id, self.where)
-        return {name: array for name, array in arrays.items() if name != "done"}
-
-    def read(self, teacher_id: str, path: str, rows: slice = slice(None)) -> np.ndarray:
-        """Rows of one teacher array; a missing, truncated or corrupt object is a StoreError naming its key."""
-        array = self.checked_arrays(teacher_id)[path]
-        self.require_objects(array, f"teachers/{teacher_id}/{path}", rows)
-        return read_rows(array, f"teachers/{teacher_id}/{path}", self.where, rows)
-
-    def rows(self, teacher_id: str, path: str) -> CheckedRows:
-        """The array at ``path`` as a row-sliceable object whose every read goes through ``read``."""
-        return CheckedRows(self, teacher_id, path, self.checked_arrays(teacher_id)[path])
-
-    def listed_objects(self) -> dict[str, dict[str, Any]]:
-        """``ktc-objects.json``'s objects, read once (empty for a store that was never finalized)."""
-        if self._listed is None:
-            self._listed = self.object_manifest() or {}
-        return self._listed
-
-    def require_objects(self, array: Any, path: str, rows: slice = slice(None)) -> None:
-        """Every object of ``rows`` that ``ktc-objects.json`` lists must exist: zarr would silently read an
-        absent one as fill values (NaN features, label -1, ok False), i.e. lost data passed off as data."""
-        listed = self.listed_objects()
-        if not listed:
-            return
-        step = checks.object_rows(array)
-        start, stop, _ = rows.indices(int(array.shape[0]))
-        blocks = {object_key(array, path, b): b for b in range(start // step, -(-stop // step))}
-        todo = [key for key in blocks if key in listed and key not in self._present]
-        from kt_cache.remote import exists_many
-
-        found = exists_many(self.store, todo)
-        self._present.update(key for key, ok in zip(todo, found) if ok)
-        missing = [key for key, ok in zip(todo, found) if not ok]
-        if missing:
-            raise missing_objects_error(self.where, path, [(k, blocks[k] * step) for k in missing], step)
-
-    def done(self, teacher_id: str) -> np.ndarray:
-        return np.asarray(self.read(teacher_id, "done"), dtype=bool)
-
-    def is_complete(self, teacher_id: str) -> bool:
-        return bool(self.done(teacher_id).all())
-
-    def sample_array(self, name: str) -> Any:
-        path = f"samples/{name}"
-        if path not in self.root:
-            raise checks.damaged(self.where, f"array {path} is missing")
-        array = self.root[path]
-        checks.check_array(array, path, name, self.meta, self.where)
-        return array
-
-    def sample(self, name: str) -> np.ndarray:
-        """One ``samples/*`` array, checked (shape, dtype, sizes) before it is read, and its objects present."""
-        array = self.sample_array(name)
-        self.require_objects(array, f"samples/{name}")
-        return read_rows(array, f"samples/{name}", self.where)
-
-    def samples(self) -> dict[str, np.ndarray]:
-        found = {name: self.sample(name) for name in ("id", "index", "label", "ok", "views")}
-        checks.check_sample_ids(found["id"], self.where)
-        return found
-
-    def object_manifest(self) -> dict[str, dict[str, Any]] | None:
-        """``ktc-objects.json`` (key -> size, sha256), validated; None when the store has none."""
-        from kt_cache.remote import get_bytes
-
-        raw = get_bytes(self.store, OBJECT_MANIFEST)
-        return None if raw is None else checks.parse_object_manifest(raw, self.where)
+# The reader lives in its own module beside this one; ``kt_cache.store.StoreReader`` stays its public name.
+from kt_cache.store_reader import (  # noqa: E402,F401
+    CheckedRows, StoreReader, bad_objects, missing_objects_error, object_key, read_rows,
+)

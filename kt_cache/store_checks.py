@@ -32,8 +32,9 @@ TEACHER_ARRAYS: dict[str, tuple[int, tuple[str, ...]]] = {
 }
 SAMPLE_ARRAYS: dict[str, tuple[int, tuple[str, ...]]] = {
     "id": (1, ("str",)), "index": (1, ("int64",)), "label": (1, ("int32",)), "ok": (1, ("bool",)),
-    "views": (3, ("float32",)),
+    "views": (3, ("float32",)), "digest": (2, ("uint8",)),
 }
+DIGEST_BYTES = 16                 # blake2b-128 of an image file's bytes (kt_cache.decode)
 FIX = "Fix: ask the store's producer for an intact copy (verify it with `ktc verify`), or re-create it with `ktc extract`."
 
 
@@ -118,9 +119,11 @@ def check_array(array: Any, path: str, name: str, meta: dict[str, Any], where: s
     rows, what = (meta["n_units"], "n_units") if is_done else (meta["n_samples"], "n_samples")
     if not shape or shape[0] != rows:
         raise damaged(at, f"has shape {list(shape)}; its first dimension must be {what} = {rows}")
-    per_view = not is_done and name not in ("id", "index", "label", "ok")
+    per_view = not is_done and name not in ("id", "index", "label", "ok", "digest")
     if per_view and (len(shape) < 2 or shape[1] != meta["n_views"]):
         raise damaged(at, f"has shape {list(shape)}; its second dimension must be n_views = {meta['n_views']}")
+    if name == "digest" and known is SAMPLE_ARRAYS and shape[1:] != (DIGEST_BYTES,):
+        raise damaged(at, f"has shape {list(shape)}; expected [n_samples, {DIGEST_BYTES}]")
     if name == "views" and known is SAMPLE_ARRAYS and shape[2:] != (5,):
         raise damaged(at, f"has shape {list(shape)}; expected [n_samples, n_views, 5]")
     if float(np.prod(shape[1:], dtype=np.float64)) > MAX_ROW_ELEMENTS:

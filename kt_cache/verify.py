@@ -166,7 +166,8 @@ def load_manifest(reader: fmt.StoreReader, report: VerifyReport) -> dict[str, di
 def check_layout(reader: fmt.StoreReader, report: VerifyReport) -> dict[str, Any]:
     """Validate every array's metadata and every teacher's attributes; returns path -> array of valid ones."""
     arrays: dict[str, Any] = {}
-    for name in ("id", "index", "label", "ok", "views"):
+    optional = ("digest",) if "samples/digest" in reader.root else ()     # stores before content digests lack it
+    for name in ("id", "index", "label", "ok", "views", *optional):
         try:
             arrays[f"samples/{name}"] = reader.sample_array(name)
         except StoreError as err:

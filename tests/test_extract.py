@@ -164,12 +164,16 @@ def test_each_image_is_decoded_once_per_pass_and_resized_once_per_resolution(tmp
 
     import kt_cache.decode as decode
 
-    decoded, resized = Counter(), Counter()
-    real_decode, real_resize = decode.decode_image, decode.views_to_pixels
+    decoded, resized, read = Counter(), Counter(), Counter()
+    real_decode, real_resize, real_read = decode.decode_image, decode.views_to_pixels, decode.read_image_bytes
 
-    def counting_decode(path):
+    def counting_decode(path, data=None):
         decoded[str(path)] += 1
-        return real_decode(path)
+        return real_decode(path, data)
+
+    def counting_read(path):                 # one read per image per pass: decode and digest share it
+        read[str(path)] += 1
+        return real_read(path)
 
     def counting_resize(image, views, size, interpolation="bilinear"):
         resized[(*size, interpolation)] += 1
@@ -177,11 +181,13 @@ def test_each_image_is_decoded_once_per_pass_and_resized_once_per_resolution(tmp
 
     monkeypatch.setattr(decode, "decode_image", counting_decode)
     monkeypatch.setattr(decode, "views_to_pixels", counting_resize)
+    monkeypatch.setattr(decode, "read_image_bytes", counting_read)
     make_image_folder(tmp_path / "images", per_class=2)
     teachers = [cnn_teacher(), vit_teacher(), cnn_teacher(id="cnn32b")]
     manifest = write_manifest(tmp_path / "teachers.yaml", teachers)
     extract(manifest, "--out", tmp_path / "one_pass.zarr")
     assert len(decoded) == 6 and set(decoded.values()) == {1}, decoded
+    assert read == decoded, read
     assert resized == {(32, 32, "bilinear"): 6, (48, 48, "bicubic"): 6}, resized
     root = zarr.open_group(str(tmp_path / "one_pass.zarr"), mode="r")
     assert all(root[f"teachers/{t['id']}/done"][:].all() for t in teachers)
