@@ -54,8 +54,11 @@ def repair_plan(bad: list[str], teacher_ids: list[str], overwrite: tuple[str, ..
     """(teacher id -> units to recompute, keys a rerun cannot repair)."""
     units: dict[str, set[int]] = {}
     unrepairable = []
+    refinalized = {"zarr.json", *(f"teachers/{t}/zarr.json" for t in teacher_ids)}
     for key in bad:
         unit, parts = unit_of(key), key.split("/")
+        if key in refinalized:
+            continue   # attributes this run's finalize rewrites (a run killed while finalizing left them newer)
         if key.startswith("teachers/") and len(parts) > 2 and parts[1] in overwrite:
             continue   # the whole teacher is recomputed anyway
         if unit is not None and key.startswith("teachers/") and parts[1] in teacher_ids:

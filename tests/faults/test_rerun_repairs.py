@@ -72,3 +72,24 @@ def test_rerun_stops_on_damage_it_cannot_repair(finished, tmp_path, fault_log):
     assert verify(store, "--quick").exit_code != 0
     fault_log(2, "damage", "samples/label chunk deleted, rerun ktc extract", "ktc extract", 1,
               "stops before writing; the object list still exposes the loss")
+
+
+@pytest.mark.parametrize("extra", [(), ("--overwrite", "cnn32")])
+def test_run_killed_while_finalizing_then_plain_rerun(finished, tmp_path, monkeypatch, extra, fault_log):
+    from kt_cache import finalize
+
+    base = Path(shutil.copytree(finished, tmp_path / "copy"))
+    store, clean = base / "out.zarr", store_files(finished / "out.zarr")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed after the attributes, before ktc-objects.json")
+
+    monkeypatch.setattr(finalize, "write_object_manifest", killed)
+    interrupted = extract(base / "teachers.yaml", *extra)
+    assert interrupted.exit_code != 0
+    monkeypatch.undo()
+    rerun = extract(base / "teachers.yaml")
+    assert rerun.exit_code == 0, rerun.output
+    assert store_files(store) == clean and verify(store).exit_code == 0
+    fault_log(2, "kill", f"ktc extract {' '.join(extra) or '(rerun)'} killed while finalizing, then a plain rerun",
+              "ktc extract", 0, "resumes and re-finalizes; the store equals the original, verify passes", bytes_lost=0)
