@@ -149,7 +149,7 @@ def extract_into_store(plan: ExtractPlan, options: ExtractOptions) -> ExtractRep
             run_wave(root, wave, options, state, bar)
     state.wall_s = time.perf_counter() - start
     ids = fmt.StoreReader(str(plan.out), consolidated=False).samples()["id"]
-    finalize_store(plan.out, {p.id: state.timings.get(p.id) for p in plan.plans}, state.failures, ids,
+    finalize_store(plan.out, {p.id: state.timings.get(p.id) for p in plan.plans}, ids,
                    state.weights_sha256)
     failures = {str(ids[row]): reason for row, reason in sorted(state.failures.items())}
     timings = {k: v.as_dict() for k, v in state.timings.items()}

@@ -57,7 +57,7 @@ def update_teacher_attrs(group: Any, timing: Any, ok: np.ndarray, unit_rows: int
     group.attrs[fmt.TEACHER_ATTR] = attrs
 
 
-def finalize_store(path: Path, timings: dict[str, Any], failures: dict[int, str], ids: np.ndarray,
+def finalize_store(path: Path, timings: dict[str, Any], ids: np.ndarray,
                    weights_sha256: dict[str, str] | None = None) -> None:
     """Record stats/timings of the teachers of this run, consolidate, and write the object manifest."""
     import zarr
@@ -68,13 +68,22 @@ def finalize_store(path: Path, timings: dict[str, Any], failures: dict[int, str]
     for teacher_id, timing in timings.items():
         update_teacher_attrs(root[f"teachers/{teacher_id}"], timing, ok, meta["unit_rows"],
                              (weights_sha256 or {}).get(teacher_id))
-    meta = dict(meta, failed_samples=[str(ids[row]) for row in sorted(failures)][:1000],
-                n_failed_samples=int(len(failures)))
+    failed = failed_rows(root, ok, meta)     # the whole store's, not this run's: a resumed run decodes a part
+    meta = dict(meta, failed_samples=[str(ids[row]) for row in failed[:1000]], n_failed_samples=int(failed.size))
     root.attrs[fmt.ROOT_ATTR] = meta
     with warnings.catch_warnings():   # "consolidated metadata is not in the v3 spec": known, documented
         warnings.simplefilter("ignore")
         zarr.consolidate_metadata(str(path))
     write_object_manifest(Path(path))
+
+
+def failed_rows(root: Any, ok: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
+    """Rows of units some teacher finished (so their images were decoded) whose image could not be decoded."""
+    teachers = root["teachers"]
+    done = [np.asarray(teachers[f"{t}/done"][:], dtype=bool) for t in sorted(teachers.group_keys())]
+    processed = np.any(np.stack(done), axis=0) if done else np.zeros(meta["n_units"], dtype=bool)
+    decoded = np.repeat(processed, meta["unit_rows"])[: ok.size]
+    return np.flatnonzero(decoded & ~ok)
 
 
 def object_digest(path: Path) -> dict[str, Any]:

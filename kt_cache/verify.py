@@ -373,6 +373,15 @@ def scan_array(reader: fmt.StoreReader, path: str, array: Any, report: VerifyRep
     return np.concatenate(parts) if parts else np.zeros(0, dtype=array.dtype)
 
 
+def nan_repair(report: VerifyReport, path: str) -> str:
+    """Hashes match, so a rerun sees no damage: only recomputing the whole teacher rewrites these rows."""
+    if report.packed or not report.made_by.startswith("ktc extract"):
+        return report.repair
+    teacher = path.split("/")[1] if path.startswith("teachers/") else "ID"
+    return (f"recompute the teacher: rerun `ktc extract --overwrite {teacher}` with the store's manifest, or get an "
+            "intact copy from the producer")
+
+
 def check_block(path: str, key: str, rows: slice, unit: int, block: np.ndarray, context: dict[str, Any],
                 report: VerifyReport) -> None:
     name = path.split("/", 2)[-1]
@@ -388,7 +397,7 @@ def check_block(path: str, key: str, rows: slice, unit: int, block: np.ndarray, 
             if nan.any():
                 report.add(path, key, f"{where} is marked done but {int(nan.sum())} decoded row(s) hold NaN (first row "
                            f"{rows.start + int(np.argmax(nan))}): data lost after the done flag was set. "
-                           "Fix: re-extract the unit (rerun `ktc extract --overwrite` for this teacher) or get an intact copy.")
+                           f"Fix: {nan_repair(report, path)}.")
     limit = context.get("num_classes")
     if name == "logits_topk/index" and isinstance(limit, int) and context["done"][unit] and (flat >= limit).any():
         report.add(path, key, f"{where}: top-k indices reach {int(flat.max())}, the teacher has {limit} classes")

@@ -53,6 +53,11 @@ def test_unreadable_images_are_recorded_and_extraction_continues(tmp_path):
     for odd in ("ant/grey.png", "ant/alpha.png", "ant/cmyk.jpg", "ant/deep16.png"):
         assert ok[ids.index(odd)], odd
     assert root.attrs["ktc"]["n_failed_samples"] == 2
+    again = invoke("extract", "--manifest", manifest, "--workers", "0", "--no-progress")   # decodes nothing
+    assert again.exit_code == 0, again.output
+    meta = zarr.open_group(str(tmp_path / "out.zarr"), mode="r").attrs["ktc"]
+    assert meta["n_failed_samples"] == 2 and sorted(meta["failed_samples"]) == ["ant/notes.jpg", "ant/truncated.jpg"], \
+        "a resumed run reports the store's failures, not only its own"
 
 
 def test_strict_fails_fast_naming_the_file(tmp_path):
