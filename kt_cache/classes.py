@@ -1,14 +1,26 @@
-"""Class-name lists: inline names, the built-in "imagenet-1k" list, or a text file (one name a line)."""
+"""Class-name lists: inline names, the built-in "imagenet-1k" list, or a text file (one name a line);
+and ``ClassLookup``, which finds a class by the name, WordNet id or synonym a dataset writes it with."""
 
 from __future__ import annotations
 
 import functools
+import re
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 from kt_cache.errors import ManifestError
 
 BUILTIN_CLASS_LISTS = ("imagenet-1k",)
+
+
+@functools.lru_cache(maxsize=1)
+def imagenet_1k_wnids() -> tuple[str, ...]:
+    """WordNet ids of the 1000 ImageNet-1k classes, in logit order (``n01440764`` = tench = 0)."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return tuple(info.index_to_label_name(i) for i in range(info.num_classes()))
 
 
 @functools.lru_cache(maxsize=1)   # asked once per teacher and for the dataset; timm re-reads its files each time
@@ -59,3 +71,50 @@ def resolve_class_names(value: tuple[str, ...] | list[str] | str, where: str, ba
 def repeated_names(names: tuple[str, ...] | list[str]) -> set[str]:
     """The names occurring more than once; one counting pass (``names.count`` per name is O(C²))."""
     return {n for n, count in Counter(names).items() if count > 1}
+
+
+class ClassLookup:
+    """Label index of a class written the way datasets write it.
+
+    For a list of names: the exact name, then the name in any case, then any of its comma-separated
+    synonyms in any case (``"tabby cat"`` -> ``"tabby, tabby cat"``). For the built-in ImageNet-1k list also
+    its WordNet id (``n02123045``), the form of ImageNet's folders. A form shared by several classes is
+    ambiguous and refused, with the classes it could mean.
+    """
+
+    def __init__(self, classes: Sequence[str]) -> None:
+        self.classes = tuple(classes)
+        self.exact = {name: i for i, name in enumerate(self.classes)}
+        self.forms: dict[str, set[int]] = {}
+        wnids = imagenet_1k_wnids() if self.classes == imagenet_1k_names() else ()
+        for index, name in enumerate(self.classes):
+            for form in class_forms(name, wnids[index] if wnids else None):
+                self.forms.setdefault(form, set()).add(index)
+
+    def index(self, label: str) -> int | None:
+        """The class index of ``label``; None when no class has that form; AmbiguousClass when several do."""
+        if label in self.exact:
+            return self.exact[label]
+        found = self.forms.get(label.strip().lower(), set())
+        if len(found) > 1:
+            raise AmbiguousClass(label, [self.classes[i] for i in sorted(found)])
+        return next(iter(found)) if found else None
+
+
+class AmbiguousClass(Exception):
+    """A class form (a synonym) that several classes share."""
+
+    def __init__(self, label: str, candidates: list[str]) -> None:
+        super().__init__(label)
+        self.label, self.candidates = label, candidates
+
+    def hint(self) -> str:
+        return (f"{self.label!r} is ambiguous: it names {len(self.candidates)} classes ({self.candidates[:4]}). "
+                "Fix: use the full class name or the WordNet id.")
+
+
+def class_forms(name: str, wnid: str | None) -> set[str]:
+    """Lower-case forms a class is recognised by: its name, its synonyms, its WordNet id."""
+    base = re.sub(r"\s*\((n\d{8})\)$", "", name)        # "crane (n02012849)": the id made it unique
+    forms = {name.lower(), base.lower(), *(part.strip().lower() for part in base.split(",") if part.strip())}
+    return forms | ({wnid.lower()} if wnid else set())

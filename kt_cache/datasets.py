@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from kt_cache.classes import resolve_class_names
+from kt_cache.classes import AmbiguousClass, ClassLookup, resolve_class_names
 from kt_cache.errors import DatasetError, did_you_mean
 from kt_cache.manifest_types import DatasetSpec
 
@@ -177,13 +177,26 @@ def _check_root(root: Path, what: str) -> None:
         )
 
 
+def class_of(lookup: ClassLookup, label: str, where: str) -> int | None:
+    """The class index ``label`` names (name, WordNet id or synonym); None when none; ambiguous is an error."""
+    try:
+        return lookup.index(label)
+    except AmbiguousClass as err:
+        raise DatasetError(f"{where}: {err.hint()}") from None
+
+
 def _folder_classes(root: Path, classes: tuple[str, ...] | None) -> tuple[tuple[str, ...], dict[str, int]]:
-    """Class names and the label of each top-level sub-folder."""
+    """Class names and the label of each top-level sub-folder (a class name, WordNet id or synonym)."""
     subdirs = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if classes is None:
         classes = tuple(subdirs)
-    index = {name: i for i, name in enumerate(classes)}
-    unknown = [d for d in subdirs if d not in index]
+    lookup, index, unknown = ClassLookup(classes), {}, []
+    for folder in subdirs:
+        found = class_of(lookup, folder, f"dataset.root: sub-folder {str(root / folder)!r}")
+        if found is None:
+            unknown.append(folder)
+        else:
+            index[folder] = found
     if unknown:
         close = difflib.get_close_matches(unknown[0], list(classes), n=3, cutoff=0.5)
         hint = f" Close class names: {close}." if close else ""
@@ -221,7 +234,7 @@ def _list_folder(root: Path, classes: tuple[str, ...] | None, description: dict 
 
 
 def _csv_rows(csv_path: Path) -> list[tuple[int, list[str]]]:
-    """Non-empty rows with their 1-based line numbers, header row ``path[,label]`` dropped."""
+    """Non-empty rows with their 1-based line numbers, a header row (``path,label``, ``ImageId,label`` …) dropped."""
     if not csv_path.is_file():
         state = "is a folder" if csv_path.is_dir() else "does not exist"
         raise DatasetError(
@@ -230,9 +243,18 @@ def _csv_rows(csv_path: Path) -> list[tuple[int, list[str]]]:
         )
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         rows = [(n, row) for n, row in enumerate(csv.reader(f), start=1) if any(c.strip() for c in row)]
-    if rows and [c.strip().lower() for c in rows[0][1]] in (["path"], ["path", "label"]):
+    if rows and is_header(rows[0][1]):
         rows = rows[1:]
     return rows
+
+
+PATH_HEADERS = ("path", "imageid", "image", "file", "filename")   # ImageNet's validation CSVs say ImageId
+LABEL_HEADERS = ("label", "class", "labelid", "wnid")
+
+
+def is_header(cells: list[str]) -> bool:
+    names = [c.strip().lower().replace("_", "") for c in cells]
+    return bool(names) and names[0] in PATH_HEADERS and all(n in LABEL_HEADERS for n in names[1:])
 
 
 def _csv_path(raw: str, where: str, folder: Path) -> str:
@@ -249,6 +271,14 @@ def _csv_path(raw: str, where: str, folder: Path) -> str:
             "Fix: correct the path (relative to the csv's folder) or remove the row."
         )
     return rel.as_posix()
+
+
+def csv_label(lookup: ClassLookup, label: str, where: str) -> int | None:
+    """A CSV label: a class form (``class_of``), else a 0-based class index (``281``)."""
+    found = class_of(lookup, label, where)
+    if found is None and label.isdigit() and int(label) < len(lookup.classes):
+        return int(label)
+    return found
 
 
 def _list_csv(csv_path: Path, classes: tuple[str, ...] | None) -> DatasetListing:
@@ -270,15 +300,16 @@ def _list_csv(csv_path: Path, classes: tuple[str, ...] | None) -> DatasetListing
         raise DatasetError(f"dataset.list: {csv_path} lists no images. Fix: add 'path[,label]' rows.")
     if classes is None:
         classes = tuple(sorted({label for _, label in parsed if label}))
-    index = {name: i for i, name in enumerate(classes)}
+    lookup = ClassLookup(classes)
     entries = []
     for rel, label in parsed:
-        if label and label not in index:
+        found = csv_label(lookup, label, first_line[rel]) if label else -1
+        if found is None:
             raise DatasetError(
                 f"{first_line[rel]}: label {label!r} is not in dataset.classes.{did_you_mean(label, classes)} "
-                "Fix: correct the label or add it to dataset.classes."
+                "Fix: correct the label (a class name, WordNet id, synonym or 0-based index) or add it to dataset.classes."
             )
-        entries.append((rel, index[label] if label else -1))
+        entries.append((rel, found))
     return _finish(folder, entries, classes, {"kind": "csv", "list": str(csv_path), "root": str(folder)}, [])
 
 
