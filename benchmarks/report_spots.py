@@ -56,7 +56,7 @@ def ram_tables(st: dict, me: dict) -> tuple[str, str]:
     return OPEN, f"""**`kt_train/data.py` `CachedTeachers.__init__` / `_ram_paths`: features and top-k always go to RAM — open.**
    `ram_budget_bytes` only applies to featmaps (`_place_featmaps`); for 100 teachers × ImageNet × 4 views these
    tables (features + top-k + LSE) would be ≈ {per_row * 1.28e6 * 4 * 100 / 2**30:.0f} GiB (measured {per_row:.0f} B per teacher-sample-view, scaled).
-   DESIGN §6 allows "RAM (or a memory map)"; the BlockCache path used for featmaps (measured
+   the trainer may hold arrays in "RAM (or a memory map)"; the BlockCache path used for featmaps (measured
    {block['gather_rows_per_s']:,.0f} rows/s here) would serve features too when they exceed the budget."""
 
 

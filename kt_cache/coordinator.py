@@ -1,6 +1,6 @@
 """The coordinator: the only code that creates a store, its groups and arrays, or changes attrs.
 
-It runs before any writer starts (DESIGN §4 "create, then write"), decides what an existing store
+It runs before any writer starts (docs/store-format.md, "create, then write"), decides what an existing store
 may be reused for (resume, add a teacher) and refuses what it must not (another dataset, other views,
 a changed teacher entry without ``--overwrite``).
 """

@@ -2,7 +2,7 @@
 
 ``list_dataset`` returns a ``DatasetListing``: sample ids (relative POSIX paths, sorted), labels, the
 target class names and a fingerprint of (path, size) that a store records to refuse another dataset.
-This module imports neither torch nor timm (it must stay light); see DESIGN §2 and §7.
+This module imports neither torch nor timm (it must stay light); see docs/manifest.md.
 
 Decisions:
 - Image extensions are a fixed list (a superset of timm's default ``.png .jpg .jpeg``), matched

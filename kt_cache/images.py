@@ -1,4 +1,4 @@
-"""Decode one image file into a fully loaded 8-bit RGB ``PIL.Image`` (DESIGN §7: odd modes, bad files).
+"""Decode one image file into a fully loaded 8-bit RGB ``PIL.Image`` (odd modes, bad files: docs/manifest.md, Errors).
 
 Decisions:
 - Transparency (LA, La, PA, RGBA, RGBa, P with a transparent index) is composited on WHITE:

@@ -29,7 +29,7 @@ class DatasetSpec:
 
 @dataclass(frozen=True)
 class ViewsSpec:
-    """View policy (DESIGN §3): view 0 is a centre crop, views 1..count-1 random-resized-crop boxes."""
+    """View policy (docs/manifest.md, `views`): view 0 is a centre crop, views 1..count-1 random-resized-crop boxes."""
 
     count: int = 1
     seed: int = 0

@@ -1,4 +1,4 @@
-"""Turn a teacher's fp32 outputs into the stored blocks of the store format (DESIGN §4).
+"""Turn a teacher's fp32 outputs into the stored blocks of the store format (docs/store-format.md).
 
 Full or top-k logits, ``logits_lse`` (exact log-probabilities of the stored classes), ``label_logit``
 (the true class, for Bi-KD roles), features and pooled spatial maps, cast to the storage dtype with an

@@ -1,4 +1,4 @@
-"""The ONE place a stored view becomes pixels (DESIGN §3); extraction and training both call it.
+"""The ONE place a stored view becomes pixels (docs/manifest.md, `views`); extraction and training both call it.
 
 A view is a row ``(x0, y0, w, h, flip)`` of ``samples/views``: a box in normalised image coordinates
 (x horizontal, relative to the width; y vertical, relative to the height) and a horizontal-flip flag.

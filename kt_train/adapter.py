@@ -1,7 +1,7 @@
 """ViT-Adapter for KPU knowledge preservation: a trainable side network around a frozen ViT trunk.
 
 Chen, Duan, Wang, He, Lu, Dai, Qiao. "Vision Transformer Adapter for Dense Predictions." ICLR 2023
-(code: ``czczup/ViT-Adapter``, ``adapter_modules.py`` / ``vit_adapter.py``); methods-spec §4.4.
+(code: ``czczup/ViT-Adapter``, ``adapter_modules.py`` / ``vit_adapter.py``); docs/methods.md
 
 Structure (``D`` = the trunk's embedding dim, ``p`` = its patch size):
 

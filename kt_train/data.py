@@ -1,6 +1,6 @@
 """Training inputs from a ktc store: teacher selection, cached teacher outputs, student views, loaders.
 
-Read path (DESIGN §6, storage-notes §1.8):
+Read path (docs/store-format.md):
 
 - ``CachedTeachers`` loads pooled features, logits (full or top-k + LSE) and ``label_logit`` of every
   selected teacher into RAM once, by whole-array reads. Spatial maps (``featmap``) are loaded too when

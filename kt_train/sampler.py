@@ -1,4 +1,4 @@
-"""Block-shuffled row order: random whole blocks, rows shuffled inside a window of blocks (DESIGN §6).
+"""Block-shuffled row order: random whole blocks, rows shuffled inside a window of blocks (docs/store-format.md).
 
 Store rows already follow a seeded random permutation of the dataset, so every block (one store unit =
 one shard) is class-mixed. Each epoch this sampler visits the blocks in a random order, groups them into

@@ -5,7 +5,7 @@ Two kinds, one interface (``Student.forward(x) -> StudentOutput``):
 * **Plain** (``sentinel=None``): any timm model, random init (``pretrained=False``) or local weights; the whole
   network trains. ``features`` = ``forward_head(pre_logits=True)``; ``featmap`` = the ``forward_features`` map
   (CNNs; NHWC outputs are permuted) or the patch tokens without prefix tokens on the patch grid (ViTs).
-* **Sentinel** (KPU knowledge preservation, methods-spec §4.4): a *frozen* timm ``VisionTransformer`` trunk
+* **Sentinel** (KPU knowledge preservation, docs/methods.md): a *frozen* timm ``VisionTransformer`` trunk
   (the sentinel, its weights from ``SentinelSpec.checkpoint``) plus a trainable ViT-Adapter
   (``kt_train.adapter``, Chen et al., ICLR 2023) and a new linear classifier. ``features`` = the trunk's pooled
   output after the injections (CLS after the final norm); ``featmap`` = the adapter pyramid level whose stride is

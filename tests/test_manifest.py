@@ -17,7 +17,7 @@ from kt_cache.manifest import load_manifest, parse_manifest, safe_id
 from kt_cache.manifest_types import Manifest, PreprocessSpec, StorageSpec, ViewsSpec
 
 MANIFEST = Path("/lab/teachers.yaml")
-DESIGN_EXAMPLE = """\
+MANIFEST_EXAMPLE = """\
 dataset:
   root: data/train
 store: cache/train.zarr
@@ -70,7 +70,7 @@ def fails(data: Any, match: str) -> None:
 # ----------------------------------------------------------------------------- valid manifests
 
 def test_design_example_parses_with_defaults_applied() -> None:
-    m = parse(yaml.safe_load(DESIGN_EXAMPLE))
+    m = parse(yaml.safe_load(MANIFEST_EXAMPLE))
     assert m.path == MANIFEST
     assert m.dataset.root == Path("/lab/data/train") and m.dataset.list is None and m.dataset.classes is None
     assert m.store == Path("/lab/cache/train.zarr")
@@ -150,7 +150,7 @@ def test_derived_ids() -> None:
 
 def test_load_manifest_reads_a_file(tmp_path: Path) -> None:
     path = tmp_path / "teachers.yaml"
-    path.write_text(DESIGN_EXAMPLE)
+    path.write_text(MANIFEST_EXAMPLE)
     m = load_manifest(path)
     assert m.path == path and m.dataset.root == tmp_path / "data" / "train" and len(m.teachers) == 4
 
@@ -164,7 +164,7 @@ def test_loading_does_not_import_torch() -> None:
 # ----------------------------------------------------------------------------- entry / fingerprint
 
 def test_entry_is_canonical_json_with_paths_as_written() -> None:
-    m = parse(yaml.safe_load(DESIGN_EXAMPLE))
+    m = parse(yaml.safe_load(MANIFEST_EXAMPLE))
     eff, digits = m.teachers[1], m.teachers[2]
     assert json.loads(json.dumps(eff.entry)) == eff.entry
     assert eff.entry == {

@@ -89,3 +89,10 @@ def test_the_example_in_docs_loads(tmp_path: Path) -> None:
     manifest = load_manifest(path)
     assert [t.id for t in manifest.teachers] == ["convnext_tiny_in1k", "own_effnet", "lab_digits_lo", "clip_b16",
                                                  "vit_base_patch16_224.dino"]
+
+
+def test_manifest_doc_states_the_demo_teacher_count() -> None:
+    words = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
+    count = len(load_manifest(MANIFESTS / "demo.yaml").teachers)
+    doc = (MANIFESTS.parent / "docs" / "manifest.md").read_text(encoding="utf-8")
+    assert f"`demo.yaml` (offline, CPU, {words[count]} real teachers)" in doc

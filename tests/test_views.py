@@ -1,4 +1,4 @@
-"""sample_views and view_pixels: the recorded boxes and the pixels they stand for (DESIGN §3)."""
+"""sample_views and view_pixels: the recorded boxes and the pixels they stand for (docs/manifest.md, `views`)."""
 
 from __future__ import annotations
 

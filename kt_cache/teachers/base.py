@@ -41,7 +41,7 @@ class TeacherPlan:
 
     @property
     def resize_key(self) -> tuple[int, int, str]:
-        """Teachers with the same key share one resize of each view (DESIGN §5)."""
+        """Teachers with the same key share one resize of each view (docs/store-format.md)."""
         return (self.input_size[1], self.input_size[2], self.interpolation)
 
 

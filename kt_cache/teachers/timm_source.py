@@ -1,6 +1,6 @@
 """timm teachers: resolve offline on the meta device, load weights from a checkpoint or the hub.
 
-Outputs (DESIGN §4): ``features`` = ``forward_head(forward_features(x), pre_logits=True)``,
+Outputs (docs/store-format.md): ``features`` = ``forward_head(forward_features(x), pre_logits=True)``,
 ``logits`` = ``forward_head(forward_features(x))``, ``featmap`` = ``forward_features(x)`` (map or patch
 tokens) average-pooled to a g x g grid. timm is imported inside functions only.
 

@@ -1,4 +1,4 @@
-"""AVG: feature averaging in a learned common space = UNIFORM with both votes off (methods-spec §2.5).
+"""AVG: feature averaging in a learned common space = UNIFORM with both votes off (docs/methods.md).
 
 The "none" row of UNIFORM's voting ablation and the closest stand-in for its CFL+ baseline (Luo et al.,
 "Knowledge Amalgamation from Heterogeneous Networks by Common Feature Learning", IJCAI 2019; CFL itself

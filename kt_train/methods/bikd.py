@@ -1,7 +1,7 @@
 """Bi-KD, cached formulation (Bi-KD-CM): live students and cached teachers compete per sample to teach.
 
 Jain, Karthik, Gandhi, "Simplifying Knowledge Transfer in Pretrained Models", TMLR 2025, arXiv 2510.22208
-(official code Syd-J/Bi-KD; methods-spec §6.3)::
+(official code Syd-J/Bi-KD; docs/methods.md)::
 
     participants k = [student_0 .. student_{M-1}, cached teacher_0 .. teacher_{K-1}]
     g_{b,k}  = log σ(z_k)_{y_b}  in fp64 (cached: label_logit − lse when stored; invalid: −inf)

@@ -1,6 +1,6 @@
 """Numerics shared by the methods: fp32 softmax/KL, fp64 label log-probs, masking, small heads.
 
-Rules (methods-spec §0): every softmax / log-softmax / KL in fp32 (fp16 caches upcast first), role and
+Rules (docs/methods.md): every softmax / log-softmax / KL in fp32 (fp16 caches upcast first), role and
 confidence comparisons in fp64, ``log_softmax`` never ``softmax().log()``, ``KL(teacher ‖ student)``.
 """
 
@@ -36,7 +36,7 @@ def teacher_logits(tb: TeacherBatch, tid: str, standardize: bool = False) -> Ten
     """Teacher ``tid``'s detached fp32 global logits ``[B, C]``; invalid rows become 0 on covered classes.
 
     Uncovered classes stay ``-inf``. With ``standardize`` the row is Z-scored over its covered classes
-    (cached per-row mean/std are used when present, methods-spec §2.2).
+    (cached per-row mean/std are used when present, docs/methods.md).
     """
     covered, valid = tb.covered[tid], tb.valid[tid]
     filler = torch.zeros((), dtype=torch.float32, device=covered.device)

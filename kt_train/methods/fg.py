@@ -2,7 +2,7 @@
 
 Roth, Thede, Koepke, Vinyals, Hénaff, Akata, "Fantastic Gains and Where to Find Them: On the Existence and
 Prospect of General Knowledge Transfer between Any Pretrained Model", ICLR 2024 (official code
-ExplainableML/FantasticGains; methods-spec §5)::
+ExplainableML/FantasticGains; docs/methods.md)::
 
     participants k = [f_st (frozen initial student), teacher_1 .. teacher_K]
     g_{b,k} = log σ(z_k)_{y_b}   (supervised)  or  max_c log σ(z_k)_c  (unsupervised, "most-conf_u"), fp64

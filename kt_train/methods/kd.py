@@ -1,7 +1,7 @@
 """Hinton KD, single or multi-teacher (probability average), with optional logit standardization.
 
 Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", 2015; logit standardization:
-Sun et al., "Logit Standardization in Knowledge Distillation", CVPR 2024 (methods-spec §2.1, §2.2)::
+Sun et al., "Logit Standardization in Knowledge Distillation", CVPR 2024 (docs/methods.md)::
 
     p̄_b  = Σ_t v_{b,t} σ(z_t,b / τ) / Σ_t v_{b,t}        zero-padded over classes teacher t does not cover
     L_KD = τ² · mean_b KL(p̄_b ‖ σ(z_s,b / τ))            rows with no valid teacher are left out
@@ -9,7 +9,7 @@ Sun et al., "Logit Standardization in Knowledge Distillation", CVPR 2024 (method
     standardize: z ← (z − mean_c z) / (std_c z + 1e-7) for teachers (over covered classes) and student
 
 Shapes: teacher logits stacked ``[B, T, C]``, student ``z_s [B, C]``, ``y [B]``. Teachers are the batch's
-predictive teachers with logits (``TeacherBatch.logit_ids``). Top-k caches are lossy here (methods-spec §1.1).
+predictive teachers with logits (``TeacherBatch.logit_ids``). Top-k caches are lossy here (docs/methods.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """KPU: multi-teacher feature alignment with s2t, t2s and reconstruction terms (KPU-noPre when cached).
 
-Huang, Chen, Lyu (Sony AI), "Knowledge Preservation and Unification" (methods-spec §4, Eqs. 1-4)::
+Huang, Chen, Lyu (Sony AI), "Knowledge Preservation and Unification" (docs/methods.md, Eqs. 1-4)::
 
     L_align({x1,V1},{x2,V2}) = λ1 (1 − cos(x1,x2)) + λ2 mean_pos (1 − cos(V1,V2)) + λ3 smoothL1_β(V1,V2)
                                λ = (1, 0.9, 0.1); the λ1 term is dropped when the teacher has no global x^t
@@ -13,7 +13,7 @@ Huang, Chen, Lyu (Sony AI), "Knowledge Preservation and Unification" (methods-sp
 ``Linear → LN → GELU → Linear`` with hidden ``max(D, d_t)`` (K3), separate for global/spatial and for
 s2t/t2s/rec (K6). Shapes: student ``x [B, D]``, ``V [B, D, H, W]``; teacher ``x^t [B, d_t]``,
 ``V^t [B, h_t, w_t, d'_t]`` (channels last, as cached). The sentinel/adapter half of KPU needs the
-sentinel's weights as the student trunk and lives in the student, not here (methods-spec §4.6).
+sentinel's weights as the student trunk and lives in the student, not here (docs/methods.md).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class KPUOptions(MethodOptions):
     rec_weight: float = 1.0                                 # λ of L_rec
     s2t: bool = True
     t2s: bool = True
-    rec: bool = True                                        # keep with t2s (methods-spec §4.8)
+    rec: bool = True                                        # keep with t2s (docs/methods.md)
     hidden: int | None = None                               # head width; None = max(D, d_t)
     head_norm: bool = True                                  # LayerNorm inside the heads (K3)
     sl1_beta: float = 1.0                                   # smooth-L1 β

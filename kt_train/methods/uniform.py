@@ -1,7 +1,7 @@
 """UNIFORM: unsupervised transfer from many predictive + descriptive teachers by feature and logit voting.
 
 Wang, Zhuang, Chen, Huang, Li, Lyu, "UNIFORM: Unifying Knowledge from Large-scale and Diverse Pre-trained
-Models", arXiv 2508.19498 (methods-spec §3; constants marked [G] there are this module's defaults)::
+Models", arXiv 2508.19498 (docs/methods.md; constants marked [G] there are this module's defaults)::
 
     u_i = f^e_i(x^t_i) ∈ R^D,  r_i = f^d_i(u_i)                        per-teacher encoder / decoder
     x̂   = disjoint mean of the u_i agreeing with the elected sign       (voting.sign_vote)
@@ -43,7 +43,7 @@ from kt_train.methods.voting import (
 
 @dataclass(frozen=True)
 class AvgOptions(MethodOptions):
-    """Options shared by AVG and UNIFORM (methods-spec §3.5, §9 U1-U13)."""
+    """Options shared by AVG and UNIFORM (docs/methods.md)."""
 
     beta1: float = 1.0                                   # weight of ℓ_feature
     beta2: float = 1.0                                   # weight of ℓ_rec

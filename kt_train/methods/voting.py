@@ -1,4 +1,4 @@
-"""UNIFORM's two votes as pure functions (methods-spec §3.3, §3.4, §3.6).
+"""UNIFORM's two votes as pure functions (docs/methods.md).
 
 Wang et al., "UNIFORM: Unifying Knowledge from Large-scale and Diverse Pre-trained Models",
 arXiv 2508.19498. Aggregation rule, tie handling and Case B target are the spec's [G] resolutions U2-U12.

@@ -1,6 +1,6 @@
 """Plain-Python loop references for the vectorised losses (lists of floats, ``math`` only).
 
-Each function mirrors one formula of methods-spec.md literally, one sample / teacher / class at a time, so
+Each function mirrors one formula of docs/methods.md literally, one sample / teacher / class at a time, so
 the tensor code can be checked against it on random shapes. ``None`` in a logit list = uncovered class.
 """
 
@@ -124,7 +124,7 @@ def zscore(z: Vec) -> Vec:
 # ------------------------------------------------------------------------------------------------- Bi-KD
 def bikd(logits: list[list[Vec]], y: list[int], trainable: list[bool], valid: list[list[bool]] | None = None,
          tie_rule: str = "unique") -> tuple[float, float]:
-    """(Σ_live CE, KD term) of methods-spec §6.3 with participants' logits [K][B][C]."""
+    """(Σ_live CE, KD term) of docs/methods.md with participants' logits [K][B][C]."""
     K, B = len(logits), len(y)
     ce = sum(mean([-log_softmax(logits[k][b])[y[b]] for b in range(B)])  # type: ignore[misc]
              for k in range(K) if trainable[k])

@@ -1,4 +1,4 @@
-"""methods-spec §7: every worked example, with the spec's numbers (6 decimals; methods compute in fp32)."""
+"""docs/methods.md: every worked example, with the spec's numbers (6 decimals; methods compute in fp32)."""
 
 from __future__ import annotations
 
