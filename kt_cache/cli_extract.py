@@ -90,8 +90,12 @@ def format_plan(plan) -> str:
 
 def format_report(report) -> str:
     """Run summary: per-teacher timing table, failures, throughput."""
-    lines = [f"store {report.plan.out}: {report.rows} images processed in {report.wall_s:.1f} s "
-             f"({report.rows / report.wall_s if report.wall_s else 0:.1f} images/s over all waves)"]
+    if report.rows == 0 and set(report.statuses.values()) <= {"resumed"}:
+        lines = [f"store {report.plan.out}: complete, nothing to do: every unit of its {len(report.statuses)} "
+                 "teacher(s) in this manifest is done and its objects match ktc-objects.json"]
+    else:
+        lines = [f"store {report.plan.out}: {report.rows} images processed in {report.wall_s:.1f} s "
+                 f"({report.rows / report.wall_s if report.wall_s else 0:.1f} images/s over all waves)"]
     lines.append(f"{'teacher':<28} {'status':<10} {'load s':>8} {'forward s':>10} {'views':>8} {'views/s':>9}")
     for teacher_id, status in report.statuses.items():
         t = report.timings.get(teacher_id, {})

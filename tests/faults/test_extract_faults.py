@@ -51,3 +51,11 @@ def test_teacher_with_finished_units_stays_pinned(tmp_path, images, fault_log):
     assert changed.exit_code != 0 and "--overwrite" in changed.output, changed.output
     fault_log(13, "bad-input", "a finished teacher's manifest entry is changed", "ktc extract",
               changed.exit_code, "refused, naming --overwrite: finished units are never dropped silently")
+
+
+def test_complete_store_rerun_says_nothing_to_do(tmp_path, images):
+    write_manifest(tmp_path / "teachers.yaml", [cnn_teacher()])
+    assert extract(tmp_path / "teachers.yaml").exit_code == 0
+    again = CliRunner().invoke(cli, ["extract", "--manifest", str(tmp_path / "teachers.yaml"), "--workers", "0"])
+    assert again.exit_code == 0, again.output
+    assert "complete, nothing to do" in again.output and "0img" not in again.output and "wave 1/1" not in again.output
