@@ -7,7 +7,7 @@ import json
 import click
 
 @click.command()
-@click.option("--cache", help="Store written by `ktc extract` (path or fsspec URL).")
+@click.option("--cache", help="Store written by `ktc extract` (path or fsspec URL). Required, here or in --config.")
 @click.option("--data", help="Image root (default: the dataset root recorded in the store).")
 @click.option("--val", help="Labelled folder (class sub-folders) for the final evaluation (default: the training images).")
 @click.option("--student", help="timm model name of the student (default resnet18).")
@@ -50,3 +50,23 @@ def train(opts: tuple[str, ...], config_file: str | None, no_progress: bool, **f
         return
     summary = {k: metrics[k] for k in ("top1", "top5", "skipped", "teacher_agreement") if k in metrics}
     click.echo(f"run saved in {config.out}: {json.dumps(summary)}")
+
+
+def show_config_defaults(command: click.Command) -> click.Command:
+    """Show TrainConfig's defaults in --help. Flags default to None so a --config file can fill them,
+    so click cannot show them itself."""
+    from dataclasses import MISSING, fields
+
+    from kt_train.config import TrainConfig
+
+    defaults = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(TrainConfig)}
+    for param in command.params:
+        value = defaults.get(param.name)
+        if isinstance(param, click.Option) and not param.is_flag and value not in (None, "", [], {}) \
+                and "default" not in (param.help or ""):
+            shown = ",".join(value) if isinstance(value, list) else str(value)
+            param.help = f"{param.help or ''}  [default: {shown}]".strip()
+    return command
+
+
+train = show_config_defaults(train)

@@ -188,3 +188,16 @@ def test_bikd_on_a_store_without_labels_names_the_label_free_option(tmp_path):
     assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
     assert (out / "student.safetensors").is_file()
     assert "teacher_agreement" in json.loads((out / "eval.json").read_text()), "no labels: agreement only"
+
+
+def test_train_help_shows_every_default_and_that_cache_is_required():
+    from click.testing import CliRunner as Runner
+
+    from kt_cache.cli import cli as ktc
+    from kt_train.config import TrainConfig
+
+    text = " ".join(Runner().invoke(ktc, ["train", "--help"]).output.split())
+    assert "Required, here or in --config" in text
+    for flag, value in (("batch-size", TrainConfig.batch_size), ("lr", TrainConfig.lr), ("epochs", TrainConfig.epochs),
+                        ("method", TrainConfig.method), ("ram-budget-gb", TrainConfig.ram_budget_gb)):
+        assert f"--{flag}" in text and f"[default: {value}]" in text, (flag, value)
