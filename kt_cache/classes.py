@@ -118,3 +118,29 @@ def class_forms(name: str, wnid: str | None) -> set[str]:
     base = re.sub(r"\s*\((n\d{8})\)$", "", name)        # "crane (n02012849)": the id made it unique
     forms = {name.lower(), base.lower(), *(part.strip().lower() for part in base.split(",") if part.strip())}
     return forms | ({wnid.lower()} if wnid else set())
+
+
+def target_to_teacher(target: Sequence[str], teacher: Sequence[str]) -> list[int]:
+    """For each target class, the index of the teacher's logit for it, or -1: by exact name, then by any
+    form ``ClassLookup`` knows (a folder ``tabby cat`` finds ImageNet's ``tabby, tabby cat``; an ambiguous
+    form counts as not covered). Extraction and training both map classes through this one function."""
+    exact = {name: i for i, name in enumerate(teacher)}
+    lookup: ClassLookup | None = None
+    found = []
+    for name in target:
+        if name not in exact:
+            lookup = lookup or ClassLookup(teacher)
+            try:
+                index = lookup.index(name)
+            except AmbiguousClass:
+                index = None
+            found.append(-1 if index is None else index)
+        else:
+            found.append(exact[name])
+    return found
+
+
+def coverage(target: Sequence[str], teacher: Sequence[str] | None) -> tuple[int, list[str]]:
+    """(how many target classes the teacher has a logit for, the uncovered ones in target order)."""
+    mapped = target_to_teacher(target, teacher) if teacher is not None else [-1] * len(target)
+    return sum(i >= 0 for i in mapped), [name for name, i in zip(target, mapped) if i < 0]

@@ -77,6 +77,7 @@ def format_plan(plan) -> str:
     for p in plan.plans:
         lines.append(f"  {p.id}  [{p.spec.source} {p.spec.model}, {p.spec.role}]  input {p.input_size[1]}x"
                      f"{p.input_size[2]} {p.interpolation}  weights {p.weights}  params {human_bytes(p.param_bytes)}")
+        lines += coverage_lines(p, plan.listing.class_names)
         for path, shape, dtype, nbytes in output_shapes(p, plan.n_samples, views.count):
             lines.append(f"      {path:<20} {str(list(shape)):<24} {dtype:<8} {human_bytes(nbytes)}")
             total += nbytes
@@ -86,6 +87,28 @@ def format_plan(plan) -> str:
                      f"({human_bytes(sum(p.param_bytes for p in wave))} of parameters)")
     lines.append(f"estimated store size  {human_bytes(total)} before compression (zstd usually saves 5-30 %)")
     return "\n".join(lines)
+
+
+def coverage_text(target: tuple[str, ...], teacher: tuple[str, ...] | None) -> str:
+    """``covers 2/3 target classes (missing: cat)`` for a teacher's logits."""
+    from kt_cache.classes import coverage
+
+    covered, missing = coverage(target, teacher)
+    shown = f" (missing: {', '.join(missing[:5])}{', …' if len(missing) > 5 else ''})" if missing else ""
+    return f"covers {covered}/{len(target)} target classes{shown}"
+
+
+def coverage_lines(plan, target: tuple[str, ...]) -> list[str]:
+    """The dry-run's coverage line for a teacher with logits, and the warning for a predictive teacher
+    whose logits name none of the target classes (its logits cannot vote; train refuses it)."""
+    if not target or "logits" not in plan.spec.outputs or not plan.num_classes:
+        return []
+    lines = [f"      {coverage_text(target, plan.class_names)}"]
+    if plan.spec.role == "predictive" and lines[0].strip().startswith("covers 0/"):
+        lines.append(f"      warning: teacher {plan.id} is predictive but its logits name none of the "
+                     f"{len(target)} target classes. Fix: give it `classes:` in the target label space (names, "
+                     "WordNet ids or synonyms), set `role: descriptive`, or leave it out at training with --teachers.")
+    return lines
 
 
 def format_report(report) -> str:
@@ -101,6 +124,9 @@ def format_report(report) -> str:
         t = report.timings.get(teacher_id, {})
         lines.append(f"{teacher_id:<28} {status:<10} {t.get('load_s', 0):>8.2f} {t.get('forward_s', 0):>10.2f} "
                      f"{t.get('images', 0):>8} {t.get('images_per_s', 0):>9.1f}")
+    target = report.plan.listing.class_names
+    lines += [f"{p.id}: {coverage_text(target, p.class_names)}" for p in report.plan.plans
+              if target and "logits" in p.spec.outputs and p.num_classes]
     if report.failures:
         lines.append(f"{len(report.failures)} images could not be decoded (recorded as samples/ok = false; "
                      "their outputs are NaN):")

@@ -45,7 +45,19 @@ def teacher_summary(reader: fmt.StoreReader, teacher_id: str) -> dict[str, Any]:
         "preprocess": attrs.get("preprocess"), "outputs": attrs.get("outputs"), "arrays": arrays,
         "units_done": int(done.sum()), "units": int(done.size), "complete": bool(done.all()),
         "bytes": store_bytes(reader, f"teachers/{teacher_id}/"), "timing": attrs.get("timing"),
+        "coverage": class_coverage(reader.class_names, attrs),
     }
+
+
+def class_coverage(target: list[str], attrs: dict[str, Any]) -> dict[str, Any] | None:
+    """How many target classes a teacher's logits cover, and the first uncovered ones (None: no logits)."""
+    from kt_cache.classes import coverage
+
+    if not target or "logits" not in (attrs.get("outputs") or []):
+        return None
+    names = attrs.get("class_names")
+    covered, missing = coverage(target, list(names) if names else None)
+    return {"covered": covered, "classes": len(target), "missing": missing[:20], "n_missing": len(missing)}
 
 
 def store_summary(store: str) -> dict[str, Any]:
@@ -81,6 +93,10 @@ def format_summary(info: dict[str, Any]) -> str:
         state = "complete" if t["complete"] else f"{t['units_done']}/{t['units']} units"
         tb = human_bytes(t["bytes"]) if t["bytes"] is not None else "?"
         lines.append(f"  {t['id']}  [{t['source']} {t['model']}, {t['role']}]  {state}, {tb}")
+        cov = t.get("coverage")
+        if cov is not None:
+            shown = f" (missing: {', '.join(cov['missing'][:5])}{', …' if cov['n_missing'] > 5 else ''})" if cov["n_missing"] else ""
+            lines.append(f"      covers {cov['covered']}/{cov['classes']} target classes{shown}")
         for name, a in t["arrays"].items():
             lines.append(f"      {name:<20} {str(a['shape']):<24} {a['dtype']}")
     return "\n".join(lines)

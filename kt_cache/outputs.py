@@ -22,10 +22,11 @@ def label_map(target_classes: tuple[str, ...] | list[str], teacher_classes: tupl
 
     Teachers without class names are assumed to use the target label space when sizes agree.
     """
+    from kt_cache.classes import target_to_teacher
+
     if teacher_classes is None:
         return np.full(len(target_classes), -1, dtype=np.int64)
-    position = {name: i for i, name in enumerate(teacher_classes)}
-    return np.array([position.get(name, -1) for name in target_classes], dtype=np.int64)
+    return np.array(target_to_teacher(target_classes, teacher_classes), dtype=np.int64)
 
 
 def logits_blocks(logits: torch.Tensor, labels: torch.Tensor, class_map: torch.Tensor, topk: int | None) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Map a teacher's own classes onto the store's target label space (by class name).
+"""Map a teacher's own classes onto the store's target label space (by class name, WordNet id or synonym: kt_cache.classes.target_to_teacher).
 
 A teacher may cover a subset of the target classes (its other target classes are "uncovered") and may
 have extra classes outside the target space (they map to -1 and are dropped when logits are scattered
@@ -25,10 +25,15 @@ def label_map_for(target_classes: Sequence[str], teacher_class_names: Sequence[s
     Returns:
         int64 ``[C_t]``: ``map[j]`` = index in ``target_classes`` of teacher class ``j``, or -1.
     """
+    from kt_cache.classes import target_to_teacher
+
     if teacher_class_names is None:
         return np.full(int(num_teacher_classes or 0), -1, dtype=np.int64)
-    position = {str(name): i for i, name in enumerate(target_classes)}
-    return np.array([position.get(str(name), -1) for name in teacher_class_names], dtype=np.int64)
+    found = np.full(len(teacher_class_names), -1, dtype=np.int64)
+    for target, logit in enumerate(target_to_teacher([str(c) for c in target_classes], [str(n) for n in teacher_class_names])):
+        if logit >= 0 and found[logit] < 0:     # the inverse of extraction's label_map (kt_cache.outputs)
+            found[logit] = target
+    return found
 
 
 def covered_mask(label_map: np.ndarray, num_classes: int) -> np.ndarray:

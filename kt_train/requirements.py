@@ -9,14 +9,17 @@ from kt_cache.store import StoreReader
 
 
 def teacher_outputs(reader: StoreReader, teacher_ids: list[str]) -> dict[str, dict[str, Any]]:
-    """id -> {"role", "outputs", "covers_all"} from the stored attrs."""
-    target = set(reader.class_names)
+    """id -> {"role", "outputs", "covered"} from the stored attrs (``covered``: target classes its logits name)."""
+    from kt_cache.classes import coverage
+
+    target = list(reader.class_names)
     found = {}
     for tid in teacher_ids:
         attrs = reader.teacher_attrs(tid)
-        names = set(attrs.get("class_names") or [])
+        names = attrs.get("class_names")
+        covered = coverage(target, list(names) if names else None)[0] if target else 0
         found[tid] = {"role": attrs.get("role", "predictive"), "outputs": set(attrs.get("outputs") or []),
-                      "covers_all": bool(target) and target <= names}
+                      "covered": covered, "covers_all": bool(target) and covered == len(target)}
     return found
 
 
@@ -38,6 +41,13 @@ def check_requirements(config: Any, reader: StoreReader, teacher_ids: list[str],
         fail(config, f"this method needs the true labels, but {why}.",
              "use --labels use with a store made from a labelled dataset (class sub-folders or a csv label column)"
              + ("" if method != "bikd" else ", or --opt label_source=vote for label-free Bi-KD") + ".")
+    blind = [t for t, f in found.items() if f["role"] == "predictive" and "logits" in f["outputs"] and f["covered"] == 0]
+    if method in ("kd", "uniform", "bikd", "fg") and blind and reader.class_names:
+        others = [t for t in found if t not in blind]
+        fail(config, f"teacher(s) {', '.join(blind)} are predictive but their logits name none of the "
+             f"{len(reader.class_names)} target classes (`ktc info {config.cache}` shows each teacher's coverage).",
+             (f"leave them out with --teachers {','.join(others)}" if others else "select other teachers with --teachers")
+             + ", or re-extract them with `role: descriptive` (features only) or `classes:` in the target label space.")
     if method in ("kd", "uniform", "bikd", "fg") and not predictive_with_logits(found, method in ("bikd", "fg")):
         if method != "uniform" or getattr(options, "logit_vote", True):
             fail(config, "no selected teacher is predictive with stored logits"
