@@ -66,6 +66,8 @@ def output_shapes(plan, n: int, views: int) -> list[tuple[str, tuple[int, ...], 
 
 def format_plan(plan) -> str:
     """The dry-run plan: dataset, views, teachers with shapes, waves, estimated store size."""
+    from kt_cache.hub import weights_warning
+
     views = plan.manifest.views
     lines = [f"store     {plan.out}",
              f"dataset   {plan.listing.description.get('kind')} {plan.listing.root}: {plan.n_samples} images "
@@ -78,6 +80,7 @@ def format_plan(plan) -> str:
         lines.append(f"  {p.id}  [{p.spec.source} {p.spec.model}, {p.spec.role}]  input {p.input_size[1]}x"
                      f"{p.input_size[2]} {p.interpolation}  weights {p.weights}  params {human_bytes(p.param_bytes)}")
         lines += coverage_lines(p, plan.listing.class_names)
+        lines += [f"      {text}" for text in [weights_warning(p)] if text]
         for path, shape, dtype, nbytes in output_shapes(p, plan.n_samples, views.count):
             lines.append(f"      {path:<20} {str(list(shape)):<24} {dtype:<8} {human_bytes(nbytes)}")
             total += nbytes

@@ -59,3 +59,15 @@ def test_extraction_info_and_train_report_coverage(project):
     chosen = run("train", "--cache", store, "--method", "kd", "--epochs", "1", "--teachers", "imnet", "--workers", "0",
                  "--no-progress", "--out", project / "run")
     assert chosen.exit_code == 0, chosen.output
+
+
+def test_dry_run_warns_about_hub_weights_this_machine_cannot_get(tmp_path, teacher_offline_hub):
+    make_image_folder(tmp_path / "images", per_class=1)
+    hub = cnn_teacher(id="hubnet", model="resnet10t.c3_in1k", pretrained=None, model_args={},
+                      classes="imagenet-1k")
+    manifest = write_manifest(tmp_path / "teachers.yaml", [hub, cnn_teacher()])
+    result = run("extract", "--manifest", manifest, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "warning: teacher hubnet loads its weights from the model hub" in result.output
+    assert "checkpoint:" in result.output and "pretrained: none" in result.output
+    assert "warning: teacher cnn32 loads" not in result.output, "random-init teachers need no hub"
