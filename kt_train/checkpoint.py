@@ -1,7 +1,9 @@
 """Run folder I/O: students and method heads as safetensors, optimizer state for ``--resume``, run info.
 
 Layout of ``--out DIR``: ``student.safetensors`` + ``student.json`` (or ``student0…`` for several),
-``method.safetensors``, ``optimizer.pt`` (tensors and numbers only: loads with ``weights_only=True``),
+``method.safetensors``, ``optimizer.safetensors`` + ``optimizer.json`` (optimizer tensors; param groups,
+scheduler and grad-scaler state as JSON: no pickle; runs of older versions wrote ``optimizer.pt``, which
+still loads with ``weights_only=True``),
 ``state.json`` (last finished epoch and step, and the sha256 of every checkpoint file it belongs to),
 ``run.json`` (what ``ktc eval`` needs), ``config.yaml``.
 
@@ -64,9 +66,39 @@ def write_files(stage: Path, run: Any, optimizer: Any, scheduler: Any, scaler: A
         save_student(student, stage / name)
     heads = {k: v.detach().contiguous().cpu() for k, v in run.method.state_dict().items()}
     save_file(heads, str(stage / "method.safetensors"), metadata={"method": run.config.method})
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict()}, stage / "optimizer.pt")
+    save_training_state(stage, optimizer.state_dict(), scheduler.state_dict(), scaler.state_dict())
     (stage / "run.json").write_text(json.dumps(run.info, indent=1))
+
+
+def save_training_state(stage: Path, optimizer: dict[str, Any], scheduler: dict[str, Any], scaler: dict[str, Any]) -> None:
+    """Optimizer tensors (``state.<param>.<name>``) to safetensors; everything else, plain numbers, to JSON."""
+    from safetensors.torch import save_file
+
+    tensors, plain = {}, {}
+    for param, entries in optimizer["state"].items():
+        for name, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{param}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                plain.setdefault(str(param), {})[name] = value
+    save_file(tensors, str(stage / "optimizer.safetensors"))
+    doc = {"param_groups": optimizer["param_groups"], "state": plain, "scheduler": scheduler, "scaler": scaler}
+    (stage / "optimizer.json").write_text(json.dumps(doc))
+
+
+def load_training_state(out: Path) -> dict[str, Any]:
+    """{"optimizer", "scheduler", "scaler"} state dicts, from safetensors + JSON (or an older run's optimizer.pt)."""
+    from safetensors.torch import load_file
+
+    if not (out / "optimizer.safetensors").is_file():
+        return torch.load(out / "optimizer.pt", map_location="cpu", weights_only=True)
+    doc = json.loads((out / "optimizer.json").read_text())
+    state: dict[int, dict[str, Any]] = {int(param): dict(entries) for param, entries in doc["state"].items()}
+    for key, tensor in load_file(str(out / "optimizer.safetensors")).items():
+        _, param, name = key.split(".", 2)
+        state.setdefault(int(param), {})[name] = tensor
+    optimizer = {"state": dict(sorted(state.items())), "param_groups": doc["param_groups"]}
+    return {"optimizer": optimizer, "scheduler": doc["scheduler"], "scaler": doc["scaler"]}
 
 
 def commit_staging(out: Path) -> None:
@@ -115,7 +147,7 @@ def load_checkpoint(out: Path, run: Any, optimizer: Any, scheduler: Any, scaler:
     for student, name in zip(run.students, run.info["students"]):
         load_model(student, str(out / name), strict=True)
     run.method.load_state_dict(load_file(str(out / "method.safetensors")))
-    saved = torch.load(out / "optimizer.pt", map_location="cpu", weights_only=True)
+    saved = load_training_state(out)
     optimizer.load_state_dict(with_current_kernel(saved["optimizer"], optimizer))
     scheduler.load_state_dict(saved["scheduler"])
     scaler.load_state_dict(saved["scaler"])

@@ -21,7 +21,7 @@ from kt_cache.cli import cli
 
 COMMON = ["--student", "resnet10t", "--img-size", "32", "--batch-size", "4", "--workers", "0", "--no-progress",
           "--method", "kd", "--seed", "0"]
-WEIGHTS = ("student.safetensors", "method.safetensors", "optimizer.pt")
+WEIGHTS = ("student.safetensors", "method.safetensors", "optimizer.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +67,10 @@ def crash_on_replace(monkeypatch, after: int) -> None:
     monkeypatch.setattr(checkpoint, "rename", rename)
 
 
-# a commit renames: staged state.json into place, then its 5 files (student .safetensors/.json, method
-# heads, optimizer, run.json), then state.json: 7 renames per epoch; the kill lands in epoch 1's commit
-RENAMES = 7
+# a commit renames: staged state.json into place, then its 6 files (student .safetensors/.json, method
+# heads, optimizer .safetensors/.json, run.json), then state.json: 8 renames per epoch; the kill lands in
+# epoch 1's commit
+RENAMES = 8
 
 
 @pytest.mark.parametrize("after", range(RENAMES))

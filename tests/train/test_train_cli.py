@@ -47,9 +47,10 @@ def test_every_method_trains_checkpoints_and_eval_reproduces(store, tmp_path, me
     assert all(math.isfinite(v) for r in steps for k, v in r.items() if k.endswith("_loss"))
     assert all(math.isfinite(r["lr"]) and r["lr"] >= 0 for r in steps) and any(r["lr"] > 0 for r in steps)
     assert all(math.isfinite(r["samples_per_s"]) and r["samples_per_s"] > 0 for r in steps)
-    for name in ("student.safetensors", "student.json", "method.safetensors", "optimizer.pt", "config.yaml",
+    for name in ("student.safetensors", "student.json", "method.safetensors", "optimizer.safetensors", "optimizer.json", "config.yaml",
                  "loss.png", "confusion.png", "eval.json"):
         assert (tmp_path / method / name).is_file(), name
+    assert not list((tmp_path / method).glob("*.pt")), "run folders hold no pickle"
     saved = json.loads((tmp_path / method / "eval.json").read_text())
     again = invoke("eval", "--checkpoint", tmp_path / method, "--data", store / "images", "--cache", store / "out.zarr",
                    "--json")
