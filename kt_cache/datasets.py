@@ -22,6 +22,7 @@ import csv
 import difflib
 import hashlib
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -75,9 +76,9 @@ def is_image_file(name: str) -> bool:
 
 def dataset_fingerprint(root: Path, ids: tuple[str, ...] | list[str]) -> str:
     """sha256 hex of ``"relpath\\tsize\\n"`` for every id in order (sizes read from ``root / id``)."""
-    digest = hashlib.sha256()
+    digest, base = hashlib.sha256(), os.fspath(root)
     for rel in ids:
-        size = os.stat(Path(root) / rel).st_size
+        size = os.stat(os.path.join(base, rel)).st_size      # os.path, not pathlib: 1.28 M ids
         digest.update(f"{rel}\t{size}\n".encode("utf-8"))
     return digest.hexdigest()
 
@@ -130,11 +131,14 @@ def _finish(root: Path, entries: list[tuple[str, int]], classes: tuple[str, ...]
     )
 
 
+SUSPECT_ID = re.compile(r"[\x00-\x1f\\]|^/|^[A-Za-z]:|(^|/)\.\.(/|$)|^$")
+
+
 def check_ids_storable(root: Path, ids: tuple[str, ...]) -> None:
     """Refuse, before any store exists, a file name the store's readers would refuse as a sample id."""
     from kt_cache.store_checks import sample_id_problem
 
-    for rel in ids:
+    for rel in filter(SUSPECT_ID.search, ids):     # one regex pass; the precise rule only for suspects
         problem = sample_id_problem(rel)
         if problem:
             raise DatasetError(f"dataset: the file {str(root / rel)!r} cannot be stored as a sample id: {problem}. "
