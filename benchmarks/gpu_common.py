@@ -15,11 +15,12 @@ import statistics
 import subprocess
 import sys
 import threading
-import time
 import xml.etree.ElementTree as ET
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from common import Stopwatch  # noqa: F401  (re-exported for gpu.py / gpu_extract.py)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -68,17 +69,6 @@ def fraction(value: float | None, peak: float | None) -> float | None:
 
 def mean(values: list[float] | None) -> float | None:
     return float(statistics.fmean(values)) if values else None
-
-
-class Stopwatch:
-    """``with Stopwatch() as t: ...``; ``t.s`` is the elapsed wall time in seconds."""
-
-    def __enter__(self) -> "Stopwatch":
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.s = time.perf_counter() - self.start
 
 
 class GpuSampler:

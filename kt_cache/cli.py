@@ -13,6 +13,7 @@ import sys
 import warnings
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -66,7 +67,7 @@ class KtcGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             with warnings.catch_warnings():
-                warnings.showwarning = brief_warning
+                warnings.showwarning = BriefWarnings()    # once per text within this command
                 return super().invoke(ctx)
         except KtError as err:
             raise failure(str(err), err.exit_code) from None
@@ -84,20 +85,29 @@ class KtcGroup(click.Group):
 
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-SHOWN: set[str] = set()
 LIBRARIES = ("torch", "torchvision", "timm", "open_clip", "zarr", "numcodecs", "PIL", "dask", "distributed")
 
 
-def brief_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
-    """A library's warning as one line on stderr, once per text: no source path, no code line."""
+class BriefWarnings:
+    """``warnings.showwarning`` for one command: a library's warning as one line on stderr, once per text,
+    with no source path and no code line."""
+
+    def __init__(self) -> None:
+        self.shown: set[str] = set()
+
+    def __call__(self, message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        brief = brief_text(message)
+        if brief not in self.shown:
+            self.shown.add(brief)
+            library = next((p for p in Path(filename).parts if p in LIBRARIES), category.__name__)
+            print(f"warning ({library}): {brief}", file=file or sys.stderr)
+
+
+def brief_text(message: Any) -> str:
+    """The first two sentences of a warning, whitespace collapsed, at most 240 characters."""
     text = " ".join(str(message).split())
     sentences = re.split(r"(?<=[.!?])\s+", text)
-    brief = " ".join(sentences[:2])[:240]
-    if brief in SHOWN:
-        return
-    SHOWN.add(brief)
-    library = next((p for p in Path(filename).parts if p in LIBRARIES), category.__name__)
-    print(f"warning ({library}): {brief}", file=file or sys.stderr)
+    return " ".join(sentences[:2])[:240]
 
 
 def failure(message: str, exit_code: int) -> click.ClickException:

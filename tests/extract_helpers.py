@@ -77,3 +77,22 @@ def clip_teacher(**extra) -> dict:
                               "text_cfg": {"width": 32, "heads": 2, "layers": 1}}}
     teacher.update(extra)
     return teacher
+
+
+def extract(manifest: Path, *extra: str):
+    """``ktc extract --manifest M --workers 0 --no-progress [extra]`` through click's CliRunner."""
+    from click.testing import CliRunner
+
+    from kt_cache.cli import cli
+
+    return CliRunner().invoke(cli, ["extract", "--manifest", str(manifest), "--workers", "0", "--no-progress",
+                                    *map(str, extra)])
+
+
+def finished_project(base: Path, teachers: list[dict]) -> Path:
+    """``base`` with ``images/``, ``teachers.yaml`` and the extracted ``out.zarr`` (4 images per class)."""
+    make_image_folder(base / "images", per_class=4)
+    write_manifest(base / "teachers.yaml", teachers)
+    result = extract(base / "teachers.yaml")
+    assert result.exit_code == 0, result.output
+    return base

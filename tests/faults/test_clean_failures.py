@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from extract_helpers import cnn_teacher, make_image_folder, store_files, write_manifest
+from extract_helpers import cnn_teacher, finished_project, store_files, write_manifest
 from kt_cache import sharing
 from kt_cache import store as fmt
 from kt_cache.cli import cli
@@ -60,11 +60,7 @@ def test_zip_url_that_is_not_a_zip(tmp_path, command, fault_log):
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
-    base = tmp_path_factory.mktemp("clean")
-    make_image_folder(base / "images", per_class=4)
-    write_manifest(base / "teachers.yaml", [cnn_teacher()])
-    assert run("extract", "--manifest", base / "teachers.yaml", "--workers", "0", "--no-progress").exit_code == 0
-    return base
+    return finished_project(tmp_path_factory.mktemp("clean"), [cnn_teacher()])
 
 
 def test_truncated_chunk_in_train(finished, tmp_path, fault_log):

@@ -12,24 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from extract_helpers import cnn_teacher, make_image_folder, store_files, vit_teacher, write_manifest
-from kt_cache.cli import cli
+from extract_helpers import cnn_teacher, extract, finished_project, make_image_folder, store_files, vit_teacher, write_manifest
 from kt_cache.lock import STALE_AFTER_S, lock_path
-
-
-def extract(manifest: Path, *extra: str):
-    return CliRunner().invoke(cli, ["extract", "--manifest", str(manifest), "--workers", "0", "--no-progress", *extra])
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
-    base = tmp_path_factory.mktemp("one")
-    make_image_folder(base / "images", per_class=4)
-    write_manifest(base / "teachers.yaml", [cnn_teacher(), vit_teacher()])
-    assert extract(base / "teachers.yaml").exit_code == 0
-    return base
+    return finished_project(tmp_path_factory.mktemp("one"), [cnn_teacher(), vit_teacher()])
 
 
 def fresh_copy(reference: Path, tmp_path: Path) -> Path:

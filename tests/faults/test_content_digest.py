@@ -8,11 +8,10 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from extract_helpers import CLASSES, cnn_teacher, vit_teacher, write_manifest
+from extract_helpers import CLASSES, cnn_teacher, extract, vit_teacher, write_manifest
 from kt_cache.cli import cli
 from kt_cache.store import StoreReader
 
@@ -31,10 +30,6 @@ def repaint(path: Path) -> None:
     before = path.stat().st_size
     Image.fromarray(np.full((24, 24, 3), 7, dtype=np.uint8)).save(path)
     assert path.stat().st_size == before, "same name, same size: the fingerprint cannot tell"
-
-
-def extract(manifest: Path, *extra: str):
-    return CliRunner().invoke(cli, ["extract", "--manifest", str(manifest), "--workers", "0", "--no-progress", *extra])
 
 
 def test_added_teacher_over_changed_images_is_refused(tmp_path, fault_log):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from extract_helpers import cnn_teacher, make_image_folder, write_manifest
+from extract_helpers import cnn_teacher, finished_project
 from kt_cache.cli import cli
 from kt_cache.staging import staging_path
 
@@ -27,11 +27,7 @@ def run(*args):
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
-    base = tmp_path_factory.mktemp("copies")
-    make_image_folder(base / "images", per_class=4)
-    write_manifest(base / "teachers.yaml", [cnn_teacher()])
-    assert run("extract", "--manifest", base / "teachers.yaml", "--workers", "0", "--no-progress").exit_code == 0
-    return base / "out.zarr"
+    return finished_project(tmp_path_factory.mktemp("copies"), [cnn_teacher()]) / "out.zarr"
 
 
 def commands(source: Path, out_dir: Path) -> dict[str, tuple[Path, list]]:

@@ -9,12 +9,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from extract_helpers import cnn_teacher, make_image_folder, vit_teacher, write_manifest
+from extract_helpers import cnn_teacher, extract, make_image_folder, vit_teacher, write_manifest
 from kt_cache.cli import cli
-
-
-def extract(manifest: Path, *extra: str):
-    return CliRunner().invoke(cli, ["extract", "--manifest", str(manifest), "--workers", "0", "--no-progress", *extra])
 
 
 @pytest.fixture()

@@ -9,17 +9,13 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from extract_helpers import cnn_teacher, make_image_folder, write_manifest
+from extract_helpers import cnn_teacher, extract, make_image_folder, write_manifest
 from kt_cache.cli import cli
 
 
 @pytest.fixture()
 def images(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "images", per_class=2)
-
-
-def extract(manifest: Path, *extra: str):
-    return CliRunner().invoke(cli, ["extract", "--manifest", str(manifest), "--workers", "0", "--no-progress", *extra])
 
 
 def manifest_with(tmp_path: Path, teacher: dict, views: int = 2) -> Path:

@@ -4,7 +4,6 @@ newline) are refused when the dataset is listed, naming the file, before a store
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner

@@ -4,28 +4,19 @@ damage a rerun cannot repair stops the run before anything is written or re-list
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from extract_helpers import cnn_teacher, make_image_folder, store_files, vit_teacher, write_manifest
+from extract_helpers import cnn_teacher, extract, finished_project, store_files, vit_teacher
 from kt_cache.cli import cli
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
-    base = tmp_path_factory.mktemp("rerun")
-    make_image_folder(base / "images", per_class=4)
-    write_manifest(base / "teachers.yaml", [cnn_teacher(), vit_teacher()])
-    assert extract(base / "teachers.yaml").exit_code == 0
-    return base
-
-
-def extract(manifest: Path, *extra: str):
-    return CliRunner().invoke(cli, ["extract", "--manifest", str(manifest), "--workers", "0", "--no-progress", *extra])
+    return finished_project(tmp_path_factory.mktemp("rerun"), [cnn_teacher(), vit_teacher()])
 
 
 def verify(store: Path, *extra: str):
