@@ -26,6 +26,7 @@ COMMANDS = {
     "merge": ("kt_cache.cli_share", "merge", "Merge stores of one dataset into a new store (no re-encoding)."),
     "subset": ("kt_cache.cli_share", "subset", "Copy some teachers of a store into a new store."),
     "pack": ("kt_cache.cli_share", "pack", "Pack a store into one .zip that ktc and zarr read."),
+    "compact": ("kt_cache.cli_share", "compact", "Re-encode features/featmaps with a lossy codec; error measured."),
 }
 
 

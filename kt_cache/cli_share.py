@@ -1,4 +1,4 @@
-"""``ktc verify``, ``ktc merge``, ``ktc subset``, ``ktc pack``: trust, combine and ship stores between labs."""
+"""``ktc verify``, ``ktc merge``, ``ktc subset``, ``ktc pack``, ``ktc compact``: trust, combine and ship stores between labs."""
 
 from __future__ import annotations
 
@@ -73,3 +73,36 @@ def pack(store: str, out: str) -> None:
 
     path = pack_store(store, out)
     click.echo(f"packed {store} into {path} ({path.stat().st_size} bytes); read it as zip://{path}")
+
+
+@click.command()
+@click.argument("store")
+@click.option("--out", "out", required=True, help="The new compact store (a path that does not exist yet).")
+@click.option("--features", "features", metavar="CODEC", help="Codec of pooled features: fp16, int8, pca:K or "
+              "pca:K,int8 (K principal components kept). Default: copied unchanged.")
+@click.option("--featmap", "featmap", metavar="CODEC", help="Codec of spatial maps, per grid cell over the "
+              "channels (same choices). Default: copied unchanged.")
+@click.option("--teachers", "teachers", multiple=True, metavar="ID[,ID…]",
+              help="Teachers to re-encode (default: every teacher storing that output); others are copied.")
+@click.option("--json", "as_json", is_flag=True, help="Print the measured error of every re-encoded array as JSON.")
+def compact(store: str, out: str, features: str | None, featmap: str | None, teachers: tuple[str, ...],
+            as_json: bool) -> None:
+    """Write a smaller copy of a store: features and/or featmaps re-encoded by a lossy codec.
+
+    Each re-encoded array records its codec, parameters (arrays beside it) and the reconstruction error
+    measured over every stored vector (mean cosine, relative MSE, worst-decile cosine); `ktc info` shows
+    them and `ktc train` decodes transparently. Everything else is copied object by object.
+    """
+    from kt_cache.compact import compact_store
+    from kt_cache.info import folder_bytes
+
+    path, records = compact_store(store, out, features, featmap, teachers)
+    if as_json:
+        click.echo(json.dumps({"store": str(path), "arrays": records}, indent=1))
+        return
+    for r in records:
+        e = r["error"]
+        click.echo(f"{r['teacher']}/{r['output']}: {r['name']} ({r['dim']} -> {r['code_dim']} {r['code_dtype']} "
+                   f"values), mean cosine {e['mean_cosine']:.4f}, worst decile {e['worst_decile_cosine']:.4f}, "
+                   f"relative MSE {e['rel_mse']:.4f} over {e['vectors']} vectors")
+    click.echo(f"wrote {path} ({folder_bytes(path)} bytes)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -324,16 +324,20 @@ def prepare_output(out: Path, readers: Sequence[fmt.StoreReader]) -> None:
             raise UsageError(f"output {out} is inside the input store {reader.where}. Fix: write the new store elsewhere.")
 
 
-def write_store(parts: list[Part], owners: list[int], out: Path, made_by: str) -> Path:
+def write_store(parts: list[Part], owners: list[int], out: Path, made_by: str, exclude: tuple[str, ...] = (),
+                rewrite: Callable[[Any], None] | None = None) -> Path:
     """Create ``out`` (staged, renamed when whole), copy the planned objects, set attributes last,
-    consolidate, write the manifest (recording ``made_by``, the command that can rebuild it)."""
+    consolidate, write the manifest (recording ``made_by``, the command that can rebuild it).
+
+    ``exclude``: key prefixes not copied; ``rewrite(root)`` then writes what replaces them (``ktc compact``).
+    """
     import zarr
     import zarr.storage
 
     from kt_cache.finalize import write_object_manifest
 
     prepare_output(out, [p.reader for p in parts])
-    plans = copy_plan(parts, owners)
+    plans = [[(src, dst) for src, dst in plan if not dst.startswith(exclude)] for plan in copy_plan(parts, owners)]
     with staged_output(out, " ".join(made_by.split()[:2])) as staging:
         zarr.open_group(str(staging), mode="w", zarr_format=3)
         dest = zarr.storage.LocalStore(staging)
@@ -343,6 +347,8 @@ def write_store(parts: list[Part], owners: list[int], out: Path, made_by: str) -
         if "teachers" not in root:
             root.create_group("teachers")
         record_renames(root, parts)
+        if rewrite is not None:
+            rewrite(root)
         root.attrs[fmt.ROOT_ATTR] = parts[0].reader.meta   # last: a store without it is recognisably unfinished
         with warnings.catch_warnings():   # "consolidated metadata is not in the v3 spec": known, documented
             warnings.simplefilter("ignore")

@@ -25,10 +25,11 @@ CODECS = frozenset({"bytes", "zstd", "gzip", "blosc", "crc32c", "transpose", "sh
                     "vlen-utf8", "vlen-bytes"})   # Zarr v3 core codecs; no numcodecs.* plug-ins
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")   # teacher ids (same rule as manifests)
 FLOATS = ("float16", "float32")
+CODES = (*FLOATS, "int8")         # int8: a compact store's quantised codes (kt_cache.codecs)
 TEACHER_ARRAYS: dict[str, tuple[int, tuple[str, ...]]] = {
-    "features": (3, FLOATS), "logits": (3, FLOATS), "logits_topk/values": (3, FLOATS),
+    "features": (3, CODES), "logits": (3, FLOATS), "logits_topk/values": (3, FLOATS),
     "logits_topk/index": (3, ("uint16", "int32")), "logits_lse": (2, ("float32",)),
-    "label_logit": (2, ("float32",)), "featmap": (5, FLOATS), "done": (1, ("bool",)),
+    "label_logit": (2, ("float32",)), "featmap": (5, CODES), "done": (1, ("bool",)),
 }
 SAMPLE_ARRAYS: dict[str, tuple[int, tuple[str, ...]]] = {
     "id": (1, ("str",)), "index": (1, ("int64",)), "label": (1, ("int32",)), "ok": (1, ("bool",)),
@@ -109,6 +110,8 @@ def check_array(array: Any, path: str, name: str, meta: dict[str, Any], where: s
             (``samples/*`` -> ``id``…, ``teachers/<id>/*`` -> ``features``, ``logits_topk/index``…).
     """
     at, shape = f"{where}: array {path}", tuple(int(s) for s in array.shape)
+    if path.startswith("teachers/") and name.startswith("codec/"):
+        return check_codec_array(array, at, shape)
     known = SAMPLE_ARRAYS if path.startswith("samples/") else TEACHER_ARRAYS
     if name in known:
         ndim, dtypes = known[name]
@@ -129,6 +132,18 @@ def check_array(array: Any, path: str, name: str, meta: dict[str, Any], where: s
     if float(np.prod(shape[1:], dtype=np.float64)) > MAX_ROW_ELEMENTS:
         raise damaged(at, f"has shape {list(shape)}: more than {MAX_ROW_ELEMENTS} values per row")
     check_chunking(array, shape, at, 1 if is_done else meta["unit_rows"])
+    bad = sorted(set(codec_names(array.metadata.to_dict().get("codecs", []))) - CODECS)
+    if bad:
+        raise damaged(at, f"uses codec(s) {bad}; a ktc store uses only Zarr v3 core codecs ({', '.join(sorted(CODECS))})")
+
+
+def check_codec_array(array: Any, at: str, shape: tuple[int, ...]) -> None:
+    """A codec parameter (``codec/<output>/<name>``): a small float32 vector or matrix stored as one object."""
+    if len(shape) not in (1, 2) or dtype_name(array) != "float32" or float(np.prod(shape)) > MAX_ROW_ELEMENTS:
+        raise damaged(at, f"a codec parameter must be a float32 vector or matrix of at most {MAX_ROW_ELEMENTS} "
+                          f"values, got shape {list(shape)} of dtype {dtype_name(array)}")
+    if tuple(int(c) for c in array.chunks) != shape or array.shards:
+        raise damaged(at, f"a codec parameter is stored as one chunk, got chunks {list(array.chunks)}")
     bad = sorted(set(codec_names(array.metadata.to_dict().get("codecs", []))) - CODECS)
     if bad:
         raise damaged(at, f"uses codec(s) {bad}; a ktc store uses only Zarr v3 core codecs ({', '.join(sorted(CODECS))})")
@@ -195,13 +210,48 @@ def check_teacher_attrs(attrs: Any, arrays: dict[str, Any], teacher_id: str, whe
             raise damaged(at, f"{attr}['{key}'] must be a string, got {short(attrs[key])}")
     expect = {"features": ("feature_dim", 2), "logits": ("num_classes", 2), "featmap": ("featmap_dim", 4)}
     for path, (key, axis) in expect.items():
-        if path in arrays and attrs.get(key) is not None and arrays[path].shape[axis] != attrs[key]:
-            raise damaged(at, f"{attr}['{key}'] = {attrs[key]} but {path} has shape {list(arrays[path].shape)}")
+        if path not in arrays:
+            continue
+        coded = check_codec(attrs, arrays, path, at) if path != "logits" else None
+        width = coded if coded is not None else arrays[path].shape[axis]   # a codec's vectors decode to its dim
+        if attrs.get(key) is not None and width != attrs[key]:
+            raise damaged(at, f"{attr}['{key}'] = {attrs[key]} but {path} has shape {list(arrays[path].shape)}"
+                              + (f" and decodes to {coded} values" if coded is not None else ""))
     if names is not None and attrs.get("num_classes") is not None and len(names) != attrs["num_classes"]:
         raise damaged(at, f"{attr} lists {len(names)} class_names for num_classes = {attrs['num_classes']}")
     pair = [arrays.get("logits_topk/values"), arrays.get("logits_topk/index")]
     if any(a is not None for a in pair) and (None in pair or pair[0].shape != pair[1].shape):
         raise damaged(at, "logits_topk/values and logits_topk/index must both exist with the same shape")
+
+
+def check_codec(attrs: dict[str, Any], arrays: dict[str, Any], path: str, at: str) -> int | None:
+    """A compacted array agrees with its codec record (name, widths, dtype, parameter shapes); returns the
+    stored code width, or None for an array stored plainly (float16/float32, no record)."""
+    from kt_cache.codecs import codec_record, parse_codec
+    from kt_cache.errors import UsageError
+
+    record = codec_record(attrs, path)
+    where = f"attrs['ktc_teacher']['codec']['{path}']"
+    if record is None:
+        if dtype_name(arrays[path]) not in FLOATS:
+            raise damaged(at, f"{path} is {dtype_name(arrays[path])} but {where} records no codec to decode it")
+        return None
+    try:
+        codec = parse_codec(str(record.get("name")), where)
+    except UsageError as err:
+        raise damaged(at, str(err)) from err
+    dim, width = record.get("dim"), record.get("code_dim")
+    if not isinstance(dim, int) or width != codec.code_dim(dim) or arrays[path].shape[-1] != width \
+            or dtype_name(arrays[path]) != codec.code_dtype:
+        raise damaged(at, f"{where} ({short(record)}) does not match {path} of shape {list(arrays[path].shape)}, "
+                          f"dtype {dtype_name(arrays[path])}")
+    shapes = {"mean": (dim,), "basis": (width, dim), "scale": (width,), "offset": (width,)}
+    for name in codec.param_names():
+        got = arrays.get(f"codec/{path}/{name}")
+        if got is None or tuple(got.shape) != shapes[name]:
+            raise damaged(at, f"codec parameter codec/{path}/{name} must have shape {list(shapes[name])}, got "
+                              f"{'nothing' if got is None else list(got.shape)}")
+    return dim
 
 
 def short(value: Any, limit: int = 80) -> str:

@@ -201,6 +201,18 @@ class StoreReader:
         if missing:
             raise missing_objects_error(self.where, path, [(k, blocks[k] * step) for k in missing], step)
 
+    def codec_params(self, teacher_id: str, output: str) -> Any:
+        """The ``kt_cache.codecs.CodecParams`` that decode ``output`` (features, featmap) of a compacted
+        teacher, or None when the array holds plain float values."""
+        from kt_cache.codecs import CodecParams, codec_record, parse_codec
+
+        record = codec_record(self.teacher_attrs(teacher_id), output)
+        if record is None:
+            return None
+        codec = parse_codec(record["name"])
+        return CodecParams(codec, {name: self.read(teacher_id, f"codec/{output}/{name}").astype(np.float32)
+                                   for name in codec.param_names()})
+
     def done(self, teacher_id: str) -> np.ndarray:
         return np.asarray(self.read(teacher_id, "done"), dtype=bool)
 

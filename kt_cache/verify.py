@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from kt_cache import store as fmt
+from kt_cache.codecs import MISSING_CODE
 from kt_cache import store_checks as checks
 from kt_cache.errors import StoreError
 from kt_cache.remote import TEMP_FILE, get_bytes, get_many, list_keys
@@ -387,6 +388,15 @@ def check_block(path: str, key: str, rows: slice, unit: int, block: np.ndarray, 
     name = path.split("/", 2)[-1]
     flat = block.reshape(block.shape[0], -1) if block.ndim > 1 else block.reshape(-1, 1)
     where = f"unit {unit}"
+    if name.startswith("codec/"):     # parameters of a compact store's codec: not rows of samples
+        if not np.isfinite(flat).all():
+            report.add(path, key, "a codec parameter holds NaN or ±inf, so every decoded value would be wrong")
+        return
+    if block.dtype == np.int8 and context.get("done") is not None and context["done"][unit]:
+        missing = (flat == MISSING_CODE).any(1) & context["ok"][rows]
+        if missing.any():
+            report.add(path, key, f"{where} is marked done but {int(missing.sum())} decoded row(s) hold the missing "
+                       f"code {MISSING_CODE} (first row {rows.start + int(np.argmax(missing))}). Fix: {report.repair}.")
     if block.dtype.kind == "f":
         inf = np.isinf(flat).any(1)
         if inf.any():

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from kt_cache.codecs import MISSING_CODE
 from kt_cache.errors import UsageError, did_you_mean
 from kt_cache.images import decode_image
 from kt_cache.store import StoreReader
@@ -113,6 +114,10 @@ class CachedTeachers:
             if "featmaps" in self.wanted and "featmap" in arrays:
                 featmaps[tid] = reader.rows(tid, "featmap")
         self._place_featmaps(featmaps, int(ram_budget_bytes), block_rows)
+        self.codecs = {(tid, path): params for tid in self.ids for path in ("features", "featmap")
+                       if (path in self.tables[tid] or (path == "featmap" and tid in self.caches))
+                       and (params := reader.codec_params(tid, path)) is not None}
+        self._decoders: dict[tuple[str, str, str], Any] = {}
 
     def _ram_paths(self, tid: str, arrays: dict[str, Any], reader: StoreReader) -> list[str]:
         """Store paths of ``tid`` to load into RAM; sets its label map when its logits are used."""
@@ -203,13 +208,23 @@ class CachedTeachers:
             tb.valid[tid] = torch.from_numpy(ok).to(device)
             for path, table in (("features", tb.features), ("featmap", tb.featmaps)):
                 if path in got:
-                    table[tid] = _tensor(got[path], device)
+                    table[tid] = self._decoded(tid, path, _tensor(got[path], device), tb.valid[tid])
             for path, name in (("logits_lse", "lse"), ("label_logit", "label_logit")):
                 if path in got and name in self.wanted:
                     getattr(tb, name)[tid] = _tensor(got[path], device)
             if tid in self.label_maps:
                 self._add_logits(tb, tid, got, device)
         return tb
+
+    def _decoded(self, tid: str, path: str, codes: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """A compact store's codes decoded on their device (``kt_cache.codecs``); invalid rows -> 0."""
+        if (tid, path) not in self.codecs:
+            return codes
+        key = (tid, path, str(codes.device))
+        if key not in self._decoders:
+            self._decoders[key] = self.codecs[(tid, path)].torch_decoder(codes.device)
+        decoded = self._decoders[key](codes)
+        return torch.where(valid.view(-1, *([1] * (decoded.ndim - 1))), decoded, torch.zeros((), device=codes.device))
 
     def _add_logits(self, tb: TeacherBatch, tid: str, got: dict[str, np.ndarray], device: Any) -> None:
         label_map = torch.from_numpy(self.label_maps[tid]).to(device)
@@ -236,12 +251,14 @@ def _tensor(a: np.ndarray, device: Any) -> torch.Tensor:
 
 
 def finite_rows(arrays: dict[str, np.ndarray], size: int) -> np.ndarray:
-    """bool ``[size]``: every float value of a row is finite (``label_logit`` may be NaN and is ignored)."""
+    """bool ``[size]``: every float value of a row is finite and no int8 code is the missing code
+    (``label_logit`` may be NaN and is ignored)."""
     ok = np.ones(size, dtype=bool)
     for path, a in arrays.items():
-        if path == "label_logit" or not np.issubdtype(a.dtype, np.floating):
+        if path == "label_logit" or not (np.issubdtype(a.dtype, np.floating) or a.dtype == np.int8):
             continue
-        row_ok = np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1)
+        flat = a.reshape(a.shape[0], -1)
+        row_ok = (flat != MISSING_CODE).all(axis=1) if a.dtype == np.int8 else np.isfinite(flat).all(axis=1)
         ok &= row_ok
     return ok
 

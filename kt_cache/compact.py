@@ -1,0 +1,252 @@
+"""``ktc compact``: a new store whose features and/or featmaps are re-encoded by a codec (``kt_cache.codecs``).
+
+Everything that is not re-encoded (samples, logits, other teachers, ``done`` flags) is copied object by object,
+as ``ktc subset`` does. Each re-encoded array is streamed in row blocks of at most ``BLOCK_BYTES`` (decoded
+float32), in up to three passes: PCA moments (``pca:K``), the code's range (``int8``), then encoding, which
+also measures the reconstruction error over every stored vector and the decoded features' statistics. One unit
+of codes is held in memory and written as one object. The measured error, the codec and its widths are
+recorded in the teacher's attributes; its parameters are arrays beside the data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kt_cache import store as fmt
+from kt_cache.codecs import MISSING_CODE, PARAM_DIMS, Codec, CodecParams, check_width, codec_record, parse_codec
+from kt_cache.codecs import pca_basis, quant_params
+from kt_cache.errors import UsageError, did_you_mean
+
+BLOCK_BYTES = 64 << 20            # decoded float32 bytes read per step
+COSINE_BINS = 1 << 16             # histogram of per-vector cosines over [-1, 1]: worst-decile within 3e-5
+OUTPUTS = ("features", "featmap")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One array to re-encode: ``teachers/<teacher_id>/<output>`` with ``codec``; vectors of ``dim`` values."""
+
+    teacher_id: str
+    output: str
+    codec: Codec
+    dim: int
+
+
+def compact_store(location: str, out: str | Path, features: str | None = None, featmap: str | None = None,
+                  teachers: Sequence[str] = ()) -> tuple[Path, list[dict[str, Any]]]:
+    """Write ``out``: ``location`` with the chosen teachers' features/featmaps re-encoded.
+
+    Returns the output path and, per re-encoded array, ``{"teacher", "output", **record}``.
+    """
+    from kt_cache.sharing import Part, validate_part, write_store
+
+    codecs = {o: parse_codec(t, f"--{o}") for o, t in (("features", features), ("featmap", featmap)) if t}
+    if not codecs:
+        raise UsageError("ktc compact: no codec given. Fix: pass --features CODEC and/or --featmap CODEC "
+                         "(fp16, int8, pca:K or pca:K,int8).")
+    reader = fmt.StoreReader(location)
+    part = Part(reader, {t: t for t in reader.teacher_ids()})
+    validate_part(part)
+    jobs = plan_jobs(reader, codecs, teachers)
+    records: list[dict[str, Any]] = []
+    options = " ".join(f"--{o} {c.name}" for o, c in codecs.items())
+    chosen = f" --teachers {','.join(teachers)}" if teachers else ""
+    made_by = f"ktc compact {location} --out {out} {options}{chosen}"
+
+    def rewrite(root: Any) -> None:
+        for job in jobs:
+            records.append({"teacher": job.teacher_id, "output": job.output, **encode_job(reader, root, job)})
+
+    exclude = tuple(f"teachers/{j.teacher_id}/{j.output}/" for j in jobs)
+    path = write_store([part], [0] * reader.meta["n_units"], Path(out), made_by, exclude=exclude, rewrite=rewrite)
+    return path, records
+
+
+def plan_jobs(reader: fmt.StoreReader, codecs: dict[str, Codec], teachers: Sequence[str]) -> list[Job]:
+    """The arrays to re-encode; a float16 array asked to become fp16 is copied, not re-encoded."""
+    wanted = [t.strip() for item in teachers for t in str(item).split(",") if t.strip()]
+    for tid in wanted:
+        if tid not in reader.teacher_ids():
+            raise UsageError(f"--teachers {tid}: the store {reader.where} has no such teacher."
+                             f"{did_you_mean(tid, reader.teacher_ids())} Stored: {', '.join(reader.teacher_ids())}.")
+    jobs = []
+    for tid in wanted or reader.teacher_ids():
+        arrays, attrs = reader.teacher_arrays(tid), reader.teacher_attrs(tid)
+        for output, codec in codecs.items():
+            if output not in arrays:
+                if wanted:
+                    raise UsageError(f"--{output} {codec.name}: teacher {tid} of {reader.where} stores no {output} "
+                                     f"(it has {', '.join(sorted(arrays))}). Fix: leave it out of --teachers.")
+                continue
+            jobs += job_for(reader, tid, output, codec, arrays[output], attrs)
+    if not jobs:
+        raise UsageError(f"ktc compact: nothing to re-encode in {reader.where}: no chosen teacher stores "
+                         f"{' or '.join(codecs)} in another form than asked. Fix: pick other teachers or codecs.")
+    return jobs
+
+
+def job_for(reader: fmt.StoreReader, tid: str, output: str, codec: Codec, array: Any,
+            attrs: dict[str, Any]) -> list[Job]:
+    done = reader.done(tid)
+    if not done.all():
+        raise UsageError(f"teacher {tid} of {reader.where} is incomplete ({int(done.sum())}/{done.size} units done); "
+                         "compacting it would record an error measured on part of its rows. Fix: finish it with "
+                         "`ktc extract` (same manifest), or leave it out with --teachers.")
+    record = codec_record(attrs, output)
+    if record is not None:
+        raise UsageError(f"teacher {tid} of {reader.where}: {output} is already compacted ({record.get('name')}); "
+                         "re-encoding decoded values would stack two errors. Fix: compact from the original store.")
+    dim = int(array.shape[-1])
+    check_width(codec, dim, f"--{output}", f"teacher {tid}'s {output}")
+    if codec == Codec() and np.dtype(array.dtype) == np.float16:
+        return []
+    return [Job(tid, output, codec, dim)]
+
+
+def vector_blocks(reader: fmt.StoreReader, job: Job) -> Iterator[tuple[int, slice, np.ndarray]]:
+    """(unit, rows, float32 block ``[rows, ..., D]``) over the whole array, a unit split into aligned blocks."""
+    array = reader.checked_arrays(job.teacher_id)[job.output]
+    n, unit_rows = int(array.shape[0]), int(reader.meta["unit_rows"])
+    row_bytes = 4 * int(np.prod(array.shape[1:], dtype=np.int64))
+    fit = max(1, BLOCK_BYTES // max(1, row_bytes))
+    step = min(unit_rows, max(int(array.chunks[0]), 1 << (fit.bit_length() - 1)))
+    for unit in range(fmt.n_units(n, unit_rows)):
+        span = fmt.unit_slice(unit, n, unit_rows)
+        for start in range(span.start, span.stop, step):
+            rows = slice(start, min(start + step, span.stop))
+            yield unit, rows, reader.read(job.teacher_id, job.output, rows).astype(np.float32)
+
+
+def finite_vectors(block: np.ndarray) -> np.ndarray:
+    flat = block.reshape(-1, block.shape[-1])
+    return flat[np.isfinite(flat).all(axis=1)]
+
+
+def fit_params(reader: fmt.StoreReader, job: Job) -> tuple[CodecParams, dict[str, Any]]:
+    """The codec's parameters from the stored vectors (PCA moments pass, then the int8 range pass)."""
+    params, info = CodecParams(job.codec), {}
+    if job.codec.pca is not None:
+        ref, total, outer, count = None, np.zeros(job.dim), np.zeros((job.dim, job.dim)), 0
+        for _, _, block in vector_blocks(reader, job):
+            x = finite_vectors(block)
+            ref = x.mean(axis=0) if ref is None and len(x) else ref
+            if len(x):
+                centred = x - ref           # shifted moments: no cancellation when the mean dwarfs the spread
+                total += centred.sum(axis=0)
+                outer += (centred.T @ centred).astype(np.float64)
+                count += len(x)
+        pca, kept = pca_basis(total, outer, count, job.codec.pca)
+        pca["mean"] = (pca["mean"] + (ref if ref is not None else 0)).astype(np.float32)
+        params.arrays.update(pca)
+        info["variance_kept"] = round(kept, 6)
+    if job.codec.int8:
+        width = job.codec.code_dim(job.dim)
+        low, high = np.full(width, np.inf, np.float32), np.full(width, -np.inf, np.float32)
+        for _, _, block in vector_blocks(reader, job):
+            code = params.project(finite_vectors(block))
+            if len(code):
+                low, high = np.minimum(low, code.min(axis=0)), np.maximum(high, code.max(axis=0))
+        low, high = np.where(np.isfinite(low), low, 0), np.where(np.isfinite(high), high, 0)
+        params.arrays.update(quant_params(low, high))
+    return params, info
+
+
+class ErrorMeter:
+    """Reconstruction error over every valid vector: cosines, squared error, variance, decoded moments."""
+
+    def __init__(self, dim: int) -> None:
+        self.hist = np.zeros(COSINE_BINS, dtype=np.int64)
+        self.cos_sum, self.err, self.count = 0.0, 0.0, 0
+        self.x_sum, self.x_sq = np.zeros(dim), 0.0
+        self.dec_sum, self.dec_sq = np.zeros(dim), np.zeros(dim)
+
+    def add(self, x: np.ndarray, decoded: np.ndarray) -> None:
+        keep = np.isfinite(x).all(axis=1)
+        x, xh = x[keep].astype(np.float64), decoded[keep].astype(np.float64)
+        cos = cosines(x, xh)
+        self.hist += np.histogram(cos, bins=COSINE_BINS, range=(-1.0, 1.0))[0]
+        self.cos_sum += float(cos.sum())
+        self.err += float(((x - xh) ** 2).sum())
+        self.x_sum += x.sum(axis=0)
+        self.x_sq += float((x**2).sum())
+        self.dec_sum += xh.sum(axis=0)
+        self.dec_sq += (xh**2).sum(axis=0)
+        self.count += len(x)
+
+    def error(self) -> dict[str, Any]:
+        """mean cosine, relative MSE (squared error over the vectors' total variance), worst-decile cosine."""
+        n = max(self.count, 1)
+        variance = self.x_sq - float((self.x_sum**2).sum()) / n
+        tenth = int(np.searchsorted(np.cumsum(self.hist), 0.1 * self.count))
+        return {"mean_cosine": round(self.cos_sum / n, 6), "rel_mse": round(self.err / max(variance, 1e-30), 6),
+                "worst_decile_cosine": round(-1.0 + 2.0 * (tenth + 1) / COSINE_BINS, 6), "vectors": self.count}
+
+    def decoded_stats(self) -> dict[str, Any]:
+        n = max(self.count, 1)
+        mean = self.dec_sum / n
+        std = np.sqrt(np.maximum(self.dec_sq / n - mean**2, 0.0))
+        return {"mean": mean.astype(np.float32).tolist(), "std": std.astype(np.float32).tolist(), "count": self.count}
+
+
+def cosines(x: np.ndarray, xh: np.ndarray) -> np.ndarray:
+    """Per-row cosine; 1 where both rows are zero, 0 where only one is."""
+    norms = np.linalg.norm(x, axis=1) * np.linalg.norm(xh, axis=1)
+    both_zero = (np.abs(x).sum(axis=1) == 0) & (np.abs(xh).sum(axis=1) == 0)
+    cos = np.where(norms > 0, (x * xh).sum(axis=1) / np.where(norms > 0, norms, 1), 0.0)
+    return np.clip(np.where(both_zero, 1.0, cos), -1.0, 1.0)
+
+
+def encode_job(reader: fmt.StoreReader, root: Any, job: Job) -> dict[str, Any]:
+    """Re-encode one array into the output ``root``; returns the record stored in the teacher's attributes."""
+    params, info = fit_params(reader, job)
+    source = reader.checked_arrays(job.teacher_id)[job.output]
+    group, meta = root[f"teachers/{job.teacher_id}"], reader.meta
+    width = job.codec.code_dim(job.dim)
+    dims = tuple(source.metadata.dimension_names or ())
+    spec = fmt.ArraySpec(job.output, (*source.shape[1:-1], width), job.codec.code_dtype,
+                         MISSING_CODE if job.codec.int8 else float("nan"), dims[:-1] + ("code",))
+    target = fmt.create_array(group, spec, meta["n_samples"], meta["unit_rows"], meta.get("chunk_bytes", 2 << 20))
+    meter, pending, current = ErrorMeter(job.dim), [], 0
+    for unit, rows, block in vector_blocks(reader, job):
+        if unit != current and pending:
+            write_codes(target, pending)
+            pending, current = [], unit
+        flat = block.reshape(-1, job.dim)
+        codes = params.encode(flat)
+        meter.add(flat, params.decode(codes))
+        pending.append((rows, codes.reshape(*block.shape[:-1], width)))
+    write_codes(target, pending)
+    write_params(group, job, params)
+    record = {"name": job.codec.name, "dim": job.dim, "code_dim": width, "code_dtype": job.codec.code_dtype,
+              "source_dtype": str(source.dtype), "error": meter.error(), **info}
+    update_attrs(group, job, record, meter)
+    return record
+
+
+def write_codes(target: Any, pending: list[tuple[slice, np.ndarray]]) -> None:
+    """One unit's codes in one write, so its object is written once."""
+    if pending:
+        target[pending[0][0].start:pending[-1][0].stop] = np.concatenate([codes for _, codes in pending])
+
+
+def write_params(group: Any, job: Job, params: CodecParams) -> None:
+    from zarr.codecs import ZstdCodec
+
+    axis = "channel" if job.output == "featmap" else "feature"
+    for name, values in params.arrays.items():
+        names = tuple(axis if d == "dim" else d for d in PARAM_DIMS[name])
+        group.create_array(f"codec/{job.output}/{name}", data=np.ascontiguousarray(values, dtype=np.float32),
+                           chunks=values.shape, compressors=ZstdCodec(level=1), dimension_names=names)
+
+
+def update_attrs(group: Any, job: Job, record: dict[str, Any], meter: ErrorMeter) -> None:
+    attrs = dict(group.attrs.get(fmt.TEACHER_ATTR, {}))
+    attrs["codec"] = dict(attrs.get("codec") or {}, **{job.output: record})
+    if job.output == "features":      # methods z-score with the statistics of what they will read
+        attrs["feature_stats"] = meter.decoded_stats()
+    group.attrs[fmt.TEACHER_ATTR] = attrs
