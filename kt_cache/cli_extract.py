@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+import numpy as np
 
 from kt_cache.extract import ExtractOptions, parse_bytes
 
@@ -75,7 +76,7 @@ def format_plan(plan) -> str:
              f"{len(plan.listing.class_names)} target classes",
              f"views     {views.count} per image (view 0 centre crop {views.center_crop}, seed {views.seed})",
              f"teachers  {len(plan.plans)}"]
-    total = 0
+    total, vectors = 0, {}
     for p in plan.plans:
         lines.append(f"  {p.id}  [{p.spec.source} {p.spec.model}, {p.spec.role}]  input {p.input_size[1]}x"
                      f"{p.input_size[2]} {p.interpolation}  weights {p.weights}  params {human_bytes(p.param_bytes)}")
@@ -84,11 +85,18 @@ def format_plan(plan) -> str:
         for path, shape, dtype, nbytes in output_shapes(p, plan.n_samples, views.count):
             lines.append(f"      {path:<20} {str(list(shape)):<24} {dtype:<8} {human_bytes(nbytes)}")
             total += nbytes
+            if path in ("features", "featmap"):
+                vectors[f"{p.id}/{path}"] = (int(np.prod(shape[:-1], dtype=np.int64)), int(shape[-1]))
     lines.append(f"waves     {len(plan.waves)}")
     for i, wave in enumerate(plan.waves, 1):
         lines.append(f"  wave {i}: {', '.join(p.id for p in wave)} "
                      f"({human_bytes(sum(p.param_bytes for p in wave))} of parameters)")
     lines.append(f"estimated store size  {human_bytes(total)} before compression (zstd usually saves 5-30 %)")
+    if vectors:
+        from kt_cache.codecs import size_table
+
+        sizes = " · ".join(f"{name} {human_bytes(n)}" for name, n in size_table(vectors).items())
+        lines.append(f"features and featmaps under each codec of `ktc compact`: {sizes}")
     return "\n".join(lines)
 
 

@@ -23,7 +23,7 @@ from kt_cache.codecs import pca_basis, quant_params
 from kt_cache.errors import UsageError, did_you_mean
 
 BLOCK_BYTES = 64 << 20            # decoded float32 bytes read per step
-COSINE_BINS = 1 << 16             # histogram of per-vector cosines over [-1, 1]: worst-decile within 3e-5
+COSINE_BINS = 1 << 16             # histogram of per-vector cosines over [-1, 1]; worst decile = a bin's lower edge
 OUTPUTS = ("features", "featmap")
 
 
@@ -184,7 +184,7 @@ class ErrorMeter:
         variance = self.x_sq - float((self.x_sum**2).sum()) / n
         tenth = int(np.searchsorted(np.cumsum(self.hist), 0.1 * self.count))
         return {"mean_cosine": round(self.cos_sum / n, 6), "rel_mse": round(self.err / max(variance, 1e-30), 6),
-                "worst_decile_cosine": round(-1.0 + 2.0 * (tenth + 1) / COSINE_BINS, 6), "vectors": self.count}
+                "worst_decile_cosine": round(-1.0 + 2.0 * tenth / COSINE_BINS, 6), "vectors": self.count}
 
     def decoded_stats(self) -> dict[str, Any]:
         n = max(self.count, 1)

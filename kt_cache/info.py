@@ -46,7 +46,28 @@ def teacher_summary(reader: fmt.StoreReader, teacher_id: str) -> dict[str, Any]:
         "units_done": int(done.sum()), "units": int(done.size), "complete": bool(done.all()),
         "bytes": store_bytes(reader, f"teachers/{teacher_id}/"), "timing": attrs.get("timing"),
         "coverage": class_coverage(reader.class_names, attrs),
+        "codecs": attrs.get("codec") or {}, "vectors": feature_vectors(reader, teacher_id, attrs),
     }
+
+
+def feature_vectors(reader: fmt.StoreReader, teacher_id: str, attrs: dict[str, Any]) -> dict[str, list[int]]:
+    """``features``/``featmap`` -> [number of vectors, decoded width]: what a codec's size depends on."""
+    from kt_cache.codecs import codec_record
+
+    found = {}
+    for path, array in reader.teacher_arrays(teacher_id).items():
+        if path in ("features", "featmap"):
+            record = codec_record(attrs, path)
+            found[path] = [int(np.prod(array.shape[:-1], dtype=np.int64)),
+                           int(record["dim"]) if record else int(array.shape[-1])]
+    return found
+
+
+def codec_sizes(teachers: list[dict[str, Any]]) -> dict[str, int]:
+    """Bytes (before zstd) of every teacher's features and featmaps under fp32, fp16 and each codec family."""
+    from kt_cache.codecs import size_table
+
+    return size_table({f"{t['id']}/{p}": tuple(v) for t in teachers for p, v in t["vectors"].items()})
 
 
 def class_coverage(target: list[str], attrs: dict[str, Any]) -> dict[str, Any] | None:
@@ -64,7 +85,7 @@ def store_summary(store: str) -> dict[str, Any]:
     reader = fmt.StoreReader(store)
     meta = reader.meta
     samples = reader.samples()
-    return {
+    summary = {
         "store": store, "format": meta["format"], "version": meta["version"],
         "n_samples": meta["n_samples"], "n_views": meta["n_views"], "unit_rows": meta["unit_rows"],
         "n_units": meta["n_units"], "views": meta.get("views"),
@@ -75,6 +96,8 @@ def store_summary(store: str) -> dict[str, Any]:
         "bytes": store_bytes(reader), "remote": reader.location is None or reader.location.local_folder is None,
         "teachers": [teacher_summary(reader, t) for t in reader.teacher_ids()],
     }
+    summary["codec_sizes"] = codec_sizes(summary["teachers"])
+    return summary
 
 
 def format_summary(info: dict[str, Any]) -> str:
@@ -99,4 +122,20 @@ def format_summary(info: dict[str, Any]) -> str:
             lines.append(f"      covers {cov['covered']}/{cov['classes']} target classes{shown}")
         for name, a in t["arrays"].items():
             lines.append(f"      {name:<20} {str(a['shape']):<24} {a['dtype']}")
+        lines += [f"      {codec_line(output, r)}" for output, r in t["codecs"].items()]
+    if info["codec_sizes"]["fp32"]:
+        lines.append(f"features and featmaps under each codec (before zstd): {sizes_line(info['codec_sizes'])}")
     return "\n".join(lines)
+
+
+def codec_line(output: str, record: dict[str, Any]) -> str:
+    e = record.get("error") or {}
+    return (f"{output} compacted {record.get('name')} ({record.get('dim')} -> {record.get('code_dim')} "
+            f"{record.get('code_dtype')}): mean cosine {e.get('mean_cosine')}, worst decile "
+            f"{e.get('worst_decile_cosine')}, relative MSE {e.get('rel_mse')} over {e.get('vectors')} vectors")
+
+
+def sizes_line(sizes: dict[str, int]) -> str:
+    from kt_cache.cli_extract import human_bytes
+
+    return " · ".join(f"{name} {human_bytes(n)}" for name, n in sizes.items())
