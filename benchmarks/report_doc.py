@@ -223,5 +223,6 @@ these are `console` blocks):
 python benchmarks/run_all.py            # all four, then this page and docs/img/bench_*.png
 python benchmarks/bench_train.py --steps 6 --threads 2   # any one alone, with its own options
 python benchmarks/run_all.py --doc-only # rewrite this page from benchmarks/results/*.json
+python benchmarks/compact.py --doc      # ktc compact's codecs and students (its own run: ~15 min)
 ```
 """

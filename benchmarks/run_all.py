@@ -71,8 +71,18 @@ def main() -> None:
     results = [load(n) for n in NAMES]
     written = plots(*results, args.img)
     args.doc.parent.mkdir(parents=True, exist_ok=True)
-    args.doc.write_text(write_doc(*results, durations), encoding="utf-8")
+    args.doc.write_text(write_doc(*results, durations) + compact_section(), encoding="utf-8")
     print(f"\nwrote {args.doc} and " + ", ".join(str(args.img / name) for name in written))
+
+
+def compact_section() -> str:
+    """``benchmarks/compact.py``'s tables (run on its own: it trains students), from its saved results."""
+    saved = common.RESULTS / "compact.json"
+    if not saved.exists():
+        return ""
+    from compact import markdown
+
+    return "\n## Compact stores (`python benchmarks/compact.py`)\n\n" + markdown(json.loads(saved.read_text())) + "\n"
 
 
 def load_durations() -> dict[str, float]:
