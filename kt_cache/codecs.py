@@ -8,8 +8,11 @@ values; for a featmap, the channels of one grid cell):
 - ``pca:K``       code = (x - mean) @ basis.T in float16, ``basis [K, D]`` the top-K principal directions;
 - ``pca:K,int8``  both: the K components quantised to int8.
 
-Decoding: x_hat = (q * scale + offset) @ basis + mean (terms absent for the codec are skipped). Parameter
-arrays live at ``teachers/<id>/codec/<output>/{mean,basis,scale,offset}`` (float32), and the teacher's
+Decoding: x_hat = (q * scale[u] + offset[u]) @ basis + mean, ``u = row // unit_rows`` (terms absent for the
+codec are skipped). Parameter arrays live at ``teachers/<id>/codec/<output>/``: ``mean [D]`` and ``basis [K, D]``
+(one object each), ``scale``/``offset [n_units, W]`` (one object per unit: each unit is quantised with its own
+range, so its writer needs nothing from other units), all float32; an extraction-time codec also keeps
+``moments [n_units, M]`` (float64), each unit's error sums (``ErrorMeter``). The teacher's
 ``attrs["ktc_teacher"]["codec"][<output>]`` records the codec, the widths and the measured error
 (docs/store-format.md, "Compact stores").
 """
@@ -26,7 +29,10 @@ from kt_cache.errors import UsageError
 
 MISSING_CODE = -128                    # int8 code of a vector whose image did not decode (float codes: NaN)
 QUANT_LEVELS = 127                     # codes -127..127: symmetric around the range's centre
-PARAM_DIMS = {"mean": ("dim",), "basis": ("component", "dim"), "scale": ("code",), "offset": ("code",)}
+PARAM_DIMS = {"mean": ("dim",), "basis": ("component", "dim"), "scale": ("unit", "code"), "offset": ("unit", "code"),
+              "moments": ("unit", "moment")}
+COS_BINS_PER_DECADE = 32               # worst-decile cosine from a histogram of -log10(1 - cos) in [0, 9]
+COS_BINS = 9 * COS_BINS_PER_DECADE
 CODEC_PATTERN = re.compile(r"^(?:(fp16)|(int8)|pca:(\d+)(,int8)?)$")
 
 
@@ -77,10 +83,19 @@ def check_width(codec: Codec, dim: int, option: str, where: str) -> None:
 
 @dataclass
 class CodecParams:
-    """A codec with its parameter arrays (float32): ``mean [D]``, ``basis [K, D]``, ``scale``/``offset [W]``."""
+    """A codec with its parameter arrays (float32): ``mean [D]``, ``basis [K, D]``, ``scale``/``offset
+    [n_units, W]`` (row ``r`` uses unit ``r // unit_rows``)."""
 
     codec: Codec
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    unit_rows: int = 1 << 62
+
+    def unit_quant(self, unit: int) -> CodecParams:
+        """The parameters one unit's vectors are encoded with (its own ``scale``/``offset`` row)."""
+        arrays = dict(self.arrays)
+        if self.codec.int8:
+            arrays["scale"], arrays["offset"] = self.arrays["scale"][unit], self.arrays["offset"][unit]
+        return CodecParams(self.codec, arrays, self.unit_rows)
 
     def project(self, x: np.ndarray) -> np.ndarray:
         """float ``[M, D]`` -> the unquantised code ``[M, W]`` (float32)."""
@@ -100,12 +115,18 @@ class CodecParams:
         q[bad] = MISSING_CODE
         return q
 
-    def decode(self, codes: np.ndarray) -> np.ndarray:
-        """codes ``[..., W]`` -> float32 ``[..., D]``; missing vectors -> NaN."""
+    def decode(self, codes: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """codes ``[B, ..., W]`` of store rows ``rows [B]`` (default ``0..B-1``; ignored once ``unit_quant``
+        picked one unit) -> float32 ``[B, ..., D]``; missing vectors -> NaN."""
         code = codes.astype(np.float32)
         if self.codec.int8:
+            scale, offset = self.arrays["scale"], self.arrays["offset"]
+            if scale.ndim == 2:
+                units = (np.arange(len(codes)) if rows is None else np.asarray(rows)) // self.unit_rows
+                shape = (len(codes), *([1] * (codes.ndim - 2)), scale.shape[-1])
+                scale, offset = scale[units].reshape(shape), offset[units].reshape(shape)
             missing = (codes == MISSING_CODE).any(axis=-1)
-            code = code * self.arrays["scale"] + self.arrays["offset"]
+            code = code * scale + offset
             code[missing] = np.nan
         if self.codec.pca is not None:
             code = code @ self.arrays["basis"] + self.arrays["mean"]
@@ -122,15 +143,18 @@ class TorchDecoder:
         import torch
 
         self.codec = params.codec
-        self.tensors = {name: torch.from_numpy(np.ascontiguousarray(a)).to(device) for name, a in params.arrays.items()}
+        self.tensors = {name: torch.from_numpy(np.ascontiguousarray(params.arrays[name])).to(device)
+                        for name in ("mean", "basis") if name in params.arrays}
 
-    def __call__(self, codes: Any) -> Any:
-        """codes tensor ``[..., W]`` -> float32 ``[..., D]``; missing vectors (code -128 / NaN) -> NaN."""
+    def __call__(self, codes: Any, scale: Any = None, offset: Any = None) -> Any:
+        """codes tensor ``[B, ..., W]`` -> float32 ``[B, ..., D]``; missing vectors (code -128 / NaN) -> NaN.
+        ``scale``/``offset [B, W]``: the int8 parameters of each row's unit (``CachedTeachers.gather``)."""
         t = self.tensors
         code = codes.float()
         if self.codec.int8:
+            shape = (codes.shape[0], *([1] * (codes.ndim - 2)), codes.shape[-1])
             missing = (codes == MISSING_CODE).any(dim=-1, keepdim=True)
-            code = (code * t["scale"] + t["offset"]).masked_fill(missing, float("nan"))
+            code = (code * scale.reshape(shape) + offset.reshape(shape)).masked_fill(missing, float("nan"))
         if self.codec.pca is not None:
             code = code @ t["basis"] + t["mean"]
         return code
@@ -173,3 +197,86 @@ def size_table(vectors: dict[str, tuple[int, int]]) -> dict[str, int]:
         table["pca:D/4,int8"] += count * max(1, dim // 4)
         table["pca:D/8,int8"] += count * max(1, dim // 8)
     return table
+
+
+class ErrorMeter:
+    """Reconstruction error over vectors ``x`` and their decodings ``x_hat``: cosines (mean, and a histogram of
+    ``-log10(1 - cos)`` for the worst decile), squared error, variance, and the decoded vectors' moments.
+    ``to_vector``/``add_vector`` keep it as one float64 row (an extraction unit's ``moments``)."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.hist = np.zeros(COS_BINS, dtype=np.float64)
+        self.cos_sum, self.err, self.count, self.x_sq = 0.0, 0.0, 0.0, 0.0
+        self.x_sum, self.dec_sum, self.dec_sq = np.zeros(dim), np.zeros(dim), np.zeros(dim)
+
+    def add(self, x: np.ndarray, decoded: np.ndarray) -> None:
+        keep = np.isfinite(x).all(axis=1)
+        x, xh = x[keep].astype(np.float64), decoded[keep].astype(np.float64)
+        cos = cosines(x, xh)
+        t = -np.log10(np.maximum(1.0 - cos, 10.0 ** -9))
+        self.hist += np.bincount(np.clip((t * COS_BINS_PER_DECADE).astype(np.int64), 0, COS_BINS - 1),
+                                 minlength=COS_BINS)
+        self.cos_sum += float(cos.sum())
+        self.err += float(((x - xh) ** 2).sum())
+        self.x_sum += x.sum(axis=0)
+        self.x_sq += float((x**2).sum())
+        self.dec_sum += xh.sum(axis=0)
+        self.dec_sq += (xh**2).sum(axis=0)
+        self.count += len(x)
+
+    def to_vector(self) -> np.ndarray:
+        head = np.array([self.count, self.cos_sum, self.err, self.x_sq])
+        return np.concatenate([head, self.hist, self.x_sum, self.dec_sum, self.dec_sq])
+
+    @staticmethod
+    def width(dim: int) -> int:
+        return 4 + COS_BINS + 3 * dim
+
+    def add_vector(self, v: np.ndarray) -> None:
+        d, b = self.dim, COS_BINS
+        self.count += v[0]
+        self.cos_sum += v[1]
+        self.err += v[2]
+        self.x_sq += v[3]
+        self.hist += v[4:4 + b]
+        self.x_sum += v[4 + b:4 + b + d]
+        self.dec_sum += v[4 + b + d:4 + b + 2 * d]
+        self.dec_sq += v[4 + b + 2 * d:4 + b + 3 * d]
+
+    def error(self) -> dict[str, Any]:
+        """mean cosine, relative MSE (squared error over the vectors' total variance), worst-decile cosine
+        (the lower edge of the histogram bin holding the 10th percentile: at most the true value)."""
+        n = max(self.count, 1.0)
+        variance = self.x_sq - float((self.x_sum**2).sum()) / n
+        tenth = int(np.searchsorted(np.cumsum(self.hist), 0.1 * self.count))
+        worst = 1.0 - 10.0 ** (-min(tenth, COS_BINS - 1) / COS_BINS_PER_DECADE)
+        return {"mean_cosine": round(self.cos_sum / n, 6), "rel_mse": round(self.err / max(variance, 1e-30), 6),
+                "worst_decile_cosine": round(worst if tenth else -1.0, 6), "vectors": int(self.count)}
+
+    def decoded_stats(self) -> dict[str, Any]:
+        n = max(self.count, 1.0)
+        mean = self.dec_sum / n
+        std = np.sqrt(np.maximum(self.dec_sq / n - mean**2, 0.0))
+        return {"mean": mean.astype(np.float32).tolist(), "std": std.astype(np.float32).tolist(), "count": int(self.count)}
+
+
+def cosines(x: np.ndarray, xh: np.ndarray) -> np.ndarray:
+    """Per-row cosine; 1 where both rows are zero, 0 where only one is."""
+    norms = np.linalg.norm(x, axis=1) * np.linalg.norm(xh, axis=1)
+    both_zero = (np.abs(x).sum(axis=1) == 0) & (np.abs(xh).sum(axis=1) == 0)
+    cos = np.where(norms > 0, (x * xh).sum(axis=1) / np.where(norms > 0, norms, 1), 0.0)
+    return np.clip(np.where(both_zero, 1.0, cos), -1.0, 1.0)
+
+
+def encode_unit(x: np.ndarray, codec: Codec, meter: ErrorMeter) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """One unit's vectors ``[rows, ..., D]`` -> int8 codes and that unit's ``scale``/``offset`` (from its own
+    range; no PCA), measuring the error into ``meter`` (extraction-time codecs)."""
+    flat = x.reshape(-1, x.shape[-1]).astype(np.float32)
+    finite = flat[np.isfinite(flat).all(axis=1)]
+    low = finite.min(axis=0) if len(finite) else np.zeros(flat.shape[-1], np.float32)
+    high = finite.max(axis=0) if len(finite) else np.zeros(flat.shape[-1], np.float32)
+    params = CodecParams(codec, quant_params(low, high))
+    codes = params.encode(flat)
+    meter.add(flat, params.decode(codes))
+    return codes.reshape(*x.shape[:-1], -1), params.arrays

@@ -18,12 +18,11 @@ from typing import Any
 import numpy as np
 
 from kt_cache import store as fmt
-from kt_cache.codecs import MISSING_CODE, PARAM_DIMS, Codec, CodecParams, check_width, codec_record, parse_codec
-from kt_cache.codecs import pca_basis, quant_params
+from kt_cache.codecs import MISSING_CODE, PARAM_DIMS, Codec, CodecParams, ErrorMeter, check_width, codec_record
+from kt_cache.codecs import parse_codec, pca_basis, quant_params
 from kt_cache.errors import UsageError, did_you_mean
 
 BLOCK_BYTES = 64 << 20            # decoded float32 bytes read per step
-COSINE_BINS = 1 << 16             # histogram of per-vector cosines over [-1, 1]; worst decile = a bin's lower edge
 OUTPUTS = ("features", "featmap")
 
 
@@ -129,7 +128,7 @@ def finite_vectors(block: np.ndarray) -> np.ndarray:
 
 def fit_params(reader: fmt.StoreReader, job: Job) -> tuple[CodecParams, dict[str, Any]]:
     """The codec's parameters from the stored vectors (PCA moments pass, then the int8 range pass)."""
-    params, info = CodecParams(job.codec), {}
+    params, info = CodecParams(job.codec, unit_rows=int(reader.meta["unit_rows"])), {}
     if job.codec.pca is not None:
         ref, total, outer, count = None, np.zeros(job.dim), np.zeros((job.dim, job.dim)), 0
         for _, _, block in vector_blocks(reader, job):
@@ -144,61 +143,16 @@ def fit_params(reader: fmt.StoreReader, job: Job) -> tuple[CodecParams, dict[str
         pca["mean"] = (pca["mean"] + (ref if ref is not None else 0)).astype(np.float32)
         params.arrays.update(pca)
         info["variance_kept"] = round(kept, 6)
-    if job.codec.int8:
-        width = job.codec.code_dim(job.dim)
-        low, high = np.full(width, np.inf, np.float32), np.full(width, -np.inf, np.float32)
-        for _, _, block in vector_blocks(reader, job):
+    if job.codec.int8:                 # each unit's own range: nothing is clipped, one object per unit
+        width, units = job.codec.code_dim(job.dim), int(reader.meta["n_units"])
+        low, high = np.full((units, width), np.inf, np.float32), np.full((units, width), -np.inf, np.float32)
+        for unit, _, block in vector_blocks(reader, job):
             code = params.project(finite_vectors(block))
             if len(code):
-                low, high = np.minimum(low, code.min(axis=0)), np.maximum(high, code.max(axis=0))
+                low[unit], high[unit] = np.minimum(low[unit], code.min(axis=0)), np.maximum(high[unit], code.max(axis=0))
         low, high = np.where(np.isfinite(low), low, 0), np.where(np.isfinite(high), high, 0)
         params.arrays.update(quant_params(low, high))
     return params, info
-
-
-class ErrorMeter:
-    """Reconstruction error over every valid vector: cosines, squared error, variance, decoded moments."""
-
-    def __init__(self, dim: int) -> None:
-        self.hist = np.zeros(COSINE_BINS, dtype=np.int64)
-        self.cos_sum, self.err, self.count = 0.0, 0.0, 0
-        self.x_sum, self.x_sq = np.zeros(dim), 0.0
-        self.dec_sum, self.dec_sq = np.zeros(dim), np.zeros(dim)
-
-    def add(self, x: np.ndarray, decoded: np.ndarray) -> None:
-        keep = np.isfinite(x).all(axis=1)
-        x, xh = x[keep].astype(np.float64), decoded[keep].astype(np.float64)
-        cos = cosines(x, xh)
-        self.hist += np.histogram(cos, bins=COSINE_BINS, range=(-1.0, 1.0))[0]
-        self.cos_sum += float(cos.sum())
-        self.err += float(((x - xh) ** 2).sum())
-        self.x_sum += x.sum(axis=0)
-        self.x_sq += float((x**2).sum())
-        self.dec_sum += xh.sum(axis=0)
-        self.dec_sq += (xh**2).sum(axis=0)
-        self.count += len(x)
-
-    def error(self) -> dict[str, Any]:
-        """mean cosine, relative MSE (squared error over the vectors' total variance), worst-decile cosine."""
-        n = max(self.count, 1)
-        variance = self.x_sq - float((self.x_sum**2).sum()) / n
-        tenth = int(np.searchsorted(np.cumsum(self.hist), 0.1 * self.count))
-        return {"mean_cosine": round(self.cos_sum / n, 6), "rel_mse": round(self.err / max(variance, 1e-30), 6),
-                "worst_decile_cosine": round(-1.0 + 2.0 * tenth / COSINE_BINS, 6), "vectors": self.count}
-
-    def decoded_stats(self) -> dict[str, Any]:
-        n = max(self.count, 1)
-        mean = self.dec_sum / n
-        std = np.sqrt(np.maximum(self.dec_sq / n - mean**2, 0.0))
-        return {"mean": mean.astype(np.float32).tolist(), "std": std.astype(np.float32).tolist(), "count": self.count}
-
-
-def cosines(x: np.ndarray, xh: np.ndarray) -> np.ndarray:
-    """Per-row cosine; 1 where both rows are zero, 0 where only one is."""
-    norms = np.linalg.norm(x, axis=1) * np.linalg.norm(xh, axis=1)
-    both_zero = (np.abs(x).sum(axis=1) == 0) & (np.abs(xh).sum(axis=1) == 0)
-    cos = np.where(norms > 0, (x * xh).sum(axis=1) / np.where(norms > 0, norms, 1), 0.0)
-    return np.clip(np.where(both_zero, 1.0, cos), -1.0, 1.0)
 
 
 def encode_job(reader: fmt.StoreReader, root: Any, job: Job) -> dict[str, Any]:
@@ -216,9 +170,9 @@ def encode_job(reader: fmt.StoreReader, root: Any, job: Job) -> dict[str, Any]:
         if unit != current and pending:
             write_codes(target, pending)
             pending, current = [], unit
-        flat = block.reshape(-1, job.dim)
-        codes = params.encode(flat)
-        meter.add(flat, params.decode(codes))
+        flat, unit_params = block.reshape(-1, job.dim), params.unit_quant(unit)
+        codes = unit_params.encode(flat)
+        meter.add(flat, unit_params.decode(codes))
         pending.append((rows, codes.reshape(*block.shape[:-1], width)))
     write_codes(target, pending)
     write_params(group, job, params)
@@ -240,8 +194,9 @@ def write_params(group: Any, job: Job, params: CodecParams) -> None:
     axis = "channel" if job.output == "featmap" else "feature"
     for name, values in params.arrays.items():
         names = tuple(axis if d == "dim" else d for d in PARAM_DIMS[name])
+        chunks = (1, values.shape[1]) if name in ("scale", "offset") else values.shape   # per unit: one object each
         group.create_array(f"codec/{job.output}/{name}", data=np.ascontiguousarray(values, dtype=np.float32),
-                           chunks=values.shape, compressors=ZstdCodec(level=1), dimension_names=names)
+                           chunks=chunks, compressors=ZstdCodec(level=1), dimension_names=names)
 
 
 def update_attrs(group: Any, job: Job, record: dict[str, Any], meter: ErrorMeter) -> None:

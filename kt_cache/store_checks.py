@@ -138,12 +138,14 @@ def check_array(array: Any, path: str, name: str, meta: dict[str, Any], where: s
 
 
 def check_codec_array(array: Any, at: str, shape: tuple[int, ...]) -> None:
-    """A codec parameter (``codec/<output>/<name>``): a small float32 vector or matrix stored as one object."""
-    if len(shape) not in (1, 2) or dtype_name(array) != "float32" or float(np.prod(shape)) > MAX_ROW_ELEMENTS:
-        raise damaged(at, f"a codec parameter must be a float32 vector or matrix of at most {MAX_ROW_ELEMENTS} "
+    """A codec parameter (``codec/<output>/<name>``): a float vector or matrix, one object (or one per unit)."""
+    if len(shape) not in (1, 2) or dtype_name(array) not in FLOATS + ("float64",) \
+            or float(np.prod(shape)) > MAX_ROW_ELEMENTS:
+        raise damaged(at, f"a codec parameter must be a float vector or matrix of at most {MAX_ROW_ELEMENTS} "
                           f"values, got shape {list(shape)} of dtype {dtype_name(array)}")
-    if tuple(int(c) for c in array.chunks) != shape or array.shards:
-        raise damaged(at, f"a codec parameter is stored as one chunk, got chunks {list(array.chunks)}")
+    chunks = tuple(int(c) for c in array.chunks)
+    if array.shards or (chunks != shape and chunks != (1, *shape[1:])):
+        raise damaged(at, f"a codec parameter is stored as one chunk or one per unit, got chunks {list(chunks)}")
     bad = sorted(set(codec_names(array.metadata.to_dict().get("codecs", []))) - CODECS)
     if bad:
         raise damaged(at, f"uses codec(s) {bad}; a ktc store uses only Zarr v3 core codecs ({', '.join(sorted(CODECS))})")
@@ -245,7 +247,8 @@ def check_codec(attrs: dict[str, Any], arrays: dict[str, Any], path: str, at: st
             or dtype_name(arrays[path]) != codec.code_dtype:
         raise damaged(at, f"{where} ({short(record)}) does not match {path} of shape {list(arrays[path].shape)}, "
                           f"dtype {dtype_name(arrays[path])}")
-    shapes = {"mean": (dim,), "basis": (width, dim), "scale": (width,), "offset": (width,)}
+    units = int(arrays["done"].shape[0]) if "done" in arrays else None
+    shapes = {"mean": (dim,), "basis": (width, dim), "scale": (units, width), "offset": (units, width)}
     for name in codec.param_names():
         got = arrays.get(f"codec/{path}/{name}")
         if got is None or tuple(got.shape) != shapes[name]:

@@ -211,7 +211,7 @@ class StoreReader:
             return None
         codec = parse_codec(record["name"])
         return CodecParams(codec, {name: self.read(teacher_id, f"codec/{output}/{name}").astype(np.float32)
-                                   for name in codec.param_names()})
+                                   for name in codec.param_names()}, int(self.meta["unit_rows"]))
 
     def done(self, teacher_id: str) -> np.ndarray:
         return np.asarray(self.read(teacher_id, "done"), dtype=bool)

@@ -188,6 +188,11 @@ class CachedTeachers:
             got = {path: table[rows, views] for path, table in self.tables[tid].items()}
             if tid in self.caches:
                 got["featmap"] = self.caches[tid].gather(rows, views)
+            for path in ("features", "featmap"):
+                params = self.codecs.get((tid, path))
+                if params is not None and params.codec.int8:     # each row's unit has its own int8 range
+                    for name in ("scale", "offset"):
+                        got[f"codec/{path}/{name}"] = params.arrays[name][rows // params.unit_rows]
             out[tid] = got
         return out
 
@@ -208,7 +213,7 @@ class CachedTeachers:
             tb.valid[tid] = torch.from_numpy(ok).to(device)
             for path, table in (("features", tb.features), ("featmap", tb.featmaps)):
                 if path in got:
-                    table[tid] = self._decoded(tid, path, _tensor(got[path], device), tb.valid[tid])
+                    table[tid] = self._decoded(tid, path, got, device, tb.valid[tid])
             for path, name in (("logits_lse", "lse"), ("label_logit", "label_logit")):
                 if path in got and name in self.wanted:
                     getattr(tb, name)[tid] = _tensor(got[path], device)
@@ -216,14 +221,17 @@ class CachedTeachers:
                 self._add_logits(tb, tid, got, device)
         return tb
 
-    def _decoded(self, tid: str, path: str, codes: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """A compact store's codes decoded on their device (``kt_cache.codecs``); invalid rows -> 0."""
+    def _decoded(self, tid: str, path: str, got: dict[str, np.ndarray], device: Any, valid: torch.Tensor) -> torch.Tensor:
+        """``got[path]`` on ``device``; a compact store's codes decoded there (``kt_cache.codecs``), invalid rows 0."""
+        codes = _tensor(got[path], device)
         if (tid, path) not in self.codecs:
             return codes
         key = (tid, path, str(codes.device))
         if key not in self._decoders:
             self._decoders[key] = self.codecs[(tid, path)].torch_decoder(codes.device)
-        decoded = self._decoders[key](codes)
+        quant = [_tensor(got[f"codec/{path}/{n}"], device) if f"codec/{path}/{n}" in got else None
+                 for n in ("scale", "offset")]
+        decoded = self._decoders[key](codes, *quant)
         return torch.where(valid.view(-1, *([1] * (decoded.ndim - 1))), decoded, torch.zeros((), device=codes.device))
 
     def _add_logits(self, tb: TeacherBatch, tid: str, got: dict[str, np.ndarray], device: Any) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,7 +74,8 @@ def test_codec_round_trip_records_the_error_a_recomputation_finds(two_teacher_st
             assert got["vectors"] == expect["vectors"]
             assert got["mean_cosine"] == pytest.approx(expect["mean_cosine"], abs=2e-6)
             assert got["rel_mse"] == pytest.approx(expect["rel_mse"], rel=1e-4, abs=2e-6)
-            assert got["worst_decile_cosine"] == pytest.approx(expect["worst_decile_cosine"], abs=1e-4)
+            # the lower edge of the 1/32-decade bin of 1 - cos holding the 10th percentile: never above it
+            assert 1.0 <= (1 - got["worst_decile_cosine"]) / (1 - expect["worst_decile_cosine"]) <= 10 ** (1 / 32) + 1e-6
             assert 0.5 < got["mean_cosine"] <= 1.0   # random-init teachers: quality is the benchmark's job
         stats = attrs["feature_stats"]      # methods z-score with the decoded features' statistics
         decoded = compact.codec_params(tid, "features").decode(compact.read(tid, "features"))
@@ -157,7 +157,7 @@ def test_teacher_batch_holds_the_decoded_features(two_teacher_store, compacted):
     for tid in ("cnn32", "vit48"):
         for output, table in (("features", batch.features), ("featmap", batch.featmaps)):
             params = store.codec_params(tid, output)
-            expect = params.decode(store.read(tid, output)[rows, views])
+            expect = params.decode(store.read(tid, output)[rows, views], rows)
             assert table[tid].dtype == torch.float32
             np.testing.assert_allclose(table[tid].numpy(), expect, rtol=1e-5, atol=1e-5)
         assert cached.teacher_infos()[cached.ids.index(tid)].feature_dim == store.teacher_attrs(tid)["feature_dim"]
