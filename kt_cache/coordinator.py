@@ -186,7 +186,9 @@ def prepare_teacher(root: Any, plan: Any, overwrite: bool) -> str:
     for spec in fmt.teacher_array_specs(plan, meta["n_views"]):
         fmt.create_array(group, spec, meta["n_samples"], meta["unit_rows"], meta["chunk_bytes"])
     fmt.create_done_array(group, meta["n_units"])
-    group.attrs[fmt.TEACHER_ATTR] = teacher_attrs(plan, weights_sha)
+    attrs = teacher_attrs(plan, weights_sha)
+    codecs = fmt.create_codec_arrays(group, plan, meta["n_units"])
+    group.attrs[fmt.TEACHER_ATTR] = dict(attrs, codec=codecs) if codecs else attrs
     return status
 
 

@@ -135,7 +135,7 @@ def make_wave_teacher(plan: Any, root: Any, device: torch.device, target_classes
     if getattr(model, "weights_sha256", None):
         state.weights_sha256[plan.id] = model.weights_sha256
     meta = fmt.check_root_attrs(dict(root.attrs), "store")
-    specs = fmt.teacher_array_specs(plan, meta["n_views"])
+    specs = fmt.teacher_array_specs(plan, meta["n_views"], coded=False)   # a unit is computed in floats
     cmap = label_map(tuple(target_classes), plan.class_names) if plan.num_classes else None
     return WaveTeacher(
         plan=plan, model=model,
@@ -295,4 +295,4 @@ def submit_unit(root: Any, writer: UnitWriter, teachers: list[WaveTeacher], curr
             continue
         arrays = {path: np.concatenate([p[path] for p in parts]) for path in parts[0]}
         group = root[f"teachers/{wt.plan.id}"]
-        writer.submit(lambda g=group, a=arrays: fmt.write_unit(g, unit, rows, a))
+        writer.submit(lambda g=group, a=arrays, p=wt.plan: fmt.write_unit(g, unit, rows, fmt.encode_unit_arrays(a, p)))

@@ -51,10 +51,29 @@ def update_teacher_attrs(group: Any, timing: Any, ok: np.ndarray, unit_rows: int
         merged["images_per_s"] = round(merged["images"] / merged["forward_s"], 2) if merged["forward_s"] else 0.0
         attrs["timing"] = merged
         attrs["seconds"] = round(merged["load_s"] + merged["forward_s"], 4)
-        attrs["feature_stats"] = feature_stats(group, ok, unit_rows)
+        if "features" not in (attrs.get("codec") or {}):    # int8 codes: the statistics come from each unit's sums
+            attrs["feature_stats"] = feature_stats(group, ok, unit_rows)
+        record_codec_errors(group, attrs, done)
     attrs["units_done"] = int(done.sum())
     attrs["complete"] = bool(done.all())
     group.attrs[fmt.TEACHER_ATTR] = attrs
+
+
+def record_codec_errors(group: Any, attrs: dict[str, Any], done: np.ndarray) -> None:
+    """An extraction-time codec: each done unit's error sums (``codec/<output>/moments``) added up into the
+    record's ``error``, and the decoded features' statistics as ``feature_stats``."""
+    from kt_cache.codecs import ErrorMeter
+
+    for output, record in (attrs.get("codec") or {}).items():
+        path = f"codec/{output}/moments"
+        if path not in group:
+            continue
+        meter, moments = ErrorMeter(int(record["dim"])), np.asarray(group[path][:], dtype=np.float64)
+        for unit in np.flatnonzero(done):
+            meter.add_vector(moments[unit])
+        attrs["codec"] = dict(attrs["codec"], **{output: dict(record, error=meter.error())})
+        if output == "features":
+            attrs["feature_stats"] = meter.decoded_stats() if meter.count else None
 
 
 def finalize_store(path: Path, timings: dict[str, Any], ids: np.ndarray,

@@ -130,7 +130,7 @@ def format_summary(info: dict[str, Any]) -> str:
 
 def codec_line(output: str, record: dict[str, Any]) -> str:
     e = record.get("error") or {}
-    return (f"{output} compacted {record.get('name')} ({record.get('dim')} -> {record.get('code_dim')} "
+    return (f"{output} encoded {record.get('name')} ({record.get('dim')} -> {record.get('code_dim')} "
             f"{record.get('code_dtype')}): mean cosine {e.get('mean_cosine')}, worst decile "
             f"{e.get('worst_decile_cosine')}, relative MSE {e.get('rel_mse')} over {e.get('vectors')} vectors")
 

@@ -77,6 +77,7 @@ class TeacherSpec:
     preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
     batch_size: int = 128
     dtype: str = "float16"
+    codec: str | None = None                # "int8": features/featmap stored as int8 codes (kt_cache.codecs)
     entry: dict[str, Any] = field(default_factory=dict, compare=False)  # the YAML entry as written
 
     def fingerprint_entry(self) -> dict[str, Any]:

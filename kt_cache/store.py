@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from kt_cache import store_checks as checks
+from kt_cache.codecs import MISSING_CODE
 from kt_cache.errors import StoreError
 
 FORMAT_NAME = "ktc"
@@ -75,12 +76,17 @@ def index_dtype(num_classes: int) -> str:
     return "uint16" if num_classes <= 65535 else "int32"
 
 
-def teacher_array_specs(plan: Any, n_views: int) -> list[ArraySpec]:
-    """Arrays of one teacher group, from its ``TeacherPlan`` (outputs, dims, dtype, top-k, grid)."""
+def teacher_array_specs(plan: Any, n_views: int, coded: bool = True) -> list[ArraySpec]:
+    """Arrays of one teacher group, from its ``TeacherPlan`` (outputs, dims, dtype, top-k, grid). With a
+    manifest ``codec: int8`` (and ``coded``), features and featmap hold int8 codes (``kt_cache.codecs``);
+    ``coded=False`` gives the float arrays a unit is computed in before it is encoded."""
     spec, dtype, nan = plan.spec, plan.spec.dtype, float("nan")
+    code = coded and getattr(spec, "codec", None) == "int8"
+    vec_dtype, vec_fill, last = ("int8", MISSING_CODE, "code") if code else (dtype, nan, None)
     out: list[ArraySpec] = []
     if "features" in spec.outputs:
-        out.append(ArraySpec("features", (n_views, plan.feature_dim), dtype, nan, ("sample", "view", "feature")))
+        out.append(ArraySpec("features", (n_views, plan.feature_dim), vec_dtype, vec_fill,
+                             ("sample", "view", last or "feature")))
     if "logits" in spec.outputs:
         if spec.logits_topk is None:
             out.append(ArraySpec("logits", (n_views, plan.num_classes), dtype, nan, ("sample", "view", "class")))
@@ -94,7 +100,47 @@ def teacher_array_specs(plan: Any, n_views: int) -> list[ArraySpec]:
     if "featmap" in spec.outputs:
         g = spec.featmap_grid
         row = (n_views, g, g, plan.featmap_dim)
-        out.append(ArraySpec("featmap", row, dtype, nan, ("sample", "view", "grid_y", "grid_x", "channel")))
+        out.append(ArraySpec("featmap", row, vec_dtype, vec_fill, ("sample", "view", "grid_y", "grid_x", last or "channel")))
+    return out
+
+
+def coded_outputs(plan: Any) -> dict[str, int]:
+    """Output -> width of the arrays a manifest ``codec: int8`` encodes at extraction (empty without one)."""
+    if getattr(plan.spec, "codec", None) != "int8":
+        return {}
+    dims = {"features": plan.feature_dim, "featmap": plan.featmap_dim}
+    return {name: int(dims[name]) for name in ("features", "featmap") if name in plan.spec.outputs}
+
+
+def create_codec_arrays(group: Any, plan: Any, units: int) -> dict[str, Any]:
+    """``codec/<output>/{scale,offset,moments}``, one row (and one object) per unit, written by the unit's
+    writer; returns the ``codec`` record of the teacher attributes (``error`` is added at finalize)."""
+    from zarr.codecs import ZstdCodec
+
+    from kt_cache.codecs import ErrorMeter
+
+    records = {}
+    for output, dim in coded_outputs(plan).items():
+        axis = "channel" if output == "featmap" else "feature"
+        for name, width, dtype, dims in (("scale", dim, "float32", ("unit", axis)), ("offset", dim, "float32", ("unit", axis)),
+                                         ("moments", ErrorMeter.width(dim), "float64", ("unit", "moment"))):
+            group.create_array(f"codec/{output}/{name}", shape=(units, width), chunks=(1, width), dtype=dtype,
+                               fill_value=float("nan"), compressors=ZstdCodec(level=1), dimension_names=dims)
+        records[output] = {"name": "int8", "dim": dim, "code_dim": dim, "code_dtype": "int8",
+                           "source_dtype": plan.spec.dtype, "params": "per unit, from the unit's own range, at extraction"}
+    return records
+
+
+def encode_unit_arrays(arrays: dict[str, np.ndarray], plan: Any) -> dict[str, np.ndarray]:
+    """A computed unit's float blocks -> what is stored: int8 codes plus the unit's codec rows (``codec: int8``)."""
+    from kt_cache.codecs import Codec, ErrorMeter, encode_unit
+
+    out = dict(arrays)
+    for output, dim in coded_outputs(plan).items():
+        meter = ErrorMeter(dim)
+        out[output], params = encode_unit(arrays[output], Codec(int8=True), meter)
+        out[f"codec/{output}/scale"], out[f"codec/{output}/offset"] = params["scale"][None], params["offset"][None]
+        out[f"codec/{output}/moments"] = meter.to_vector()[None]
     return out
 
 
@@ -160,7 +206,8 @@ def write_unit(teacher_group: Any, unit: int, rows: slice, arrays: dict[str, np.
         arrays: array path -> block ``[rows, ...]``; must cover every array of the group.
     """
     for path, block in arrays.items():
-        teacher_group[path][rows] = block
+        where = slice(unit, unit + 1) if path.startswith("codec/") else rows    # codec parameters: a row per unit
+        teacher_group[path][where] = block
     teacher_group["done"][unit] = True
 
 

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from kt_cache import store as fmt
-from kt_cache.codecs import MISSING_CODE
 from kt_cache import store_checks as checks
+from kt_cache.codecs import MISSING_CODE
 from kt_cache.errors import StoreError
 from kt_cache.remote import TEMP_FILE, get_bytes, get_many, list_keys
 
@@ -388,9 +388,12 @@ def check_block(path: str, key: str, rows: slice, unit: int, block: np.ndarray, 
     name = path.split("/", 2)[-1]
     flat = block.reshape(block.shape[0], -1) if block.ndim > 1 else block.reshape(-1, 1)
     where = f"unit {unit}"
-    if name.startswith("codec/"):     # parameters of a compact store's codec: not rows of samples
-        if not np.isfinite(flat).all():
-            report.add(path, key, "a codec parameter holds NaN or ±inf, so every decoded value would be wrong")
+    if name.startswith("codec/"):     # codec parameters: global, or one row per unit (checked once it is done)
+        per_unit = name.rsplit("/", 1)[-1] in ("scale", "offset", "moments")
+        done = context.get("done")
+        if (not per_unit or (done is not None and unit < len(done) and done[unit])) and not np.isfinite(flat).all():
+            report.add(path, key, f"{where if per_unit else 'the array'}: a codec parameter holds NaN or ±inf, so "
+                       f"decoded values would be wrong. Fix: {report.repair}.")
         return
     if block.dtype == np.int8 and context.get("done") is not None and context["done"][unit]:
         missing = (flat == MISSING_CODE).any(1) & context["ok"][rows]

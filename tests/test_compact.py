@@ -122,7 +122,7 @@ def test_every_command_works_on_a_compact_store(two_teacher_store, compacted, tm
     assert by_id["vit48"]["codecs"]["features"]["name"] == "pca:8,int8"
     assert info["codec_sizes"]["pca:D/8,int8"] < info["codec_sizes"]["fp16"]
     text = ok("info", store).output
-    assert "features compacted pca:8,int8 (192 -> 8 int8): mean cosine" in text
+    assert "features encoded pca:8,int8 (192 -> 8 int8): mean cosine" in text
     assert "pca:D/4,int8" in text
     ok("verify", store)
     ok("subset", store, "--teachers", "vit48", "--out", tmp_path / "sub.zarr")
