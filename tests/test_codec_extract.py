@@ -91,3 +91,18 @@ def test_the_manifest_entry_of_a_plain_teacher_is_unchanged(projects):
     assert "codec" not in entry        # stores made before `codec:` resume without --overwrite
     coded = StoreReader(projects["int8"] / "out.zarr").teacher_attrs("cnn32")["entry"]
     assert coded["codec"] == "int8" and json.dumps(coded)
+
+
+def test_extraction_int8_equals_ktc_compact_int8_of_the_plain_store(projects, tmp_path):
+    out = tmp_path / "compact.zarr"
+    result = CliRunner().invoke(cli, ["compact", str(projects["plain"] / "out.zarr"), "--out", str(out),
+                                      "--features", "int8", "--featmap", "int8"])
+    assert result.exit_code == 0, result.output
+    extracted, compacted = StoreReader(projects["int8"] / "out.zarr"), StoreReader(out)
+    for output in ("features", "featmap"):
+        np.testing.assert_array_equal(extracted.read("cnn32", output), compacted.read("cnn32", output))
+        for name in ("scale", "offset"):
+            np.testing.assert_array_equal(extracted.codec_params("cnn32", output).arrays[name],
+                                          compacted.codec_params("cnn32", output).arrays[name])
+        mine, theirs = (r.teacher_attrs("cnn32")["codec"][output]["error"] for r in (extracted, compacted))
+        assert mine == pytest.approx(theirs, abs=2e-6)
