@@ -1,4 +1,4 @@
-"""Listing a big image folder, and what the per-sample content digest costs (issue 12 item 6, issue 13 §3).
+"""Listing a big image folder, and what the per-sample content digest costs.
 
 Builds a synthetic ImageNet-shaped tree (``--files`` tiny files in ``--classes`` wnid-like folders; a listing
 reads names and sizes, never pixels, so content does not matter), then times, side by side in one run:

@@ -50,6 +50,10 @@ def train(opts: tuple[str, ...], config_file: str | None, no_progress: bool, **f
         return
     summary = {k: metrics[k] for k in ("top1", "top5", "skipped", "teacher_agreement") if k in metrics}
     click.echo(f"run saved in {config.out}: {json.dumps(summary)}")
+    from kt_train.probe import NOTES
+
+    if config.method in NOTES:
+        click.echo(f"note: {NOTES[config.method]}")
 
 
 def show_config_defaults(command: click.Command) -> click.Command:

@@ -126,13 +126,21 @@ def load_run_info(checkpoint: Path) -> dict[str, Any]:
 
 
 def evaluate(checkpoint: Path, data: Path | None = None, cache: str | None = None, batch_size: int = 64,
-             device: str = "cpu", workers: int = 0, plots: bool = True) -> dict[str, Any]:
-    """Metrics of the checkpoint's (first) student; see the module docstring."""
+             device: str = "cpu", workers: int = 0, plots: bool = True, probe: bool = False) -> dict[str, Any]:
+    """Metrics of the checkpoint's (first) student; see the module docstring. ``probe``: also a linear probe
+    on its frozen features, fitted on ``cache`` (default: the store it was trained from), scored on ``data``."""
+    from kt_train.probe import NOTES, probe_metrics
     from kt_train.students import load_student
 
     run = load_run_info(checkpoint)
+    if probe and data is None:
+        raise UsageError("--probe scores a linear probe on a labelled folder. Fix: pass --data FOLDER as well.")
     student = load_student(Path(checkpoint) / run["students"][0], device)
     metrics: dict[str, Any] = {"checkpoint": str(checkpoint)}
+    if run.get("method") in NOTES:
+        metrics["note"] = NOTES[run["method"]]
+    if probe:
+        metrics["probe"] = probe_metrics(student, cache or run["cache"], Path(data), run, batch_size, device, workers)
     if data is not None:
         metrics.update(folder_metrics(student, Path(data), run, batch_size, device, workers))
         if plots and "confusion" in metrics:
