@@ -144,3 +144,57 @@ def coverage(target: Sequence[str], teacher: Sequence[str] | None) -> tuple[int,
     """(how many target classes the teacher has a logit for, the uncovered ones in target order)."""
     mapped = target_to_teacher(target, teacher) if teacher is not None else [-1] * len(target)
     return sum(i >= 0 for i in mapped), [name for name, i in zip(target, mapped) if i < 0]
+
+
+def read_class_map(value: tuple[tuple[str, str], ...] | str, where: str, base: Path | None = None) -> list[tuple[str, str]]:
+    """A teacher's ``class_map:`` as (teacher class, target class) pairs: inline, or a CSV file with the
+    columns ``teacher_class,target_class`` (a header row naming them is skipped)."""
+    import csv
+
+    if not isinstance(value, str):
+        return list(value)
+    path = Path(value) if base is None or Path(value).is_absolute() else base / value
+    if not path.is_file():
+        raise ManifestError(f"{where}: class map file {value!r} does not exist (looked for {path}). Fix: give the path "
+                            "of a CSV file with the columns teacher_class,target_class, or an inline mapping.")
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = [row for row in csv.reader(handle) if row and any(cell.strip() for cell in row)]
+    if rows and [c.strip() for c in rows[0]] == ["teacher_class", "target_class"]:
+        rows = rows[1:]
+    bad = [i for i, row in enumerate(rows, 1) if len(row) != 2 or not all(c.strip() for c in row)]
+    if bad or not rows:
+        raise ManifestError(f"{where}: {path} must hold rows 'teacher_class,target_class' (two non-empty columns); "
+                            f"{'it is empty' if not rows else f'row {bad[0]} is not'}. Fix: write one pair per line.")
+    return [(a.strip(), b.strip()) for a, b in rows]
+
+
+def apply_class_map(teacher: Sequence[str], pairs: list[tuple[str, str]], target: Sequence[str], where: str) -> tuple[str, ...]:
+    """The teacher's logit names with each mapped class renamed to its target class (canonical target name);
+    unmapped classes keep their names. Refuses unknown teacher or target classes and two logits for one class."""
+    from kt_cache.errors import did_you_mean
+
+    if not target:
+        raise ManifestError(f"{where}: a class map needs the dataset's target classes, and this dataset has none. "
+                            "Fix: use a labelled dataset (class folders, a CSV with labels, or dataset.classes).")
+    own, lookup, renamed, seen = list(teacher), ClassLookup(list(target)), {}, {}
+    for source, wanted in pairs:
+        if source not in own:
+            raise ManifestError(f"{where}: {source!r} is not one of the teacher's {len(own)} classes."
+                                f"{did_you_mean(source, own)} Fix: use the teacher's class names (its `classes:`).")
+        try:
+            index = lookup.index(wanted)
+        except AmbiguousClass as err:
+            raise ManifestError(f"{where}: {source!r} -> {err.hint()}") from err
+        if index is None:
+            raise ManifestError(f"{where}: target class {wanted!r} (for {source!r}) is not a class of the dataset."
+                                f"{did_you_mean(wanted, list(target))} Fix: name a target class, its WordNet id or a synonym.")
+        if index in seen:
+            raise ManifestError(f"{where}: {seen[index]!r} and {source!r} both map to the target class "
+                                f"{target[index]!r}; one target class takes one logit. Fix: map only one of them.")
+        seen[index], renamed[source] = source, target[index]
+    names = tuple(renamed.get(name, name) for name in own)
+    clash = repeated_names(names)
+    if clash:
+        raise ManifestError(f"{where}: after mapping, the teacher would have two logits named {sorted(clash)[:3]}. "
+                            "Fix: map the teacher class of that name too, or leave the other one out of the map.")
+    return names

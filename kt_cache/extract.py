@@ -113,9 +113,29 @@ def build_plan(options: ExtractOptions) -> ExtractPlan:
 
         parse_cluster(options.cluster)               # a bad spec is refused before any store is written
     specs = select_teachers(manifest, options.only)
-    plans = [resolve_teacher(spec, listing.class_names or None, base) for spec in specs]
+    plans = [mapped_classes(resolve_teacher(spec, listing.class_names or None, base), listing.class_names, manifest)
+             for spec in specs]
     n = min(len(listing.ids), options.limit or len(listing.ids))
     return ExtractPlan(manifest, listing, plans, plan_waves(plans, options.max_teacher_memory), Path(out), n)
+
+
+def mapped_classes(plan: Any, target: Any, manifest: Any) -> Any:
+    """The plan with its logits renamed by the teacher's ``class_map:`` (``kt_cache.classes.apply_class_map``)."""
+    import dataclasses
+
+    from kt_cache.classes import apply_class_map, read_class_map
+
+    if plan.spec.class_map is None:
+        return plan
+    index = [t.id for t in manifest.teachers].index(plan.id)
+    where = f"{manifest.path}:teachers[{index}].class_map"
+    if plan.class_names is None:
+        from kt_cache.errors import ManifestError
+
+        raise ManifestError(f"{where}: the teacher's logits have no class names to map. Fix: give the teacher "
+                            "`classes:` (the names of its logits, in order), then map them.")
+    pairs = read_class_map(plan.spec.class_map, where, Path(manifest.path).parent)
+    return dataclasses.replace(plan, class_names=apply_class_map(plan.class_names, pairs, list(target or ()), where))
 
 
 def run_extract(options: ExtractOptions) -> ExtractReport:

@@ -41,13 +41,14 @@ from kt_cache.manifest_types import (
     DTYPES, INTERPOLATIONS, OUTPUT_KINDS, ROLES, SOURCES, DatasetSpec, Manifest, PreprocessSpec,
     StorageSpec, TeacherSpec, ViewsSpec,
 )
+from kt_cache.manifest_options import check_class_map, check_codec
 from kt_cache.store_checks import MAX_VIEWS
 
 BUILTIN_DATASETS = ("skimage",)
 TOP_KEYS = ("dataset", "store", "views", "defaults", "storage", "teachers")
 DATASET_KEYS = ("root", "list", "builtin", "classes")
 TEACHER_KEYS = ("id", "source", "model", "role", "pretrained", "checkpoint", "remap", "model_args",
-                "classes", "outputs", "logits", "featmap", "preprocess", "batch_size", "dtype", "codec")
+                "classes", "outputs", "logits", "featmap", "preprocess", "batch_size", "dtype", "codec", "class_map")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 PKG_PATTERN = re.compile(r"^pkg:([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)/(.+)$")
 ENTRY_KEYS = ("id", "source", "model", "role", "pretrained", "checkpoint", "remap", "model_args", "classes",
@@ -270,24 +271,13 @@ def _teacher(raw: Any, loc: Loc, defaults: dict[str, Any], base: Path) -> Teache
     fields.update(_outputs_config(data, loc, defaults["outputs"]))
     fields["preprocess"] = PreprocessSpec(**_section(data, "preprocess", loc, _PREPROCESS))
     entry = _entry(fields, data.get("checkpoint"))
-    fields["codec"] = _codec(data.get("codec"), loc.key("codec"), fields["outputs"])
-    if fields["codec"]:              # only when set: stores made before `codec:` keep their entry digest
-        entry["codec"] = fields["codec"]
+    fields["codec"] = check_codec(data.get("codec"), loc.key("codec"), fields["outputs"])
+    fields["class_map"] = check_class_map(data.get("class_map"), loc.key("class_map"), fields["outputs"])
+    for key in ("codec", "class_map"):   # only when set: stores made before these keys keep their entry digest
+        if fields[key]:
+            entry[key] = [list(pair) for pair in fields[key]] if key == "class_map" and not isinstance(fields[key], str) \
+                else fields[key]
     return TeacherSpec(**fields, entry=entry)
-
-
-def _codec(value: Any, loc: Loc, outputs: tuple[str, ...]) -> str | None:
-    """``codec: int8``: features and featmap stored as int8 codes, quantised per unit at extraction."""
-    if value is None:
-        return None
-    if value != "int8":
-        loc.expected("int8 (the codec written at extraction; each unit is quantised with its own range)", value,
-                     "write codec: int8, or store fp16 and re-encode later with `ktc compact --features pca:K,int8` "
-                     "(PCA needs a fit over the whole store).")
-    if not {"features", "featmap"} & set(outputs):
-        loc.fail(f"codec: int8 applies to features and featmap, but outputs are {list(outputs)}.",
-                 "add features or featmap to outputs, or remove codec:.")
-    return "int8"
 
 
 def _teacher_id(data: dict[str, Any], loc: Loc, source: str, model: str, pretrained: str | None) -> str:

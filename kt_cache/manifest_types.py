@@ -78,6 +78,7 @@ class TeacherSpec:
     batch_size: int = 128
     dtype: str = "float16"
     codec: str | None = None                # "int8": features/featmap stored as int8 codes (kt_cache.codecs)
+    class_map: tuple[tuple[str, str], ...] | str | None = None   # teacher class -> target class, or a CSV path
     entry: dict[str, Any] = field(default_factory=dict, compare=False)  # the YAML entry as written
 
     def fingerprint_entry(self) -> dict[str, Any]:
