@@ -97,7 +97,7 @@ def test_huge_sample_count_in_attrs(store: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("node", "dtype", "fill", "expected"), [
-    ("teachers/cnn32/features", "int16", 0, "float16/float32"),
+    ("teachers/cnn32/features", "int16", 0, "float16/float32/int8"),
     ("teachers/cnn32/logits_topk/index", "float32", 0.0, "uint16/int32"),
     ("teachers/vit48/done", "uint8", 0, "bool"),
     ("samples/label", "float64", 0.0, "int32"),
