@@ -31,7 +31,8 @@ import click
 @click.option("--seed", type=int)
 @click.option("--out", help="Run folder: weights, config, metrics, plots (default runs/train).")
 @click.option("--resume", is_flag=True, default=None, help="Continue the run in --out from its last finished epoch.")
-@click.option("--log-every", type=int)
+@click.option("--log-every", type=int, help="Log a metrics record every N steps (short runs log more often, so their "
+              "curves keep about 100 points).")
 @click.option("--window-blocks", type=int, help="Block-shuffle window in store units.")
 @click.option("--ram-budget-gb", type=float, help="Spatial maps above this are read block-shuffled from the store.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML with any of these keys; flags win.")

@@ -75,6 +75,16 @@ def accuracy_metrics(logits: np.ndarray, labels: np.ndarray, classes: list[str])
 
 
 def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = confusion_figure(confusion, classes)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def confusion_figure(confusion: list[list[int]], classes: list[str]) -> Any:
+    """Row-normalised colours with a colour bar, and the counts written in the cells (up to 25 classes)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,17 +92,22 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path) -
 
     matrix = np.asarray(confusion, dtype=float)
     norm = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
-    size = min(12, 3 + 0.35 * len(classes))
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    size = min(12, 4 + 0.45 * len(classes))
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class's images")
     if len(classes) <= 40:
         ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
         ax.set_yticks(range(len(classes)), classes, fontsize=7)
-    ax.set(xlabel="predicted", ylabel="true", title="confusion (row-normalised)")
+    if len(classes) <= 25:          # the counts themselves, readable while cells are large enough
+        for (row, col), count in np.ndenumerate(matrix.astype(int)):
+            if count:
+                ax.text(col, row, str(count), ha="center", va="center", fontsize=7,
+                        color="white" if norm[row, col] > 0.5 else "black")
+    ax.set(xlabel="predicted", ylabel="true",
+           title=f"confusion on {int(matrix.sum())} images (counts; colour = row fraction)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def labelled_listing(data: Path, classes: list[str]) -> Any:

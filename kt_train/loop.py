@@ -63,6 +63,11 @@ def train_step(run: Run, model: Any, batch: dict[str, torch.Tensor], optimizer: 
     return {k: float(v.detach()) for k, v in parts.items()}
 
 
+def log_interval(log_every: int, total: int) -> int:
+    """Steps between logged records: ``log_every``, or more often in a short run so its curves keep ~100 points."""
+    return max(1, min(log_every, total // 100))
+
+
 def train_epoch(run: Run, model: Any, epoch: int, step: int, total: int, opt: tuple, log: MetricsLog,
                 info: DistInfo, show: bool) -> int:
     from tqdm import tqdm
@@ -78,7 +83,7 @@ def train_epoch(run: Run, model: Any, epoch: int, step: int, total: int, opt: tu
         step += 1
         seen += int(batch["image"].shape[0]) * info.world
         scheduler.step_update(step)
-        if step % run.config.log_every == 0 or step == 1 or step >= total:
+        if step % log_interval(run.config.log_every, total) == 0 or step == 1 or step >= total:
             parts = mean_over_ranks(parts, info)
             rate = seen / max(1e-9, time.perf_counter() - tick)
             log.write({"kind": "step", "step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],

@@ -63,6 +63,52 @@ def plot_lines(series: dict[str, tuple[list, list]], title: str, ylabel: str, pa
     return path
 
 
+# What each diagnostic means (docs/methods.md); fractions share one axis, norms and losses another.
+DIAGNOSTICS = {
+    "tie_frac": "uniform: fraction of feature dims whose sign vote tied",
+    "vote_agreement": "uniform: mean share of the winning class vote",
+    "pseudo_acc": "uniform/avg/kd: accuracy of the teachers' vote vs the labels",
+    "no_teacher_frac": "bikd: rows no teacher was confident enough to teach",
+    "transfer_frac": "fg: rows that distil from the teacher rather than retain",
+    "x_norm": "uniform: mean norm of the student's projected features",
+    "x_hat_norm": "uniform: mean norm of the voted feature target",
+    "alt_target_ce": "uniform (Case B): loss under the zero-padded mean target",
+}
+FRACTIONS = ("tie_frac", "vote_agreement", "pseudo_acc", "no_teacher_frac", "transfer_frac")
+
+
+def plot_diagnostics(series: dict[str, tuple[list, list]], path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = diagnostics_figure(series)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def diagnostics_figure(series: dict[str, tuple[list, list]]) -> Any:
+    """Fractions (0..1) on the left panel, norms and other values on the right, each line named and explained."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = {"fractions (0..1)": {k: v for k, v in series.items() if k in FRACTIONS or k.endswith("_frac")},
+              "norms and other values": {k: v for k, v in series.items() if not (k in FRACTIONS or k.endswith("_frac"))}}
+    groups = {title: g for title, g in groups.items() if g}
+    fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.5), squeeze=False)
+    for ax, (title, group) in zip(axes[0], groups.items()):
+        for name, (xs, ys) in group.items():
+            ax.plot(xs, ys, label=f"{name}: {DIAGNOSTICS.get(name, 'method diagnostic')}",
+                    marker="o" if len(xs) < 20 else None)
+        ax.set(title=title, xlabel="step", ylim=(0, 1.02) if title.startswith("fractions") else None)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle("method diagnostics")
+    fig.tight_layout()
+    return fig
+
+
 def write_plots(out_dir: Path) -> list[Path]:
     """``loss.png`` (total and every part); ``diagnostics.png`` (uniform: tie fraction, vote agreement…);
     ``teach_share.png`` (bikd: each participant's teaching share per epoch)."""
@@ -77,8 +123,7 @@ def write_plots(out_dir: Path) -> list[Path]:
     skip = set(losses) | {"step", "epoch", "lr", "kind", "samples_per_s", "time"}
     diagnostics = [k for k in keys if k not in skip and not k.startswith("teach_share/")]
     if diagnostics:
-        written.append(plot_lines(step_series(records, diagnostics), "method diagnostics", "value",
-                                  out_dir / "diagnostics.png"))
+        written.append(plot_diagnostics(step_series(records, diagnostics), out_dir / "diagnostics.png"))
     shares = epoch_means(records, "teach_share/")
     if shares:
         series = {k.split("/", 1)[1]: (sorted(v), [v[e] for e in sorted(v)]) for k, v in shares.items()}
