@@ -122,6 +122,18 @@ def coverage_lines(plan, target: tuple[str, ...]) -> list[str]:
     return lines
 
 
+def store_size_line(plan) -> str:
+    """Bytes on disk, counted as ``ktc info`` counts them (``kt_cache.info.folder_bytes``), beside the dry-run's
+    estimate before compression, so the two commands never disagree about what a store holds."""
+    from kt_cache.info import folder_bytes
+
+    on_disk = folder_bytes(Path(plan.out)) or 0
+    views = plan.manifest.views.count
+    estimate = sum(nbytes for p in plan.plans for *_, nbytes in output_shapes(p, plan.n_samples, views))
+    return (f"size      {human_bytes(on_disk)} on disk (as `ktc info` reports it); the teachers' arrays are "
+            f"{human_bytes(estimate)} before compression (the --dry-run estimate)")
+
+
 def format_report(report) -> str:
     """Run summary: per-teacher timing table, failures, throughput."""
     if report.rows == 0 and set(report.statuses.values()) <= {"resumed"}:
@@ -130,6 +142,7 @@ def format_report(report) -> str:
     else:
         lines = [f"store {report.plan.out}: {report.rows} images processed in {report.wall_s:.1f} s "
                  f"({report.rows / report.wall_s if report.wall_s else 0:.1f} images/s over all waves)"]
+    lines.append(store_size_line(report.plan))
     lines.append(f"{'teacher':<28} {'status':<10} {'load s':>8} {'forward s':>10} {'views':>8} {'views/s':>9}")
     for teacher_id, status in report.statuses.items():
         t = report.timings.get(teacher_id, {})

@@ -313,3 +313,15 @@ def test_changed_weights_file_at_the_same_path_is_refused(tmp_path):
     save_weights(1)
     result = run_cli("extract", "--manifest", manifest, "--workers", "0", "--no-progress")
     assert result.exit_code == 2 and "weights sha256" in result.output and "--overwrite cnn32" in result.output
+
+
+def test_extract_and_info_report_the_same_size(tmp_path):
+    from extract_helpers import extract
+
+    make_image_folder(tmp_path / "images", per_class=2)
+    manifest = write_manifest(tmp_path / "teachers.yaml", [cnn_teacher()])
+    first, again = extract(manifest), extract(manifest)
+    info = CliRunner().invoke(cli, ["info", str(tmp_path / "out.zarr")]).output.splitlines()[0]
+    on_disk = info.split("ktc store v1, ")[1].split(" on disk")[0]
+    assert f"size      {on_disk} on disk (as `ktc info` reports it)" in again.output
+    assert "size      " in first.output and "nothing to do" in again.output
