@@ -142,7 +142,6 @@ def format_report(report) -> str:
     else:
         lines = [f"store {report.plan.out}: {report.rows} images processed in {report.wall_s:.1f} s "
                  f"({report.rows / report.wall_s if report.wall_s else 0:.1f} images/s over all waves)"]
-    lines.append(store_size_line(report.plan))
     lines.append(f"{'teacher':<28} {'status':<10} {'load s':>8} {'forward s':>10} {'views':>8} {'views/s':>9}")
     for teacher_id, status in report.statuses.items():
         t = report.timings.get(teacher_id, {})
@@ -155,4 +154,5 @@ def format_report(report) -> str:
         lines.append(f"{len(report.failures)} images could not be decoded (recorded as samples/ok = false; "
                      "their outputs are NaN):")
         lines += [f"  {sample}: {reason}" for sample, reason in list(report.failures.items())[:20]]
+    lines.append(store_size_line(report.plan))
     return "\n".join(lines)
