@@ -104,6 +104,28 @@ def test_resume_continues_from_the_last_epoch(store, tmp_path):
     assert epochs == [0, 1] and json.loads((out / "state.json").read_text())["step"] == first["step"] + 3
 
 
+def test_a_run_of_an_older_version_with_optimizer_pt_resumes_to_the_same_student(store, tmp_path):
+    """Older runs saved optimizer and scheduler state as one ``optimizer.pt`` (tensors and plain numbers only),
+    and their ``state.json`` listed no files: such a run still resumes (``weights_only=True``), identically."""
+    import torch
+    from safetensors.torch import load_file
+
+    from kt_train.checkpoint import load_training_state
+
+    new, old = tmp_path / "new", tmp_path / "old"
+    train(store, new, "--method", "kd", "--epochs", "1")
+    train(store, old, "--method", "kd", "--epochs", "1")
+    torch.save(load_training_state(old), old / "optimizer.pt")
+    (old / "optimizer.safetensors").unlink()
+    (old / "optimizer.json").unlink()
+    state = json.loads((old / "state.json").read_text())
+    (old / "state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "files"}))
+    for out in (new, old):
+        train(store, out, "--method", "kd", "--epochs", "2", "--resume")
+    a, b = (load_file(str(out / "student.safetensors")) for out in (new, old))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize(("extra", "needle"), [
     (["--method", "kpu", "--teachers", "cnn32", "--student", "resnet10t"], None),   # control: works
     (["--method", "bikd", "--labels", "ignore"], "needs the true labels"),
