@@ -84,13 +84,17 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path) -
 
 
 def confusion_figure(confusion: list[list[int]], classes: list[str]) -> Any:
-    """Row-normalised colours with a colour bar, and the counts written in the cells (up to 25 classes)."""
+    """Row-normalised colours with a colour bar, and the counts written in the cells (up to 25 classes). With
+    more than 40 classes only those that occur (as truth or prediction) are drawn: 2 classes of ImageNet's 1000."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     matrix = np.asarray(confusion, dtype=float)
+    if len(classes) > 40:
+        used = np.flatnonzero(matrix.sum(0) + matrix.sum(1))
+        matrix, classes = matrix[np.ix_(used, used)], [classes[i] for i in used]
     norm = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
     size = min(12, 4 + 0.45 * len(classes))
     fig, ax = plt.subplots(figsize=(size + 1, size))

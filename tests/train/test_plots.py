@@ -33,3 +33,13 @@ def test_diagnostics_put_fractions_and_norms_on_separate_explained_axes():
 def test_short_runs_log_often_enough_for_a_curve():
     assert log_interval(10, 30) == 1 and log_interval(10, 500) == 5
     assert log_interval(10, 100_000) == 10 and log_interval(1, 3) == 1
+
+
+def test_a_confusion_matrix_of_many_classes_draws_the_classes_that_occur():
+    counts = [[0] * 1000 for _ in range(1000)]
+    counts[285][285], counts[285][504], counts[504][504] = 4, 1, 3
+    fig = confusion_figure(counts, [f"class {i}" for i in range(1000)])
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["class 285", "class 504"]
+    assert sorted(t.get_text() for t in ax.texts) == ["1", "3", "4"]
+    plt.close(fig)
