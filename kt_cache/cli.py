@@ -43,7 +43,7 @@ def all_commands() -> dict[str, tuple[str, str, str]]:
 
 
 HELP = {"demo": "Offline demo: real teachers -> store -> UNIFORM student -> agreement, in minutes on a CPU.",
-        "train": "Train a student from a store with ce, kd, avg, uniform, kpu, bikd or fg.",
+        "train": "Train a student from a store with a transfer method (UNIFORM, KPU, Bi-KD, baselines).",
         "eval": "Evaluate a trained student: top-1/top-5, per-class accuracy, confusion matrix."}
 
 

@@ -6,6 +6,9 @@ import json
 
 import click
 
+from kt_train.methods import METHODS   # the registry: each method describes itself (choices, help, requirements)
+
+
 @click.command()
 @click.option("--cache", help="Store written by `ktc extract` (path or fsspec URL). Required, here or in --config.")
 @click.option("--data", help="Image root (default: the dataset root recorded in the store).")
@@ -14,7 +17,8 @@ import click
 @click.option("--students", help="bikd: several live students, comma-separated timm names.")
 @click.option("--student-checkpoint", help="Initial student weights (.safetensors or .pth).")
 @click.option("--sentinel", help="kpu: id of a store teacher (role sentinel) whose ViT becomes the frozen trunk.")
-@click.option("--method", type=click.Choice(["ce", "kd", "avg", "uniform", "kpu", "bikd", "fg"]), help="Transfer method.")
+@click.option("--method", type=click.Choice(list(METHODS)), help="Transfer method: " + "; ".join(
+    f"{name}: {cls.summary}" for name, cls in METHODS.items()) + ".")
 @click.option("--opt", "opts", multiple=True, metavar="KEY=VALUE", help="Method option, e.g. --opt tau=2 (repeatable).")
 @click.option("--teachers", help="Comma-separated teacher ids or roles (predictive, descriptive, sentinel, all).")
 @click.option("--labels", type=click.Choice(["use", "ignore"]), help="Use the store's labels, or train label-free.")

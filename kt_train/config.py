@@ -11,7 +11,6 @@ import yaml
 
 from kt_cache.errors import UsageError, did_you_mean
 
-METHOD_NAMES = ("ce", "kd", "avg", "uniform", "kpu", "bikd", "fg")
 
 
 @dataclass
@@ -51,9 +50,11 @@ class TrainConfig:
         """Value checks with the flag name and the fix."""
         if not self.cache:
             raise UsageError("no store given. Fix: pass --cache STORE (a path or URL written by `ktc extract`).")
-        if self.method not in METHOD_NAMES:
-            raise UsageError(f"--method {self.method}: unknown method.{did_you_mean(self.method, METHOD_NAMES)} "
-                             f"Fix: use one of {', '.join(METHOD_NAMES)}.")
+        from kt_train.methods import METHODS
+
+        if self.method not in METHODS:
+            raise UsageError(f"--method {self.method}: unknown method.{did_you_mean(self.method, list(METHODS))} "
+                             f"Fix: use one of {', '.join(METHODS)}.")
         if self.labels not in ("use", "ignore"):
             raise UsageError(f"--labels {self.labels}: expected 'use' or 'ignore'.")
         for name in ("epochs", "batch_size", "log_every", "window_blocks"):
@@ -61,8 +62,9 @@ class TrainConfig:
                 raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1.")
         if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.workers < 0:
             raise UsageError("--lr must be > 0; --weight-decay, --grad-clip and --workers must be >= 0.")
-        if self.students and self.method != "bikd":
-            raise UsageError(f"--students is for --method bikd (several live students); got --method {self.method}. "
+        if self.students and not METHODS[self.method].live_students:
+            live = ", ".join(name for name, cls in METHODS.items() if cls.live_students)
+            raise UsageError(f"--students is for --method {live} (several live students); got --method {self.method}. "
                              "Fix: use --student NAME for a single student.")
         return self
 

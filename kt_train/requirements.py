@@ -33,42 +33,34 @@ def fail(config: Any, what: str, fix: str) -> None:
 
 
 def check_requirements(config: Any, reader: StoreReader, teacher_ids: list[str], options: Any, use_labels: bool) -> None:
-    """One readable refusal per missing ingredient (outputs, roles, labels)."""
-    found = teacher_outputs(reader, teacher_ids)
-    method, needs_labels = config.method, labels_required(config.method, options)
-    if needs_labels and not use_labels:
+    """One readable refusal per missing ingredient (outputs, roles, labels), from what the method declares."""
+    from kt_train.methods import METHODS
+
+    cls, found = METHODS[config.method], teacher_outputs(reader, teacher_ids)
+    requires = cls.requirements(options)
+    if cls.labels_required(options) and not use_labels:
         why = "--labels ignore was given" if config.labels == "ignore" else "the store has no labelled samples"
         fail(config, f"this method needs the true labels, but {why}.",
              "use --labels use with a store made from a labelled dataset (class sub-folders or a csv label column)"
-             + ("" if method != "bikd" else ", or --opt label_source=vote for label-free Bi-KD") + ".")
+             + ("" if "label_source" not in cls.Options.__dataclass_fields__ else ", or --opt label_source=vote for "
+                "label-free Bi-KD") + ".")
+    uses_logits = "predictive_logits" in cls.requires
     blind = [t for t, f in found.items() if f["role"] == "predictive" and "logits" in f["outputs"] and f["covered"] == 0]
-    if method in ("kd", "uniform", "bikd", "fg") and blind and reader.class_names:
+    if uses_logits and blind and reader.class_names:
         others = [t for t in found if t not in blind]
         fail(config, f"teacher(s) {', '.join(blind)} are predictive but their logits name none of the "
              f"{len(reader.class_names)} target classes (`ktc info {config.cache}` shows each teacher's coverage).",
              (f"leave them out with --teachers {','.join(others)}" if others else "select other teachers with --teachers")
              + ", or re-extract them with `role: descriptive` (features only) or `classes:` in the target label space.")
-    if method in ("kd", "uniform", "bikd", "fg") and not predictive_with_logits(found, method in ("bikd", "fg")):
-        if method != "uniform" or getattr(options, "logit_vote", True):
-            fail(config, "no selected teacher is predictive with stored logits"
-                 + (" over all target classes" if method in ("bikd", "fg") else "") + ".",
-                 "extract a predictive teacher with `outputs: [..., logits]`, select it with --teachers"
-                 + (", or turn logit voting off with --opt logit_vote=false" if method == "uniform" else "") + ".")
-    if method in ("avg", "uniform") and not any("features" in f["outputs"] for f in found.values()):
+    all_classes = "all_classes" in requires
+    if "predictive_logits" in requires and not predictive_with_logits(found, all_classes):
+        fail(config, "no selected teacher is predictive with stored logits" + (" over all target classes" if all_classes else "") + ".",
+             "extract a predictive teacher with `outputs: [..., logits]`, select it with --teachers"
+             + (", or turn logit voting off with --opt logit_vote=false"
+                if "logit_vote" in cls.Options.__dataclass_fields__ else "") + ".")
+    if "features" in requires and not any("features" in f["outputs"] for f in found.values()):
         fail(config, "no selected teacher has stored features.", "extract teachers with `outputs: [features, ...]`.")
-    if method == "kpu" and not any("featmap" in f["outputs"] for f in found.values()):
+    if "featmap" in requires and not any("featmap" in f["outputs"] for f in found.values()):
         fail(config, "no selected teacher has stored spatial maps (featmap).",
              "extract teachers with `outputs: [features, featmap]` (and `featmap: {grid: G}`), or choose another method.")
 
-
-def labels_required(method: str, options: Any) -> bool:
-    if method == "ce":
-        return True
-    if method == "bikd":
-        return getattr(options, "label_source", "labels") == "labels"
-    if method == "fg":
-        return getattr(options, "mask", "auto") == "supervised"
-    if method == "kd":
-        alpha = getattr(options, "alpha", None)
-        return alpha is not None and alpha < 1
-    return False

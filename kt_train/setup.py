@@ -72,8 +72,10 @@ def build_students(config: TrainConfig, reader: StoreReader, num_classes: int, d
 
 
 def method_options(config: TrainConfig, n_students: int) -> dict[str, Any]:
+    from kt_train.methods import METHODS
+
     options = dict(config.method_options)
-    if config.method == "bikd":
+    if METHODS[config.method].live_students:
         options.setdefault("num_students", n_students)
     return options
 
@@ -126,7 +128,7 @@ def build_run(config: TrainConfig, rank: int = 0, world: int = 1, local_rank: in
     method = build_method(config, cached, students[0], len(students), device)
     loader = build_loader(config, reader, students[0], cached, rank, world)
     initial = None
-    if config.method == "fg":
+    if METHODS[config.method].reference_student:
         initial = copy.deepcopy(students[0]).eval().requires_grad_(False)
     info = {"classes": reader.class_names, "center_crop": reader.meta["views"].get("center_crop", 0.875),
             "data_root": loader.dataset.data_root, "cache": str(config.cache), "teachers": teacher_ids,

@@ -21,3 +21,5 @@ class Avg(Uniform):
 
     name = "avg"
     Options = AvgOptions
+    summary = "feature and probability averaging over the teachers (UNIFORM without voting)"
+    requires = frozenset({"features"})

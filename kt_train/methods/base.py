@@ -174,14 +174,32 @@ class Method(nn.Module):
     * any other key: a detached diagnostic (fractions, norms); per-teacher or per-participant diagnostics
       use ``"<name>/<id>"`` keys, e.g. ``"teach_share/student0"``.
 
-    Class attributes: ``name`` (registry key), ``Options`` (the frozen options dataclass), ``needs`` (the
-    ``TeacherBatch`` fields it reads, so the reader can skip the rest), ``num_students`` (live students it
-    expects; >1 only for Bi-KD, which then takes a sequence of ``StudentOutput``).
+    Class attributes: ``name`` (registry key), ``summary`` (one line for ``ktc train --help``), ``Options``
+    (the frozen options dataclass), ``needs`` (the ``TeacherBatch`` fields it reads, so the reader can skip the
+    rest), ``requires`` (what the selected teachers must have stored: ``predictive_logits``, ``all_classes``
+    (those logits cover every target class), ``features``, ``featmap``; ``requirements(options)`` may depend on
+    options), ``live_students`` (trains several students at once: ``--students``, then ``forward`` takes a
+    sequence of ``StudentOutput``), ``reference_student`` (needs a frozen copy of the initial student);
+    ``labels_required(options)``. The CLI's choices, help and requirement checks come from these.
     """
 
     name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     needs: ClassVar[frozenset[str]] = frozenset()
+    requires: ClassVar[frozenset[str]] = frozenset()
+    live_students: ClassVar[bool] = False
+    reference_student: ClassVar[bool] = False
+
+    @classmethod
+    def requirements(cls, options: MethodOptions) -> frozenset[str]:
+        """What the selected teachers must have stored for this method with these options."""
+        return cls.requires
+
+    @classmethod
+    def labels_required(cls, options: MethodOptions) -> bool:
+        """Whether the method needs the true labels with these options."""
+        return False
 
     def __init__(self, options: MethodOptions, dims: MethodDims) -> None:
         super().__init__()

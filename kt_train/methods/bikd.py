@@ -89,6 +89,13 @@ class BiKD(Method):
     name = "bikd"
     Options = BiKDOptions
     needs = frozenset({"logits", "labels", "label_logit", "lse"})
+    summary = "Bi-KD: per-sample teacher role by confidence, teachers and several live students"
+    requires = frozenset({"predictive_logits", "all_classes"})
+    live_students = True
+
+    @classmethod
+    def labels_required(cls, options: MethodOptions) -> bool:
+        return getattr(options, "label_source", "labels") == "labels"
 
     def __init__(self, options: BiKDOptions, dims: MethodDims) -> None:
         super().__init__(options, dims)

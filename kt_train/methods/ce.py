@@ -46,6 +46,11 @@ class CE(Method):
     name = "ce"
     Options = CEOptions
     needs = frozenset({"labels"})
+    summary = "cross-entropy on the true labels (the reference without teachers)"
+
+    @classmethod
+    def labels_required(cls, options: MethodOptions) -> bool:
+        return True
 
     def forward(self, student: StudentOutput | Sequence[StudentOutput], teachers: TeacherBatch) -> dict[str, Tensor]:
         s = self.single_student(student)

@@ -71,6 +71,13 @@ class FG(Method):
     name = "fg"
     Options = FGOptions
     needs = frozenset({"logits", "labels", "label_logit", "lse", "reference_logits"})
+    summary = "Fantastic Gains KL+DP: transfer from one teacher while retaining a pretrained student"
+    requires = frozenset({"predictive_logits", "all_classes"})
+    reference_student = True
+
+    @classmethod
+    def labels_required(cls, options: MethodOptions) -> bool:
+        return getattr(options, "mask", "auto") == "supervised"
 
     def __init__(self, options: FGOptions, dims: MethodDims) -> None:
         super().__init__(options, dims)

@@ -63,6 +63,13 @@ class KD(Method):
     name = "kd"
     Options = KDOptions
     needs = frozenset({"logits", "labels"})
+    summary = "Hinton KD on the predictive teachers' averaged probabilities (optionally with labels)"
+    requires = frozenset({"predictive_logits"})
+
+    @classmethod
+    def labels_required(cls, options: MethodOptions) -> bool:
+        alpha = getattr(options, "alpha", None)
+        return alpha is not None and alpha < 1
 
     def forward(self, student: StudentOutput | Sequence[StudentOutput], teachers: TeacherBatch) -> dict[str, Tensor]:
         s, o = self.single_student(student), self.options

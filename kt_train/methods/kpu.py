@@ -82,6 +82,8 @@ class KPU(Method):
     name = "kpu"
     Options = KPUOptions
     needs = frozenset({"features", "featmaps"})
+    summary = "KPU: unified latent space with reconstruction on global and spatial features (trains features)"
+    requires = frozenset({"featmap"})
 
     def __init__(self, options: KPUOptions, dims: MethodDims) -> None:
         super().__init__(options, dims)

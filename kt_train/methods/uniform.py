@@ -119,6 +119,13 @@ class Uniform(Method):
     name = "uniform"
     Options = UniformOptions
     needs = frozenset({"features", "logits"})
+    summary = "UNIFORM: feature and logit voting over predictive and descriptive teachers"
+    requires = frozenset({"predictive_logits", "features"})
+
+    @classmethod
+    def requirements(cls, options: MethodOptions) -> frozenset[str]:
+        """Logit voting off (``logit_vote=false``): the logit term needs no predictive teacher."""
+        return cls.requires if getattr(options, "logit_vote", True) else cls.requires - {"predictive_logits"}
 
     def __init__(self, options: AvgOptions, dims: MethodDims) -> None:
         super().__init__(options, dims)
