@@ -38,7 +38,8 @@ from kt_train.methods import METHODS   # the registry: each method describes its
 @click.option("--log-every", type=int, help="Log a metrics record every N steps (short runs log more often, so their "
               "curves keep about 100 points).")
 @click.option("--window-blocks", type=int, help="Block-shuffle window in store units.")
-@click.option("--ram-budget-gb", type=float, help="Spatial maps above this are read block-shuffled from the store.")
+@click.option("--ram-budget-gb", type=float, help="GiB of cached teacher arrays (features, logits, maps) held in "
+              "RAM; beyond it they are streamed from the store in row blocks (default: a quarter of this machine's memory).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML with any of these keys; flags win.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def train(opts: tuple[str, ...], config_file: str | None, no_progress: bool, **flags) -> None:

@@ -44,7 +44,7 @@ class TrainConfig:
     resume: bool = False
     log_every: int = 10
     window_blocks: int = 4                  # block-shuffle window, in store units
-    ram_budget_gb: float = 4.0              # spatial maps above this are read block-shuffled from the store
+    ram_budget_gb: float | None = None      # cached teacher arrays held in RAM (GiB); the rest streamed; None: 1/4 of RAM
 
     def check(self) -> "TrainConfig":
         """Value checks with the flag name and the fix."""
@@ -60,6 +60,9 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "log_every", "window_blocks"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1.")
+        if self.ram_budget_gb is not None and not self.ram_budget_gb > 0:
+            raise UsageError(f"--ram-budget-gb {self.ram_budget_gb}: must be > 0 (GiB of teacher arrays held in RAM; "
+                             "e.g. 0.5). Fix: give a positive size, or leave it out for a quarter of this machine's memory.")
         if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.workers < 0:
             raise UsageError("--lr must be > 0; --weight-decay, --grad-clip and --workers must be >= 0.")
         if self.students and not METHODS[self.method].live_students:

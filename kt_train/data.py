@@ -2,11 +2,11 @@
 
 Read path (docs/store-format.md):
 
-- ``CachedTeachers`` loads pooled features, logits (full or top-k + LSE) and ``label_logit`` of every
-  selected teacher into RAM once, by whole-array reads. Spatial maps (``featmap``) are loaded too when
-  they fit ``ram_budget_bytes``; otherwise they are read in whole row blocks (a unit, or an aligned part
-  of it) through an LRU block cache, which reads each block once per window when rows come from a
-  ``BlockShuffleSampler`` with the same ``block_rows`` / ``window_blocks``.
+- ``CachedTeachers`` holds every array the method needs (pooled features, logits or top-k + LSE,
+  ``label_logit``, spatial maps) within ``ram_budget_bytes``: in RAM when they all fit, else the smallest in
+  RAM and the rest read in whole row blocks (a unit, or an aligned part of it) through LRU block caches,
+  which read each block once per window when rows come from a ``BlockShuffleSampler`` with the same
+  ``block_rows`` / ``window_blocks``. A compact store's codes are held as codes and decoded per batch.
 - ``StudentViews`` (a picklable ``Dataset`` of numpy arrays, no zarr handle) decodes an image and cuts
   the stored view box with ``kt_cache.views.view_pixels``: the student sees the teachers' pixels.
 - The DataLoader yields ``(image, row, view, label)``; the main process then gathers the teachers' rows
@@ -90,10 +90,13 @@ class CachedTeachers:
         reader: the open store.
         teacher_ids: teachers in run order (from ``select_teachers``).
         needs: ``TeacherBatch`` fields to provide (a method's ``needs``); ``None`` = every field.
-        ram_budget_bytes: spatial maps of all teachers are loaded into RAM when their total is below this,
-            else read through a ``BlockCache`` whose window fits this budget.
+        ram_budget_bytes: bounds every array held (features, logits or top-k + LSE, ``label_logit``, maps): when
+            all of them fit they are loaded into RAM; otherwise the smallest are loaded while they fit half the
+            budget and the rest are read in whole row blocks through ``BlockCache``s whose windows together
+            fit the other half (each block is read once per window when rows come from a
+            ``BlockShuffleSampler`` with the same ``block_rows`` / ``window_blocks``).
         window_blocks: blocks per shuffle window (give the same to ``make_loader``).
-        block_rows: rows per cache block (default: the store's unit, halved until the window fits the
+        block_rows: rows per cache block (default: the store's unit, halved until the windows fit the
             budget, never below an inner chunk); give ``self.block_rows`` to ``make_loader``.
     """
 
@@ -104,20 +107,51 @@ class CachedTeachers:
         self.num_classes = len(reader.class_names)
         self.window_blocks, self.block_rows = int(window_blocks), int(reader.meta["unit_rows"])
         self.attrs = {tid: reader.teacher_attrs(tid) for tid in self.ids}
-        self.tables: dict[str, dict[str, np.ndarray]] = {}
+        self.tables: dict[str, dict[str, np.ndarray]] = {tid: {} for tid in self.ids}
         self.label_maps: dict[str, np.ndarray] = {}
-        self.caches: dict[str, BlockCache] = {}
-        featmaps: dict[str, Any] = {}
+        self.caches: dict[tuple[str, str], BlockCache] = {}
+        sources: dict[tuple[str, str], Any] = {}
         for tid in self.ids:
             arrays = reader.teacher_arrays(tid)
-            self.tables[tid] = {p: reader.read(tid, p) for p in self._ram_paths(tid, arrays, reader)}
+            paths = self._ram_paths(tid, arrays, reader)
             if "featmaps" in self.wanted and "featmap" in arrays:
-                featmaps[tid] = reader.rows(tid, "featmap")
-        self._place_featmaps(featmaps, int(ram_budget_bytes), block_rows)
+                paths.append("featmap")
+            sources.update({(tid, path): reader.rows(tid, path) for path in paths})
+        self._place(sources, int(ram_budget_bytes), block_rows)
         self.codecs = {(tid, path): params for tid in self.ids for path in ("features", "featmap")
-                       if (path in self.tables[tid] or (path == "featmap" and tid in self.caches))
-                       and (params := reader.codec_params(tid, path)) is not None}
+                       if self.holds(tid, path) and (params := reader.codec_params(tid, path)) is not None}
         self._decoders: dict[tuple[str, str, str], Any] = {}
+
+    def holds(self, tid: str, path: str) -> bool:
+        """Whether ``path`` of ``tid`` is provided (held in RAM or streamed)."""
+        return path in self.tables[tid] or (tid, path) in self.caches
+
+    def _place(self, sources: dict[tuple[str, str], Any], budget: int, block_rows: int | None) -> None:
+        """RAM for everything when it fits the budget; else the smallest arrays in half of it, the rest streamed."""
+        sizes = {key: int(array.nbytes) for key, array in sources.items()}
+        held, used = [], 0
+        for key in sorted(sources, key=lambda k: sizes[k]):
+            if sum(sizes.values()) <= budget or used + sizes[key] <= budget // 2:
+                held.append(key)
+                used += sizes[key]
+        for tid, path in held:
+            self.tables[tid][path] = np.asarray(sources[(tid, path)][:])
+        streamed = {key: array for key, array in sources.items() if key not in held}
+        if streamed:
+            self._stream(streamed, budget - used, block_rows)
+
+    def _stream(self, arrays: dict[tuple[str, str], Any], budget: int, block_rows: int | None) -> None:
+        if block_rows is None:
+            row_bytes = sum(int(a.nbytes) // max(1, a.shape[0]) for a in arrays.values())
+            floor = max(int(a.chunks[0]) for a in arrays.values())
+            block_rows = self.block_rows
+            while block_rows > floor and block_rows * row_bytes * self.window_blocks > budget:
+                block_rows //= 2
+        if block_rows < 1 or self.block_rows % block_rows:
+            raise ValueError(f"CachedTeachers: block_rows={block_rows} must divide the store's unit rows "
+                             f"({self.block_rows}) so a block never spans two shards")
+        self.block_rows = int(block_rows)
+        self.caches = {key: BlockCache(a, self.block_rows, self.window_blocks) for key, a in arrays.items()}
 
     def _ram_paths(self, tid: str, arrays: dict[str, Any], reader: StoreReader) -> list[str]:
         """Store paths of ``tid`` to load into RAM; sets its label map when its logits are used."""
@@ -143,36 +177,19 @@ class CachedTeachers:
                 "naming its logits in the target label space.")
         return label_map
 
-    def _place_featmaps(self, featmaps: dict[str, Any], budget: int, block_rows: int | None) -> None:
-        if sum(int(a.nbytes) for a in featmaps.values()) <= budget:
-            for tid, array in featmaps.items():
-                self.tables[tid]["featmap"] = np.asarray(array[:])
-            return
-        if block_rows is None:
-            row_bytes = sum(int(a.nbytes) // max(1, a.shape[0]) for a in featmaps.values())
-            floor = max(int(a.chunks[0]) for a in featmaps.values())
-            block_rows = self.block_rows
-            while block_rows > floor and block_rows * row_bytes * self.window_blocks > budget:
-                block_rows //= 2
-        if block_rows < 1 or self.block_rows % block_rows:
-            raise ValueError(f"CachedTeachers: block_rows={block_rows} must divide the store's unit rows "
-                             f"({self.block_rows}) so a block never spans two shards")
-        self.block_rows = int(block_rows)
-        self.caches = {tid: BlockCache(a, self.block_rows, self.window_blocks) for tid, a in featmaps.items()}
-
     def teacher_infos(self) -> tuple[TeacherInfo, ...]:
         """``TeacherInfo`` per teacher, describing exactly what ``to_teacher_batch`` will provide."""
         infos = []
         for tid in self.ids:
-            attrs, table = self.attrs[tid], self.tables[tid]
+            attrs = self.attrs[tid]
             stats = attrs.get("feature_stats") or {}
-            has_feat = "features" in table
+            has_feat = self.holds(tid, "features")
             mean, std = (torch.tensor(stats[k], dtype=torch.float32) if has_feat and stats.get(k) is not None
                          else None for k in ("mean", "std"))
             infos.append(TeacherInfo(
                 id=tid, role=str(attrs.get("role", "predictive")),
                 feature_dim=int(attrs["feature_dim"]) if has_feat else None,
-                featmap_dim=int(attrs["featmap_dim"]) if "featmap" in table or tid in self.caches else None,
+                featmap_dim=int(attrs["featmap_dim"]) if self.holds(tid, "featmap") else None,
                 has_logits=tid in self.label_maps and "logits" in self.wanted, feature_mean=mean, feature_std=std))
         return tuple(infos)
 
@@ -186,8 +203,9 @@ class CachedTeachers:
         out = {}
         for tid in self.ids:
             got = {path: table[rows, views] for path, table in self.tables[tid].items()}
-            if tid in self.caches:
-                got["featmap"] = self.caches[tid].gather(rows, views)
+            for (owner, path), cache in self.caches.items():
+                if owner == tid:
+                    got[path] = cache.gather(rows, views)
             for path in ("features", "featmap"):
                 params = self.codecs.get((tid, path))
                 if params is not None and params.codec.int8:     # each row's unit has its own int8 range

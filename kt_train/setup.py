@@ -6,6 +6,7 @@ No teacher network is ever built here: teachers exist only as their cached outpu
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,14 @@ def build_loader(config: TrainConfig, reader: StoreReader, student: Any, cached:
                        pin_memory=torch.cuda.is_available())
 
 
+def ram_budget_bytes(gib: float | None) -> int:
+    """``--ram-budget-gb`` in bytes; by default a quarter of the machine's physical memory (the rest is left to
+    the model, the data loader's workers and the OS page cache)."""
+    if gib is not None:
+        return int(gib * (1 << 30))
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4)
+
+
 def build_run(config: TrainConfig, rank: int = 0, world: int = 1, local_rank: int = 0) -> Run:
     """Open the store, select teachers, check the method can run on them, build students, method, data.
 
@@ -123,7 +132,7 @@ def build_run(config: TrainConfig, rank: int = 0, world: int = 1, local_rank: in
     use_labels = config.labels == "use" and bool((labels >= 0).any())
     check_requirements(config, reader, teacher_ids, options, use_labels)
     cached = CachedTeachers(reader, teacher_ids, needs=METHODS[config.method].needs, window_blocks=config.window_blocks,
-                            ram_budget_bytes=int(config.ram_budget_gb * (1 << 30)))
+                            ram_budget_bytes=ram_budget_bytes(config.ram_budget_gb))
     students = build_students(config, reader, cached.num_classes, device)
     method = build_method(config, cached, students[0], len(students), device)
     loader = build_loader(config, reader, students[0], cached, rank, world)

@@ -210,7 +210,7 @@ def test_featmap_block_cache_matches_ram_and_reads_each_block_once(store, cached
     monkeypatch.setattr(reader, "rows", counting)
     lazy = CachedTeachers(reader, ["cnn32", "vit48"], needs={"featmaps"}, ram_budget_bytes=1, window_blocks=2,
                           block_rows=4)
-    assert set(lazy.caches) == {"cnn32", "vit48"} and not any(w.reads for w in wrapped.values())
+    assert set(lazy.caches) == {("cnn32", "featmap"), ("vit48", "featmap")} and not any(w.reads for w in wrapped.values())
     sampler = BlockShuffleSampler(13, lazy.block_rows, lazy.window_blocks, seed=3, ok=reader.samples()["ok"])
     per_epoch = []
     for epoch in range(3):

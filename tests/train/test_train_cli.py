@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from extract_helpers import cnn_teacher, make_image_folder, vit_teacher, write_manifest
 from kt_cache.cli import cli
+from kt_cache.store import StoreReader
 from kt_cache.finalize import write_object_manifest
 
 COMMON = ["--student", "resnet10t", "--img-size", "32", "--epochs", "1", "--batch-size", "4", "--workers", "0",
@@ -102,6 +103,32 @@ def test_resume_continues_from_the_last_epoch(store, tmp_path):
     records = train(store, out, "--method", "kd", "--epochs", "2", "--resume", "--log-every", "1")
     epochs = [r["epoch"] for r in records if r["kind"] == "epoch"]
     assert epochs == [0, 1] and json.loads((out / "state.json").read_text())["step"] == first["step"] + 3
+
+
+@pytest.mark.parametrize("method, budget, streamed_array", [
+    ("uniform", 0.00003, ("cnn32", "features")),   # GiB: ~55 KB of features and logits do not fit 32 KB
+    ("kpu", 0.0002, ("cnn32", "featmap")),         # ~360 KB of features and maps do not fit 200 KB
+])
+def test_a_small_ram_budget_streams_and_trains_the_same_student(store, tmp_path, method, budget, streamed_array):
+    """Arrays beyond the budget streamed in row blocks give the same batches, hence bit for bit the same
+    student, as holding everything in RAM under the same sampler (one 4-row block per window)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from kt_train.data import CachedTeachers
+    from kt_train.methods import METHODS
+
+    reader = StoreReader(store / "out.zarr")
+    streamed = CachedTeachers(reader, reader.teacher_ids(), needs=METHODS[method].needs,
+                              ram_budget_bytes=int(budget * (1 << 30)), window_blocks=1)
+    assert streamed_array in streamed.caches and streamed.block_rows == 4    # the sampler's blocks
+    runs = {}
+    for name, gib in (("ram", "4"), ("streamed", str(budget))):
+        train(store, tmp_path / name, "--method", method, "--ram-budget-gb", gib, "--window-blocks", "1", "--epochs", "2")
+        runs[name] = load_file(str(tmp_path / name / "student.safetensors"))
+    assert all(torch.equal(runs["ram"][k], runs["streamed"][k]) for k in runs["ram"])
+    bad = invoke("train", "--cache", store / "out.zarr", "--out", tmp_path / "bad", *COMMON, "--ram-budget-gb", "0")
+    assert bad.exit_code == 2 and "--ram-budget-gb 0.0: must be > 0" in bad.output
 
 
 def test_a_run_of_an_older_version_with_optimizer_pt_resumes_to_the_same_student(store, tmp_path):
@@ -222,5 +249,6 @@ def test_train_help_shows_every_default_and_that_cache_is_required():
     text = " ".join(Runner().invoke(ktc, ["train", "--help"]).output.split())
     assert "Required, here or in --config" in text
     for flag, value in (("batch-size", TrainConfig.batch_size), ("lr", TrainConfig.lr), ("epochs", TrainConfig.epochs),
-                        ("method", TrainConfig.method), ("ram-budget-gb", TrainConfig.ram_budget_gb)):
+                        ("method", TrainConfig.method)):
         assert f"--{flag}" in text and f"[default: {value}]" in text, (flag, value)
+    assert "(default: a quarter of this machine's memory)" in text      # --ram-budget-gb: computed at run time
