@@ -135,10 +135,10 @@ class CachedTeachers:
                 held.append(key)
                 used += sizes[key]
         for tid, path in held:
-            self.tables[tid][path] = np.asarray(sources[(tid, path)][:])
+            self.tables[tid][path] = read_by_units(sources[(tid, path)], self.block_rows)
         streamed = {key: array for key, array in sources.items() if key not in held}
-        if streamed:
-            self._stream(streamed, budget - used, block_rows)
+        if streamed:       # half of what is left: a block being read is held twice (decoded chunks, then the copy)
+            self._stream(streamed, (budget - used) // 2, block_rows)
 
     def _stream(self, arrays: dict[tuple[str, str], Any], budget: int, block_rows: int | None) -> None:
         if block_rows is None:
@@ -270,6 +270,14 @@ class CachedTeachers:
         """``to_teacher_batch(gather(batch rows, batch views), batch labels, device)`` for a loader batch."""
         gathered = self.gather(batch["row"].numpy(), batch["view"].numpy())
         return self.to_teacher_batch(gathered, batch["label"], device)
+
+
+def read_by_units(array: Any, unit_rows: int) -> np.ndarray:
+    """The whole array, read a unit at a time into one preallocated array: no second full-size copy in flight."""
+    out = np.empty(array.shape, dtype=array.dtype)
+    for start in range(0, int(array.shape[0]), unit_rows):
+        out[start:start + unit_rows] = array[start:start + unit_rows]
+    return out
 
 
 def _tensor(a: np.ndarray, device: Any) -> torch.Tensor:

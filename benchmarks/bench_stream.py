@@ -1,0 +1,126 @@
+"""The trainer's read path under ``--ram-budget-gb``: a store 8x larger than the budget, streamed vs in RAM.
+
+Builds (once, under ``--work``) a store with ``ktc extract``: ``--images`` synthetic 32 px images, 4 views, one
+random-init resnet10t teacher storing features (512) and a 4x4 featmap (512 channels): ~64 KB per row. Then,
+in a fresh process per mode, builds ``CachedTeachers`` for KPU's needs (features + featmaps) and runs one epoch
+of ``BlockShuffleSampler`` order in batches of 64 through ``gather`` + ``to_teacher_batch`` (what each training
+step does before the student's forward). Reports samples/s and the peak RSS above the process's baseline
+(RSS before the store is opened), side by side, and writes ``benchmarks/results/stream.json``.
+
+Usage::
+
+    python benchmarks/bench_stream.py                     # ~2 min on 2 cores (the extraction is the most)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+MiB = 1 << 20
+
+
+def build_store(work: Path, images: int) -> Path:
+    from PIL import Image
+
+    store = work / "stream.zarr"
+    if (store / "ktc-objects.json").is_file():
+        return store
+    rng = np.random.default_rng(0)
+    for i in range(images):
+        folder = work / "images" / f"c{i % 4}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(folder / f"{i:05d}.png")
+    teacher = {"id": "cnn", "source": "timm", "model": "resnet10t", "pretrained": "none", "model_args": {"num_classes": 4},
+               "preprocess": {"input_size": [3, 32, 32]}, "outputs": ["features", "featmap"], "featmap": {"grid": 4}}
+    manifest = {"dataset": {"root": "images"}, "store": "stream.zarr", "views": {"count": 4, "seed": 0},
+                "storage": {"unit_rows": 512}, "defaults": {"batch_size": 128}, "teachers": [teacher]}
+    import yaml
+
+    (work / "stream.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    subprocess.run([sys.executable, "-m", "kt_cache", "extract", "--manifest", str(work / "stream.yaml"), "--no-progress"],
+                   check=True, capture_output=True)
+    return store
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmRSS:"))
+
+
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmHWM:"))
+
+
+def measure(store: str, budget: int, batch: int = 64) -> dict:
+    """One mode, in this process: samples/s over one epoch and peak RSS above the baseline."""
+    from kt_cache.store import StoreReader
+    from kt_train.data import CachedTeachers     # imports torch: libraries are loaded before the baseline
+    from kt_train.sampler import BlockShuffleSampler
+
+    reader = StoreReader(store)
+    reader.samples()
+    base = rss_bytes()                           # libraries loaded, store opened: what a budget does not cover
+    start = time.perf_counter()
+    cached = CachedTeachers(reader, reader.teacher_ids(), needs={"features", "featmaps"}, ram_budget_bytes=budget)
+    load_s = time.perf_counter() - start
+    sampler = BlockShuffleSampler(reader.n_samples, cached.block_rows, cached.window_blocks, seed=0,
+                                  ok=reader.sample("ok"))
+    order, rng = np.array(list(sampler)), np.random.default_rng(0)
+    start = time.perf_counter()
+    for i in range(0, len(order) - batch + 1, batch):
+        rows = order[i:i + batch]
+        cached.to_teacher_batch(cached.gather(rows, rng.integers(0, reader.n_views, batch)), None, "cpu")
+    epoch_s = time.perf_counter() - start
+    n = (len(order) // batch) * batch
+    return {"budget": budget, "streamed": sorted(f"{t}/{p}" for t, p in cached.caches), "block_rows": cached.block_rows,
+            "load_s": round(load_s, 3), "epoch_s": round(epoch_s, 3), "samples_per_s": round(n / epoch_s, 1),
+            "peak_rss_above_baseline": peak_rss_bytes() - base}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/ktc-bench/stream"))
+    parser.add_argument("--images", type=int, default=4096)
+    parser.add_argument("--measure", nargs=2, metavar=("STORE", "BUDGET"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(measure(args.measure[0], int(args.measure[1]))))
+        return
+    args.work.mkdir(parents=True, exist_ok=True)
+    store = build_store(args.work, args.images)
+    arrays = sum(f.stat().st_size for f in (store / "teachers").rglob("*") if f.is_file())
+    from kt_cache.store import StoreReader
+
+    reader = StoreReader(store)
+    decoded = sum(int(a.nbytes) for a in reader.teacher_arrays("cnn").values())
+    budget = decoded // 8
+    modes = {}
+    for name, gib in (("in RAM", 4 * decoded), ("streamed", budget)):
+        out = subprocess.run([sys.executable, __file__, "--measure", str(store), str(gib)], check=True,
+                             capture_output=True, text=True).stdout
+        modes[name] = json.loads(out.strip().splitlines()[-1])
+    ram, streamed = modes["in RAM"], modes["streamed"]
+    result = {"rows": reader.n_samples, "views": reader.n_views, "teacher_bytes_decoded": decoded,
+              "teacher_bytes_stored": arrays, "budget": budget, "modes": modes,
+              "speed_ratio": round(streamed["samples_per_s"] / ram["samples_per_s"], 3),
+              "rss_over_budget": round(streamed["peak_rss_above_baseline"] / budget, 3)}
+    (HERE / "results" / "stream.json").write_text(json.dumps(result, indent=1))
+    print(f"store: {reader.n_samples} rows x {reader.n_views} views, teacher arrays {decoded / MiB:.0f} MiB decoded "
+          f"({arrays / MiB:.0f} MiB stored); budget {budget / MiB:.0f} MiB (1/8)")
+    for name, m in modes.items():
+        print(f"  {name:<9} {m['samples_per_s']:>9.0f} samples/s  load {m['load_s']:.2f} s  peak RSS above baseline "
+              f"{m['peak_rss_above_baseline'] / MiB:.0f} MiB  streamed: {', '.join(m['streamed']) or 'none'}")
+    print(f"streamed / in RAM speed: {result['speed_ratio']:.2f}x; streamed peak RSS / budget: {result['rss_over_budget']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
