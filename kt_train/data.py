@@ -139,19 +139,47 @@ class CachedTeachers:
         streamed = {key: array for key, array in sources.items() if key not in held}
         if streamed:       # half of what is left: a block being read is held twice (decoded chunks, then the copy)
             self._stream(streamed, (budget - used) // 2, block_rows)
+        self._windows: list[np.ndarray] = []
+        self._window_of: dict[int, int] = {}
+        self._ahead = -1
 
     def _stream(self, arrays: dict[tuple[str, str], Any], budget: int, block_rows: int | None) -> None:
         if block_rows is None:
             row_bytes = sum(int(a.nbytes) // max(1, a.shape[0]) for a in arrays.values())
             floor = max(int(a.chunks[0]) for a in arrays.values())
             block_rows = self.block_rows
-            while block_rows > floor and block_rows * row_bytes * self.window_blocks > budget:
-                block_rows //= 2
+            while block_rows > floor and block_rows * row_bytes * 2 * self.window_blocks > budget:
+                block_rows //= 2           # two windows: the one in use and the one read ahead
         if block_rows < 1 or self.block_rows % block_rows:
             raise ValueError(f"CachedTeachers: block_rows={block_rows} must divide the store's unit rows "
                              f"({self.block_rows}) so a block never spans two shards")
+        from concurrent.futures import ThreadPoolExecutor
+
         self.block_rows = int(block_rows)
-        self.caches = {key: BlockCache(a, self.block_rows, self.window_blocks) for key, a in arrays.items()}
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ktc-read-ahead")
+        self.caches = {key: BlockCache(a, self.block_rows, 2 * self.window_blocks, self._pool)
+                       for key, a in arrays.items()}
+
+    def plan_epoch(self, windows: Sequence[np.ndarray]) -> None:
+        """The sampler's block windows of this epoch (``BlockShuffleSampler.windows()``): while a window's rows
+        are gathered, the next window's blocks are read in background threads, so a step rarely waits on a read."""
+        if not self.caches:
+            return
+        self._windows = [np.asarray(w) for w in windows]
+        self._window_of = {int(b): i for i, w in enumerate(self._windows) for b in w}
+        self._ahead = -1
+        self._read_ahead(0)
+
+    def _read_ahead(self, window: int) -> None:
+        if window > self._ahead and window < len(self._windows):
+            for cache in self.caches.values():
+                cache.prefetch(self._windows[window])
+            self._ahead = window
+
+    def _after_gather(self, rows: np.ndarray) -> None:
+        if self._window_of and rows.size:
+            current = max(self._window_of.get(int(b), -1) for b in np.unique(rows // self.block_rows))
+            self._read_ahead(current + 1)
 
     def _ram_paths(self, tid: str, arrays: dict[str, Any], reader: StoreReader) -> list[str]:
         """Store paths of ``tid`` to load into RAM; sets its label map when its logits are used."""
@@ -212,6 +240,7 @@ class CachedTeachers:
                     for name in ("scale", "offset"):
                         got[f"codec/{path}/{name}"] = params.arrays[name][rows // params.unit_rows]
             out[tid] = got
+        self._after_gather(rows)
         return out
 
     def to_teacher_batch(self, gathered: dict[str, dict[str, np.ndarray]], labels: Any, device: Any) -> TeacherBatch:

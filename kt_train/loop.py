@@ -75,6 +75,7 @@ def train_epoch(run: Run, model: Any, epoch: int, step: int, total: int, opt: tu
     optimizer, scheduler, scaler = opt
     model.train()
     run.loader.set_epoch(epoch)
+    run.cached.plan_epoch(run.loader.sampler.windows())      # read the next window's blocks ahead
     tick, seen = time.perf_counter(), 0
     bar = tqdm(run.loader, desc=f"epoch {epoch + 1}/{run.config.epochs}", unit="batch",
                disable=not (show and info.is_main) or os.environ.get("KTC_NO_PROGRESS") == "1", leave=False)

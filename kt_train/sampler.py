@@ -101,21 +101,36 @@ class BlockCache:
     Args:
         array: a zarr (or any sliceable) array ``[N, V, ...]``.
         block_rows: rows per block; a divisor of the store's unit rows so a block never spans two shards.
-        capacity: blocks kept in RAM (the sampler's ``window_blocks``).
+        capacity: blocks kept in RAM (two sampler windows when reading ahead: the one in use and the next).
+        executor: a ``concurrent.futures`` executor for ``prefetch`` (read-ahead); None reads on demand only.
     """
 
-    def __init__(self, array: Any, block_rows: int, capacity: int) -> None:
+    def __init__(self, array: Any, block_rows: int, capacity: int, executor: Any = None) -> None:
         self.array, self.block_rows, self.capacity = array, int(block_rows), max(1, int(capacity))
         self.n_rows = int(array.shape[0])
         self.blocks: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.pending: dict[int, Any] = {}          # block -> Future of a read ahead (main thread only touches it)
+        self.executor = executor
         self.reads = 0
 
+    def _read(self, b: int) -> np.ndarray:
+        return np.asarray(self.array[b * self.block_rows:min(self.n_rows, (b + 1) * self.block_rows)])
+
+    def prefetch(self, blocks: Any) -> None:
+        """Start reading ``blocks`` in the background (those not held or already on their way)."""
+        if self.executor is None:
+            return
+        for b in map(int, blocks):
+            if b not in self.blocks and b not in self.pending:
+                self.pending[b] = self.executor.submit(self._read, b)
+
     def block(self, b: int) -> np.ndarray:
-        """Block ``b`` (``[rows, V, ...]``), read whole on a miss."""
+        """Block ``b`` (``[rows, V, ...]``): held, read ahead (waited for), or read whole now."""
         if b in self.blocks:
             self.blocks.move_to_end(b)
             return self.blocks[b]
-        data = np.asarray(self.array[b * self.block_rows:min(self.n_rows, (b + 1) * self.block_rows)])
+        future = self.pending.pop(b, None)
+        data = future.result() if future is not None else self._read(b)
         self.reads += 1
         self.blocks[b] = data
         while len(self.blocks) > self.capacity:
