@@ -134,7 +134,7 @@ def test_a_small_ram_budget_streams_and_trains_the_same_student(store32, tmp_pat
     assert streamed_array in streamed.caches and streamed.block_rows == 4    # the sampler's blocks
     runs = {}
     for name, gib in (("ram", "4"), ("streamed", repr(budget))):
-        train(store32, tmp_path / name, "--method", method, "--ram-budget-gb", gib, "--window-blocks", "1", "--epochs", "2")
+        train(store32, tmp_path / name, "--method", method, "--ram-budget-gb", gib, "--window-blocks", "1")
         runs[name] = load_file(str(tmp_path / name / "student.safetensors"))
     assert all(torch.equal(runs["ram"][k], runs["streamed"][k]) for k in runs["ram"])
     bad = invoke("train", "--cache", store32 / "out.zarr", "--out", tmp_path / "bad", *COMMON, "--ram-budget-gb", "0")
