@@ -211,9 +211,9 @@ the method's backward (saved-tensor hooks, parameters excluded); residual = peak
   heads counted in full, peak RSS grows from {mib(u1['peak_rss'])} to {mib(u100['peak_rss'])}.
 - **At scale the RAM tables are the real limit.** They hold {per_row:.0f} B per teacher per sample-view here
   (features fp16 + top-20 + LSE); for ImageNet-1k (1.28 M images × 4 views) that is
-  {per_row * 1.28e6 * 4 / 2**30:.1f} GiB per teacher, {per_row * 1.28e6 * 4 * 100 / 2**30:.0f} GiB for 100 teachers. `CachedTeachers` loads
-  features and top-k into RAM whatever `--ram-budget-gb` says (only featmaps honour the budget), so
-  memory is flat in teachers only while N × teachers is small; see slow spots below.
+  {per_row * 1.28e6 * 4 / 2**30:.1f} GiB per teacher, {per_row * 1.28e6 * 4 * 100 / 2**30:.0f} GiB for 100 teachers. When these results were measured
+  `CachedTeachers` loaded features and top-k into RAM whatever `--ram-budget-gb` said; it now streams what
+  exceeds the budget (slow spot 2, and the streaming section at the end of this page).
 """
 
 

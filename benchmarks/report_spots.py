@@ -53,11 +53,12 @@ def baseline_note(tr: dict) -> str:
 def ram_tables(st: dict, me: dict) -> tuple[str, str]:
     per_row = me["table_bytes_per_teacher_sample_view"]
     block = by_store(st)["2048 images, featmaps via BlockCache"]
-    return OPEN, f"""**`kt_train/data.py` `CachedTeachers.__init__` / `_ram_paths`: features and top-k always go to RAM — open.**
-   `ram_budget_bytes` only applies to featmaps (`_place_featmaps`); for 100 teachers × ImageNet × 4 views these
+    return FIXED, f"""**`kt_train/data.py` `CachedTeachers.__init__` / `_ram_paths`: features and top-k always went to RAM — fixed.**
+   In these results `ram_budget_bytes` only applied to featmaps; for 100 teachers × ImageNet × 4 views those
    tables (features + top-k + LSE) would be ≈ {per_row * 1.28e6 * 4 * 100 / 2**30:.0f} GiB (measured {per_row:.0f} B per teacher-sample-view, scaled).
-   the trainer may hold arrays in "RAM (or a memory map)"; the BlockCache path used for featmaps (measured
-   {block['gather_rows_per_s']:,.0f} rows/s here) would serve features too when they exceed the budget."""
+   Now `--ram-budget-gb` (default: a quarter of physical memory) bounds every cached array: the smallest are held,
+   the rest go through the BlockCache path (measured {block['gather_rows_per_s']:,.0f} rows/s here for featmaps), with
+   the next sampler window read ahead; "Training from a store larger than `--ram-budget-gb`" below has the numbers."""
 
 
 def teacher_batch(tr: dict, st: dict) -> tuple[str, str]:
