@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -79,11 +81,9 @@ def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.exists() else 0
 
 
-def compact(store: Path, out: Path, option: str, codec: str, log: Path) -> dict:
-    """``ktc compact`` one output; its record plus stored bytes of the re-encoded array."""
-    run = run_ktc(["compact", str(store), "--out", str(out), option, codec, "--json"], log)
-    records = json.loads(run.stdout)["arrays"]
-    return records
+def compact(store: Path, out: Path, option: str, codec: str, log: Path) -> list[dict]:
+    """``ktc compact`` one output; the records of its re-encoded arrays."""
+    return json.loads(run_ktc(["compact", str(store), "--out", str(out), option, codec, "--json"], log).stdout)["arrays"]
 
 
 def held_out_cosine(vectors: np.ndarray, units: np.ndarray, codec: str) -> float:
@@ -118,7 +118,6 @@ def real_weights(out: Path, per_photo: int) -> list[dict]:
         for codec in codecs:
             target = out / f"{output}-{codec.replace(':', '_').replace(',', '_')}.zarr"
             if target.exists():
-                import shutil
                 shutil.rmtree(target)
             n_views = raw.shape[0] * raw.shape[1]
             if codec == "fp16":       # the extracted store itself: its arrays are float16 already
@@ -157,7 +156,6 @@ def digits(out: Path, seeds: tuple[int, ...], epochs: int) -> dict:
     extract(out)
     plain, small = out / "store.zarr", out / "compact.zarr"
     if small.exists():
-        import shutil
         shutil.rmtree(small)
     records = json.loads(run_ktc(["compact", str(plain), "--out", str(small), "--features", DIGITS_CODEC[0],
                                   "--featmap", DIGITS_CODEC[1], "--json"], out / "logs" / "compact.log").stdout)["arrays"]
@@ -284,7 +282,6 @@ def finish(args: argparse.Namespace, result: dict) -> None:
     print(markdown(result))
     if args.doc:
         (HERE / "results" / "compact.json").write_text(json.dumps(result, indent=1))
-        import subprocess
         subprocess.run([sys.executable, str(HERE / "run_all.py"), "--doc-only"], check=True)
 
 

@@ -273,10 +273,11 @@ def _teacher(raw: Any, loc: Loc, defaults: dict[str, Any], base: Path) -> Teache
     entry = _entry(fields, data.get("checkpoint"))
     fields["codec"] = check_codec(data.get("codec"), loc.key("codec"), fields["outputs"])
     fields["class_map"] = check_class_map(data.get("class_map"), loc.key("class_map"), fields["outputs"])
-    for key in ("codec", "class_map"):   # only when set: stores made before these keys keep their entry digest
-        if fields[key]:
-            entry[key] = [list(pair) for pair in fields[key]] if key == "class_map" and not isinstance(fields[key], str) \
-                else fields[key]
+    if fields["codec"]:                  # only when set: stores made before these keys keep their entry digest
+        entry["codec"] = fields["codec"]
+    if fields["class_map"]:              # a CSV path as written, or the inline pairs as JSON lists
+        entry["class_map"] = fields["class_map"] if isinstance(fields["class_map"], str) else \
+            [list(pair) for pair in fields["class_map"]]
     return TeacherSpec(**fields, entry=entry)
 
 

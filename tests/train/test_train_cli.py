@@ -23,15 +23,20 @@ def invoke(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """12 labelled images, 3 classes, 3 views; a top-k CNN teacher and a full-logit ViT teacher (both with maps)."""
-    root = tmp_path_factory.mktemp("train_store")
-    make_image_folder(root / "images", per_class=4)
+def extracted_project(root, per_class):
+    """``root`` with labelled images of 3 classes, 3 views in units of 4 rows; a top-k CNN teacher and a
+    full-logit ViT teacher (both with maps), extracted into ``root/out.zarr``."""
+    make_image_folder(root / "images", per_class=per_class)
     manifest = write_manifest(root / "teachers.yaml", [cnn_teacher(), vit_teacher(role="predictive")])
     result = invoke("extract", "--manifest", manifest, "--workers", "0", "--no-progress")
     assert result.exit_code == 0, result.output
     return root
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """12 labelled images (see ``extracted_project``)."""
+    return extracted_project(tmp_path_factory.mktemp("train_store"), per_class=4)
 
 
 def train(store, out, *extra):
@@ -108,12 +113,7 @@ def test_resume_continues_from_the_last_epoch(store, tmp_path):
 @pytest.fixture(scope="module")
 def store32(tmp_path_factory):
     """33 labelled images in units of 4 rows: a block is a small share of the store, as at scale."""
-    root = tmp_path_factory.mktemp("store32")
-    make_image_folder(root / "images", per_class=11)
-    manifest = write_manifest(root / "teachers.yaml", [cnn_teacher(), vit_teacher(role="predictive")])
-    result = invoke("extract", "--manifest", manifest, "--workers", "0", "--no-progress")
-    assert result.exit_code == 0, result.output
-    return root
+    return extracted_project(tmp_path_factory.mktemp("store32"), per_class=11)
 
 
 @pytest.mark.parametrize("method, streamed_array", [("uniform", ("cnn32", "features")), ("kpu", ("cnn32", "featmap"))])
