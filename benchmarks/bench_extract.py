@@ -89,8 +89,9 @@ def pure_forward(plans: list[Any], chunks: dict[str, list[torch.Tensor]]) -> dic
 def decode_pass_s(root: Path, ids: list[str], policy: Any, keys: list[Any]) -> float:
     """One single-process pass decoding every image and cutting its views at ``keys`` (no forward)."""
     from kt_cache.decode import ViewDecodeDataset
+    from kt_cache.image_source import FolderImages
 
-    dataset = ViewDecodeDataset(root, ids, policy, keys)
+    dataset = ViewDecodeDataset(FolderImages(root, ids), policy, keys)
     start = time.perf_counter()
     for row in range(len(dataset)):
         dataset[row]
@@ -100,6 +101,7 @@ def decode_pass_s(root: Path, ids: list[str], policy: Any, keys: list[Any]) -> f
 def naive(plans: list[Any], root: Path, ids: list[str], policy: Any, out: Path, workers: int) -> dict[str, Any]:
     """One decode-and-forward pass per teacher; outputs written as .npy per teacher."""
     from kt_cache.decode import ViewDecodeDataset, collate_views
+    from kt_cache.image_source import FolderImages
     from kt_cache.teachers import load_teacher
 
     shutil.rmtree(out, ignore_errors=True)
@@ -112,7 +114,7 @@ def naive(plans: list[Any], root: Path, ids: list[str], policy: Any, out: Path, 
         load_s += time.perf_counter() - t0
         mean = torch.tensor(plan.mean).view(1, 3, 1, 1) * 255.0
         std = torch.tensor(plan.std).view(1, 3, 1, 1) * 255.0
-        dataset = ViewDecodeDataset(root, ids, policy, [plan.resize_key])        # decodes every image again
+        dataset = ViewDecodeDataset(FolderImages(root, ids), policy, [plan.resize_key])   # decodes every image again
         loader = torch.utils.data.DataLoader(dataset, batch_size=DECODE_BATCH, num_workers=workers,
                                              collate_fn=collate_views, prefetch_factor=4 if workers else None)
         feats, values, index, lse = [], [], [], []
@@ -210,6 +212,7 @@ def main() -> dict[str, Any]:
 
     from kt_cache.decode import ViewDecodeDataset
     from kt_cache.extract import ExtractOptions, build_plan
+    from kt_cache.image_source import FolderImages
     from kt_cache.manifest_types import ViewsSpec
 
     images = common.make_images(common.WORK / f"images-extract-{args.images_per_class}", args.images_per_class,
@@ -232,7 +235,7 @@ def main() -> dict[str, Any]:
     shutil.rmtree(probe)
     keys = sorted({p.resize_key for p in plan.plans})
     print(f"{n} images x {args.views} views, {len(plan.plans)} teachers at {len(keys)} resize keys {keys}", flush=True)
-    dataset = ViewDecodeDataset(plan.listing.root, ids, policy, keys)
+    dataset = ViewDecodeDataset(FolderImages(plan.listing.root, ids), policy, keys)
 
     chunks = prepare_chunks(plan.plans, dataset, n)
 

@@ -8,6 +8,7 @@ import click
 import numpy as np
 
 from kt_cache.extract import ExtractOptions, parse_bytes
+from kt_cache.info import shard_count
 
 
 @click.command()
@@ -71,7 +72,7 @@ def format_plan(plan) -> str:
 
     views = plan.manifest.views
     lines = [f"store     {plan.out}",
-             f"dataset   {plan.listing.description.get('kind')} {plan.listing.root}: {plan.n_samples} images "
+             f"dataset   {plan.listing.description.get('kind')} {plan.listing.root}{shard_count(plan.listing.description)}: {plan.n_samples} images "
              f"({len(plan.listing.ids)} listed, {len(plan.listing.ignored)} non-image files ignored), "
              f"{len(plan.listing.class_names)} target classes",
              f"views     {views.count} per image (view 0 centre crop {views.center_crop}, seed {views.seed})",

@@ -57,7 +57,7 @@ class DatasetListing:
         ignored: relative paths skipped because their extension is not an image extension.
     """
 
-    root: Path
+    root: Path | str                  # a URL for remote shards
     ids: tuple[str, ...]
     labels: np.ndarray
     class_names: tuple[str, ...]
@@ -87,18 +87,18 @@ def list_dataset(spec: DatasetSpec, base_dir: Path | None = None) -> DatasetList
     """List the dataset a manifest's ``dataset:`` block describes.
 
     Args:
-        spec: exactly one of ``root``, ``list`` or ``builtin`` set; ``classes`` optional.
+        spec: exactly one of ``root``, ``list``, ``shards`` or ``builtin`` set; ``classes`` optional.
         base_dir: folder relative paths in ``spec`` are resolved against (the manifest's folder).
 
     Raises:
         DatasetError: missing/empty folder, bad CSV row, unknown class (what, where, fix).
         ManifestError: a bad ``classes`` value (from ``resolve_class_names``).
     """
-    given = [k for k in ("root", "list", "builtin") if getattr(spec, k) is not None]
+    given = [k for k in ("root", "list", "shards", "builtin") if getattr(spec, k) is not None]
     if len(given) != 1:
         raise DatasetError(
-            f"dataset: exactly one of root, list, builtin must be set, got {given or 'none'}. "
-            "Fix: give an image folder (root:), a csv (list:), or builtin: skimage."
+            f"dataset: exactly one of root, list, shards, builtin must be set, got {given or 'none'}. "
+            "Fix: give an image folder (root:), a csv (list:), tar shards (shards:), or builtin: skimage."
         )
     classes = None
     if spec.classes is not None:
@@ -107,6 +107,10 @@ def list_dataset(spec: DatasetSpec, base_dir: Path | None = None) -> DatasetList
         return _list_builtin(spec.builtin, classes)
     if spec.list is not None:
         return _list_csv(_resolve(spec.list, base_dir), classes)
+    if spec.shards is not None:
+        from kt_cache.shards import list_shards
+
+        return list_shards(spec.shards, classes, base_dir)
     return _list_folder(_resolve(spec.root, base_dir), classes)
 
 

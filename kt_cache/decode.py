@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from kt_cache.errors import ImageDecodeError
-from kt_cache.images import decode_image, read_image_bytes
+from kt_cache.images import decode_image
 from kt_cache.store_checks import DIGEST_BYTES
 from kt_cache.views import sample_views, views_to_pixels
 
@@ -30,20 +29,18 @@ class ViewDecodeDataset(torch.utils.data.Dataset):
     "pixels": {resize_key: uint8 [V, 3, H, W]}}``; a failed decode gives zero pixels, NaN views.
     """
 
-    def __init__(self, root: Path, sample_ids: Sequence[str], views_policy: Any, resize_keys: Sequence[ResizeKey]):
-        self.root = Path(root)
-        self.sample_ids = list(sample_ids)
+    def __init__(self, images: Any, views_policy: Any, resize_keys: Sequence[ResizeKey]):
+        self.images = images                  # ``kt_cache.image_source``: a folder or tar shards, by row
         self.policy = views_policy
         self.resize_keys = list(resize_keys)
 
     def __len__(self) -> int:
-        return len(self.sample_ids)
+        return len(self.images)
 
     def __getitem__(self, row: int) -> dict[str, Any]:
-        path = self.root / self.sample_ids[row]
         try:
-            data = read_image_bytes(path)
-            image = decode_image(path, data)
+            data = self.images.read(row)
+            image = decode_image(self.images.name(row), data)
         except ImageDecodeError as err:
             return self.failed(row, str(err))
         views = sample_views(self.policy, row, (image.height, image.width))

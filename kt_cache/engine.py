@@ -226,13 +226,13 @@ def recorded_threads(meta: dict, device: torch.device) -> Iterator[None]:
 
 
 def make_loader(root: Any, options: Any, sample_ids: np.ndarray, wave: Sequence[Any], ranges: Sequence[slice], meta: dict) -> Any:
-    from pathlib import Path
-
+    from kt_cache.image_source import open_images
     from kt_cache.manifest_types import ViewsSpec
 
     policy = ViewsSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["views"].items()})
     keys = sorted({p.resize_key for p in wave})
-    dataset = ViewDecodeDataset(Path(options.data_root), [str(s) for s in sample_ids], policy, keys)
+    images = open_images(meta["dataset"], sample_ids, options.data_root)
+    dataset = ViewDecodeDataset(images, policy, keys)
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=UnitBatchSampler(ranges, options.batch_size), num_workers=options.workers,
         collate_fn=collate_views, pin_memory=torch.device(options.device).type == "cuda",

@@ -100,6 +100,11 @@ def store_summary(store: str) -> dict[str, Any]:
     return summary
 
 
+def shard_count(dataset: dict[str, Any]) -> str:
+    shards = dataset.get("shards")
+    return f" ({len(shards)} tar shards)" if dataset.get("kind") == "shards" and isinstance(shards, list) else ""
+
+
 def format_summary(info: dict[str, Any]) -> str:
     from kt_cache.cli_extract import human_bytes
 
@@ -107,7 +112,7 @@ def format_summary(info: dict[str, Any]) -> str:
     size = human_bytes(info["bytes"]) if info["bytes"] is not None else "unknown size"
     size += " (remote or packed)" if info.get("remote") else " on disk"
     lines = [f"{info['store']}  ktc store v{info['version']}, {size}",
-             f"dataset  {ds.get('kind')} {ds.get('root') or ds.get('list') or ds.get('builtin')}  "
+             f"dataset  {ds.get('kind')} {ds.get('root') or ds.get('list') or ds.get('builtin')}{shard_count(ds)}  "
              f"fingerprint {str(ds.get('fingerprint'))[:16]}…",
              f"samples  {info['n_samples']} ({info['samples_ok']} decoded, {info['labelled']} labelled, "
              f"{info['n_classes']} classes), {info['n_views']} views each, {info['n_units']} units of {info['unit_rows']} rows",

@@ -46,7 +46,7 @@ from kt_cache.store_checks import MAX_VIEWS
 
 BUILTIN_DATASETS = ("skimage",)
 TOP_KEYS = ("dataset", "store", "views", "defaults", "storage", "teachers")
-DATASET_KEYS = ("root", "list", "builtin", "classes")
+DATASET_KEYS = ("root", "list", "shards", "builtin", "classes")
 TEACHER_KEYS = ("id", "source", "model", "role", "pretrained", "checkpoint", "remap", "model_args",
                 "classes", "outputs", "logits", "featmap", "preprocess", "batch_size", "dtype", "codec", "class_map")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -177,13 +177,13 @@ def parse_manifest(data: Any, path: str | os.PathLike[str]) -> Manifest:
 
 
 def _dataset(value: Any, loc: Loc, base: Path) -> DatasetSpec:
-    """``dataset:``: exactly one of root / list / builtin, optional classes."""
+    """``dataset:``: exactly one of root / list / shards / builtin, optional classes."""
     data = check_mapping(value, loc, DATASET_KEYS)
-    given = [k for k in ("root", "list", "builtin") if data.get(k) is not None]
+    given = [k for k in ("root", "list", "shards", "builtin") if data.get(k) is not None]
     if len(given) != 1:
         got = f"{' and '.join(given)} are {'both' if len(given) == 2 else 'all'} given" if given else "none is given"
-        loc.fail(f"exactly one of root, list, builtin is needed, but {got}.",
-                 "keep one: root: <image folder>, list: <csv file>, or builtin: skimage.")
+        loc.fail(f"exactly one of root, list, shards, builtin is needed, but {got}.",
+                 "keep one: root: <image folder>, list: <csv file>, shards: <tar pattern>, or builtin: skimage.")
     builtin = data.get("builtin")
     if builtin is not None:
         check_choice(builtin, loc.key("builtin"), BUILTIN_DATASETS)
@@ -191,9 +191,23 @@ def _dataset(value: Any, loc: Loc, base: Path) -> DatasetSpec:
     return DatasetSpec(
         root=None if root is None else resolve_path(check_str(root, loc.key("root"), "a folder path"), base),
         list=None if listing is None else resolve_path(check_str(listing, loc.key("list"), "a csv file path"), base),
+        shards=None if data.get("shards") is None else _shards(data["shards"], loc.key("shards"), base),
         builtin=builtin,
         classes=_classes(data.get("classes"), loc.key("classes")),
     )
+
+
+def _shards(value: Any, loc: Loc, base: Path) -> tuple[str, ...]:
+    """``dataset.shards``: a pattern or a non-empty list of them; local ones made absolute against ``base``."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or not all(isinstance(v, str) and v.strip() for v in items):
+        loc.fail(f"expected a tar path or brace pattern (or a non-empty list of them), got {value!r}.",
+                 'write e.g. shards: "train-{000000..000146}.tar" (local, relative to the manifest) or an fsspec URL.')
+    out = []
+    for item in items:
+        path = Path(item).expanduser()
+        out.append(item if "://" in item or path.is_absolute() else str(base / path))
+    return tuple(out)
 
 
 

@@ -19,10 +19,12 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos")
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """Where the images are: exactly one of ``root`` (class sub-folders), ``list`` (csv) or ``builtin``."""
+    """Where the images are: exactly one of ``root`` (class sub-folders), ``list`` (csv), ``shards``
+    (WebDataset tar shards: brace patterns or URLs, ``kt_cache.shards``) or ``builtin``."""
 
     root: Path | None = None
     list: Path | None = None
+    shards: tuple[str, ...] | None = None   # local patterns made absolute; fsspec URLs kept as written
     builtin: str | None = None              # "skimage": the embedded offline photo set
     classes: tuple[str, ...] | str | None = None   # names, "imagenet-1k", or a file path (str)
 

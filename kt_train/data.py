@@ -15,7 +15,6 @@ Read path (docs/store-format.md):
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from kt_cache.codecs import MISSING_CODE
 from kt_cache.errors import UsageError, did_you_mean
+from kt_cache.image_source import open_images
 from kt_cache.images import decode_image
 from kt_cache.store import StoreReader
 from kt_cache.views import INTERPOLATIONS, view_pixels
@@ -358,13 +358,15 @@ class StudentViews(Dataset):
         self.views = np.asarray(samples["views"], dtype=np.float32)
         self.labels = np.asarray(samples["label"], dtype=np.int64)
         self.ok = np.asarray(samples["ok"], dtype=bool)
-        recorded = str(reader.meta.get("dataset", {}).get("root", ""))
+        dataset = reader.meta.get("dataset", {})
+        recorded = str(dataset.get("root", ""))
         self.data_root = str(data_root if data_root is not None else recorded)
+        self.images = open_images(dataset, self.ids, self.data_root)     # a folder, or tar shards by offset
         self.size = (int(input_size[0]), int(input_size[1]))
         self.mean = np.asarray(mean, dtype=np.float32) * 255.0
         self.std = np.asarray(std, dtype=np.float32) * 255.0
         self.interpolation, self.seed, self.views_mode, self.epoch = interpolation, int(seed), views_mode, 0
-        check_images_exist(self.data_root, self.ids[self.ok], reader.where, recorded)
+        check_images_exist(self.images, np.flatnonzero(self.ok), reader.where, recorded)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -380,7 +382,7 @@ class StudentViews(Dataset):
 
     def pixels(self, row: int, view: int) -> torch.Tensor:
         """uint8 ``[3, H, W]``: the stored box ``views[row, view]`` of the decoded image, as the teachers saw it."""
-        image = decode_image(os.path.join(self.data_root, self.ids[row].decode("utf-8")))
+        image = decode_image(self.images.name(row), self.images.read(row))
         box = self.views[row, view]
         return view_pixels(image, box[:4], bool(box[4]), self.size, self.interpolation)
 
@@ -392,15 +394,16 @@ class StudentViews(Dataset):
         return {"image": image, "row": row, "view": view, "label": int(self.labels[row])}
 
 
-def check_images_exist(root: str, ids: np.ndarray, where: str, recorded: str) -> None:
-    """Raise a ``UsageError`` unless every ``root/id`` (ids: utf-8 bytes) is a file."""
-    missing = [p for p in (os.path.join(root, i.decode("utf-8")) for i in ids) if not os.path.isfile(p)]
+def check_images_exist(images: Any, rows: np.ndarray, where: str, recorded: str) -> None:
+    """Raise a ``UsageError`` unless every row's image is there (a file; a member in its shard's index)."""
+    missing = images.missing(rows)
     if missing:
+        holder = "shards" if images.kind == "shards" else "class folders"
         raise UsageError(
-            f"{len(missing)} of {len(ids)} images of the store {where} are missing under the data root {root} "
+            f"{len(missing)} of {len(rows)} images of the store {where} are missing under the data root {images.root} "
             f"(first: {', '.join(missing[:5])}). Sample ids are paths relative to the dataset root the store was made "
             f"from (recorded: {recorded or 'none'}). Fix: pass --data pointing at that dataset root (the folder "
-            "holding the class folders), or restore the missing files.")
+            f"holding the {holder}), or restore the missing files.")
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

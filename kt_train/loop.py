@@ -131,8 +131,13 @@ def finish(run: Run, out: Path) -> dict[str, Any]:
     from kt_train.evaluate import evaluate
 
     write_plots(out)
-    data = run.config.val or (run.info["data_root"] if run.use_labels else None)
+    from_root = run.use_labels and run.info.get("data_kind", "folder") == "folder"   # shards: --val, or the store only
+    data = run.config.val or (run.info["data_root"] if from_root else None)
     metrics = evaluate(out, data=data, cache=run.config.cache, batch_size=run.config.batch_size,
                        device=str(run.device), workers=0)
+    if run.use_labels and not from_root and not run.config.val:
+        metrics["data_note"] = ("the images are in tar shards, so there is no labelled folder to score top-1 on: "
+                                "pass --val FOLDER (a folder of class folders), or run "
+                                "`ktc eval --checkpoint OUT --data FOLDER`.")
     (out / "eval.json").write_text(json.dumps(metrics, indent=1))
     return metrics

@@ -140,7 +140,8 @@ def build_run(config: TrainConfig, rank: int = 0, world: int = 1, local_rank: in
     if METHODS[config.method].reference_student:
         initial = copy.deepcopy(students[0]).eval().requires_grad_(False)
     info = {"classes": reader.class_names, "center_crop": reader.meta["views"].get("center_crop", 0.875),
-            "data_root": loader.dataset.data_root, "cache": str(config.cache), "teachers": teacher_ids,
+            "data_root": loader.dataset.data_root, "data_kind": loader.dataset.images.kind,
+            "cache": str(config.cache), "teachers": teacher_ids,
             "method": config.method, "method_options": options_dict(method),
             "students": [f"student{i if len(students) > 1 else ''}.safetensors" for i in range(len(students))]}
     return Run(config, reader, teacher_ids, cached, students, method, loader, device, use_labels, initial, info)

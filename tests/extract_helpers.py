@@ -96,3 +96,26 @@ def finished_project(base: Path, teachers: list[dict]) -> Path:
     result = extract(base / "teachers.yaml")
     assert result.exit_code == 0, result.output
     return base
+
+
+def write_shards(images: Path, out: Path, n_shards: int = 2, labels: bool = True, prefix: str = "train") -> list[Path]:
+    """WebDataset tar shards of an image folder, in sorted order: ``<class>/<stem>.<ext>`` plus ``<stem>.cls``
+    (the class folder's name) per image; ``out/train-000.tar`` …"""
+    import io
+    import tarfile
+
+    files = sorted((p for p in images.rglob("*") if p.is_file()), key=lambda p: p.relative_to(images).as_posix())
+    out.mkdir(parents=True, exist_ok=True)
+    per_shard, shards = -(-len(files) // n_shards), []
+    for number in range(n_shards):
+        shards.append(out / f"{prefix}-{number:03d}.tar")
+        with tarfile.open(shards[-1], "w", format=tarfile.USTAR_FORMAT) as tar:
+            for file in files[number * per_shard:(number + 1) * per_shard]:
+                rel = file.relative_to(images).as_posix()
+                tar.add(file, arcname=rel)
+                if labels:
+                    text = file.parent.name.encode()
+                    info = tarfile.TarInfo(rel.rsplit(".", 1)[0] + ".cls")
+                    info.size = len(text)
+                    tar.addfile(info, io.BytesIO(text))
+    return shards

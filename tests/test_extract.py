@@ -163,9 +163,10 @@ def test_each_image_is_decoded_once_per_pass_and_resized_once_per_resolution(tmp
     from collections import Counter
 
     import kt_cache.decode as decode
+    import kt_cache.image_source as image_source
 
     decoded, resized, read = Counter(), Counter(), Counter()
-    real_decode, real_resize, real_read = decode.decode_image, decode.views_to_pixels, decode.read_image_bytes
+    real_decode, real_resize, real_read = decode.decode_image, decode.views_to_pixels, image_source.read_image_bytes
 
     def counting_decode(path, data=None):
         decoded[str(path)] += 1
@@ -181,7 +182,7 @@ def test_each_image_is_decoded_once_per_pass_and_resized_once_per_resolution(tmp
 
     monkeypatch.setattr(decode, "decode_image", counting_decode)
     monkeypatch.setattr(decode, "views_to_pixels", counting_resize)
-    monkeypatch.setattr(decode, "read_image_bytes", counting_read)
+    monkeypatch.setattr(image_source, "read_image_bytes", counting_read)
     make_image_folder(tmp_path / "images", per_class=2)
     teachers = [cnn_teacher(), vit_teacher(), cnn_teacher(id="cnn32b")]
     manifest = write_manifest(tmp_path / "teachers.yaml", teachers)

@@ -220,7 +220,7 @@ def test_unknown_nested_keys_have_did_you_mean() -> None:
     fails(data, r'teachers\.yaml:views\.counts: unknown key .counts.\. Did you mean "count"\?')
     data = minimal()
     data["dataset"] = {"roots": "x"}
-    fails(data, r'dataset\.roots.*Did you mean "root"\?.*Valid keys here: root, list, builtin, classes')
+    fails(data, r'dataset\.roots.*Did you mean "root"\?.*Valid keys here: root, list, shards, builtin, classes')
 
 
 def test_non_string_key_is_explained() -> None:
@@ -328,11 +328,11 @@ def test_derived_id_that_is_invalid_asks_for_an_id() -> None:
 
 
 @pytest.mark.parametrize(("dataset", "match"), [
-    ({"root": "a", "list": "b.csv"}, r"teachers\.yaml:dataset: exactly one of root, list, builtin is needed, "
+    ({"root": "a", "list": "b.csv"}, r"teachers\.yaml:dataset: exactly one of root, list, shards, builtin is needed, "
                                      r"but root and list are both given\. Fix: keep one"),
     ({"root": "a", "builtin": "skimage"}, r"dataset: .*root and builtin are both given"),
-    ({"classes": ["a"]}, r"dataset: exactly one of root, list, builtin is needed, but none is given"),
-    ("data/train", r"teachers\.yaml:dataset: expected a mapping with keys root, list, builtin, classes, got str"),
+    ({"classes": ["a"]}, r"dataset: exactly one of root, list, shards, builtin is needed, but none is given"),
+    ("data/train", r"teachers\.yaml:dataset: expected a mapping with keys root, list, shards, builtin, classes, got str"),
 ])
 def test_dataset_sources(dataset: Any, match: str) -> None:
     fails({**minimal(), "dataset": dataset}, match)
