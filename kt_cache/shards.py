@@ -26,7 +26,6 @@ import posixpath
 import tarfile
 import tempfile
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -107,8 +106,7 @@ def list_shards(pattern: str | tuple[str, ...], classes: tuple[str, ...] | None,
     root, names = shard_folder(locations)
     rows: list[tuple[str, str, str, int]] = []            # id, label text, where, image size
     ignored: list[str] = []
-    for location, name in zip(locations, names):
-        index = shard_index(location)
+    for location, name, index in zip(locations, names, shard_indexes(locations)):
         rows += [(f"{name}/{key}", label, f"{location}: {key}.{LABEL_EXTENSION}", size)
                  for key, label, size in zip(index.keys, index.labels, index.sizes)]
         ignored += [f"{name}/{member}" for member in index.ignored]
@@ -282,21 +280,45 @@ def shard_stamp(location: str) -> dict[str, Any]:
     return {"location": location, "size": info.get("size"), "version": str(version) if version else None}
 
 
+MEMO: dict[str, ShardIndex] = {}      # stamp (JSON) -> index, for this process
+PARALLEL_FROM = 4                     # shards to scan before a process pool pays for its start-up
+
+
 def shard_index(location: str) -> ShardIndex:
     """The shard's index: from memory or the cache folder when its stamp still matches, else scanned and cached."""
-    return indexed(json.dumps(shard_stamp(location), sort_keys=True))
+    stamp_json = json.dumps(shard_stamp(location), sort_keys=True)
+    if stamp_json not in MEMO:
+        stamp, path = json.loads(stamp_json), cache_path(stamp_json)
+        index = load_cached(path, stamp)
+        if index is None:
+            index = scan_shard(location)
+            save_cached(path, stamp, index)
+        MEMO[stamp_json] = index
+    return MEMO[stamp_json]
 
 
-@lru_cache(maxsize=4096)
-def indexed(stamp_json: str) -> ShardIndex:
-    stamp = json.loads(stamp_json)
-    path = index_dir() / (hashlib.sha256(stamp_json.encode()).hexdigest()[:32] + ".json")
-    cached = load_cached(path, stamp)
-    if cached is not None:
-        return cached
-    index = scan_shard(stamp["location"])
-    save_cached(path, stamp, index)
-    return index
+def shard_indexes(locations: list[str]) -> list[ShardIndex]:
+    """Every shard's index; shards not indexed yet are scanned in parallel processes (one per core)."""
+    pending = [loc for loc in locations
+               if not cache_path(json.dumps(shard_stamp(loc), sort_keys=True)).is_file()]
+    workers = min(len(pending), os.cpu_count() or 1)
+    if len(pending) >= PARALLEL_FROM and workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn: the caller may hold torch threads or a dask client, which fork does not copy safely
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for location, index in zip(pending, pool.map(shard_index, pending)):
+                MEMO[json.dumps(shard_stamp(location), sort_keys=True)] = index
+    return [shard_index(loc) for loc in locations]
+
+
+def clear_memo() -> None:
+    MEMO.clear()
+
+
+def cache_path(stamp_json: str) -> Path:
+    return index_dir() / (hashlib.sha256(stamp_json.encode()).hexdigest()[:32] + ".json")
 
 
 def load_cached(path: Path, stamp: dict[str, Any]) -> ShardIndex | None:

@@ -32,9 +32,9 @@ TRAIN = ("--method", "kd", "--student", "resnet10t", "--img-size", "32", "--epoc
 def fresh_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Each test has its own index cache folder and an empty in-process memo."""
     monkeypatch.setenv("KTC_DATA_DIR", str(tmp_path / "ktc-data"))
-    shard_module.indexed.cache_clear()
+    shard_module.clear_memo()
     yield
-    shard_module.indexed.cache_clear()
+    shard_module.clear_memo()
 
 
 def shard_manifest(base: Path, shards: str, store: str = "shards.zarr", teachers: list | None = None,
@@ -77,7 +77,7 @@ def test_listing_names_samples_by_shard_and_key_and_caches_the_index(project: Pa
     assert listing.ignored == ("train-001.tar/cat/img003.json",)
     assert listing.description["kind"] == "shards" and listing.description["shards"] == ["train-000.tar", "train-001.tar"]
 
-    shard_module.indexed.cache_clear()
+    shard_module.clear_memo()
     monkeypatch.setattr(shard_module, "scan_shard", lambda location: pytest.fail(f"rescanned {location}"))
     again = list_dataset(DatasetSpec(shards=(str(project / "shards" / "train-{000..001}.tar"),)))
     assert again.ids == listing.ids and again.fingerprint == listing.fingerprint      # from the cached index
@@ -129,7 +129,7 @@ def test_moved_shards_need_data_and_a_missing_shard_is_named(project: Path):
 def test_an_added_teacher_reuses_the_index_and_refuses_changed_images(project: Path, monkeypatch: pytest.MonkeyPatch):
     manifest = shard_manifest(project, "shards/train-{000..001}.tar")
     assert extract(manifest).exit_code == 0
-    shard_module.indexed.cache_clear()
+    shard_module.clear_memo()
     monkeypatch.setattr(shard_module, "scan_shard", lambda location: pytest.fail(f"rescanned {location}"))
     two = shard_manifest(project, "shards/train-{000..001}.tar", teachers=[cnn_teacher(), cnn_teacher(id="cnn32b")])
     result = extract(two)
@@ -138,7 +138,7 @@ def test_an_added_teacher_reuses_the_index_and_refuses_changed_images(project: P
     assert not np.isnan(store["teachers/cnn32b/features"][:]).any()        # every row read back by its offset
 
     monkeypatch.undo()
-    shard_module.indexed.cache_clear()
+    shard_module.clear_memo()
     tar_path = project / "shards" / "train-000.tar"
     data = bytearray(tar_path.read_bytes())
     with tarfile.open(tar_path) as tar:
@@ -223,8 +223,48 @@ def test_index_cache_follows_a_rewritten_shard(project: Path):
     before = list_dataset(spec)
     make_image_folder(project / "more", per_class=5)
     write_shards(project / "more", project / "shards", n_shards=2)
-    shard_module.indexed.cache_clear()
+    shard_module.clear_memo()
     after = list_dataset(spec)
     assert len(after.ids) == 15 and after.fingerprint != before.fingerprint
     with pytest.raises(DatasetError, match="does not exist"):
         list_dataset(DatasetSpec(shards=(str(project / "shards" / "train-{000..002}.tar"),)))
+
+
+def test_many_new_shards_are_scanned_in_parallel_processes_to_the_same_listing(tmp_path: Path, monkeypatch):
+    make_image_folder(tmp_path / "images", per_class=3)
+    write_shards(tmp_path / "images", tmp_path / "shards", n_shards=4)
+    spec = DatasetSpec(shards=(str(tmp_path / "shards" / "train-{000..003}.tar"),))
+    monkeypatch.setattr(shard_module, "PARALLEL_FROM", 1000)
+    serial = list_dataset(spec)
+    shutil.rmtree(tmp_path / "ktc-data")
+    shard_module.clear_memo()
+    monkeypatch.setattr(shard_module, "PARALLEL_FROM", 2)
+    monkeypatch.setattr(shard_module.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(shard_module, "scan_shard", lambda location: pytest.fail("scanned in this process"))
+    parallel = list_dataset(spec)                 # spawned workers run the real scan and write the cache
+    assert parallel.ids == serial.ids and parallel.fingerprint == serial.fingerprint
+    assert parallel.labels.tolist() == serial.labels.tolist()
+    assert len(list((tmp_path / "ktc-data" / "shard-index").glob("*.json"))) == 4
+
+
+def test_an_interrupted_extraction_resumes_by_unit_to_the_same_store(project: Path, monkeypatch):
+    from extract_helpers import store_files
+
+    import kt_cache.store as store_format
+
+    manifest = shard_manifest(project, "shards/train-{000..001}.tar", store="clean.zarr")
+    assert extract(manifest).exit_code == 0
+    real_write, written = store_format.write_unit, []
+
+    def fail_on_third_unit(group, unit, rows, arrays):
+        written.append(unit)
+        if len(written) == 3:
+            raise OSError(28, "No space left on device (simulated)")
+        real_write(group, unit, rows, arrays)
+
+    monkeypatch.setattr(store_format, "write_unit", fail_on_third_unit)
+    assert extract(manifest, "--out", project / "cut.zarr").exit_code == 1
+    monkeypatch.undo()
+    resumed = extract(manifest, "--out", project / "cut.zarr")
+    assert resumed.exit_code == 0 and "resumed" in resumed.output, resumed.output
+    assert store_files(project / "cut.zarr") == store_files(project / "clean.zarr")
