@@ -176,11 +176,7 @@ def synthetic_store(source: Path, n_teachers: int, out: Path) -> Path:
     (``s000``, ``s001``, ... cycling over the source teachers), then finalized like ``ktc extract`` does
     (consolidated metadata + ``ktc-objects.json``). The copies are byte-identical outputs of real teachers:
     what the trainer reads and the heads a method builds are those of ``n_teachers`` teachers."""
-    from kt_cache.finalize import write_object_manifest
-
-    import warnings
-
-    import zarr
+    from kt_cache.finalize import consolidate, write_object_manifest
 
     if (out.parent / f".complete-{out.name}").exists():
         return out
@@ -201,9 +197,7 @@ def synthetic_store(source: Path, n_teachers: int, out: Path) -> Path:
     root_doc = json.loads((out / "zarr.json").read_text())
     root_doc.pop("consolidated_metadata", None)
     (out / "zarr.json").write_text(json.dumps(root_doc, indent=2))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        zarr.consolidate_metadata(str(out))
+    consolidate(out)
     write_object_manifest(out)
     (out.parent / f".complete-{out.name}").write_text("ok")
     return out

@@ -203,5 +203,5 @@ def update_attrs(group: Any, job: Job, record: dict[str, Any], meter: ErrorMeter
     attrs = dict(group.attrs.get(fmt.TEACHER_ATTR, {}))
     attrs["codec"] = dict(attrs.get("codec") or {}, **{job.output: record})
     if job.output == "features":      # methods z-score with the statistics of what they will read
-        attrs["feature_stats"] = meter.decoded_stats()
+        attrs["feature_stats"] = fmt.write_feature_stats(group, meter.decoded_stats())
     group.attrs[fmt.TEACHER_ATTR] = attrs

@@ -187,6 +187,7 @@ def prepare_teacher(root: Any, plan: Any, overwrite: bool) -> str:
         fmt.create_array(group, spec, meta["n_samples"], meta["unit_rows"], meta["chunk_bytes"])
     fmt.create_done_array(group, meta["n_units"])
     attrs = teacher_attrs(plan, weights_sha)
+    attrs["class_names"] = fmt.class_names_attr(attrs["class_names"], meta["dataset"].get("classes"))
     codecs = fmt.create_codec_arrays(group, plan, meta["n_units"])
     group.attrs[fmt.TEACHER_ATTR] = dict(attrs, codec=codecs) if codecs else attrs
     return status

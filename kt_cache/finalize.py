@@ -36,7 +36,7 @@ def feature_stats(group: Any, ok: np.ndarray, unit_rows: int) -> dict[str, Any] 
         return None
     mean = total[0] / count
     std = np.sqrt(np.maximum(total[1] / count - mean**2, 0.0))
-    return {"mean": mean.astype(np.float32).tolist(), "std": std.astype(np.float32).tolist(), "count": count}
+    return {"mean": mean.astype(np.float32), "std": std.astype(np.float32), "count": count}
 
 
 def update_teacher_attrs(group: Any, timing: Any, ok: np.ndarray, unit_rows: int, weights_sha256: str | None) -> None:
@@ -52,7 +52,7 @@ def update_teacher_attrs(group: Any, timing: Any, ok: np.ndarray, unit_rows: int
         attrs["timing"] = merged
         attrs["seconds"] = round(merged["load_s"] + merged["forward_s"], 4)
         if "features" not in (attrs.get("codec") or {}):    # int8 codes: the statistics come from each unit's sums
-            attrs["feature_stats"] = feature_stats(group, ok, unit_rows)
+            attrs["feature_stats"] = fmt.write_feature_stats(group, feature_stats(group, ok, unit_rows))
         record_codec_errors(group, attrs, done)
     attrs["units_done"] = int(done.sum())
     attrs["complete"] = bool(done.all())
@@ -73,14 +73,12 @@ def record_codec_errors(group: Any, attrs: dict[str, Any], done: np.ndarray) -> 
             meter.add_vector(moments[unit])
         attrs["codec"] = dict(attrs["codec"], **{output: dict(record, error=meter.error())})
         if output == "features":
-            attrs["feature_stats"] = meter.decoded_stats() if meter.count else None
+            attrs["feature_stats"] = fmt.write_feature_stats(group, meter.decoded_stats() if meter.count else None)
 
 
 def finalize_store(path: Path, timings: dict[str, Any], ids: np.ndarray,
                    weights_sha256: dict[str, str] | None = None) -> None:
     """Record stats/timings of the teachers of this run, consolidate, and write the object manifest."""
-    import zarr
-
     root = fmt.open_group(str(path), mode="r+", consolidated=False)
     meta = fmt.check_root_attrs(dict(root.attrs), str(path))
     ok = np.asarray(root["samples/ok"][:], dtype=bool)
@@ -90,10 +88,23 @@ def finalize_store(path: Path, timings: dict[str, Any], ids: np.ndarray,
     failed = failed_rows(root, ok, meta)     # the whole store's, not this run's: a resumed run decodes a part
     meta = dict(meta, failed_samples=[str(ids[row]) for row in failed[:1000]], n_failed_samples=int(failed.size))
     root.attrs[fmt.ROOT_ATTR] = meta
+    consolidate(Path(path))
+    write_object_manifest(Path(path))
+
+
+def consolidate(path: Path) -> None:
+    """Consolidated metadata in the root ``zarr.json``, written without indentation: every reader parses it,
+    and zarr's indented form is ~2.5x the bytes (``benchmarks/bench_metadata.py``)."""
+    import zarr
+
     with warnings.catch_warnings():   # "consolidated metadata is not in the v3 spec": known, documented
         warnings.simplefilter("ignore")
         zarr.consolidate_metadata(str(path))
-    write_object_manifest(Path(path))
+    document = path / "zarr.json"
+    compact = json.dumps(json.loads(document.read_text()), separators=(",", ":"))
+    tmp = path / "zarr.json.partial"
+    tmp.write_text(compact)
+    os.replace(tmp, document)
 
 
 def failed_rows(root: Any, ok: np.ndarray, meta: dict[str, Any]) -> np.ndarray:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -334,7 +333,7 @@ def write_store(parts: list[Part], owners: list[int], out: Path, made_by: str, e
     import zarr
     import zarr.storage
 
-    from kt_cache.finalize import write_object_manifest
+    from kt_cache.finalize import consolidate, write_object_manifest
 
     prepare_output(out, [p.reader for p in parts])
     plans = [[(src, dst) for src, dst in plan if not dst.startswith(exclude)] for plan in copy_plan(parts, owners)]
@@ -349,10 +348,9 @@ def write_store(parts: list[Part], owners: list[int], out: Path, made_by: str, e
         record_renames(root, parts)
         if rewrite is not None:
             rewrite(root)
-        root.attrs[fmt.ROOT_ATTR] = parts[0].reader.meta   # last: a store without it is recognisably unfinished
-        with warnings.catch_warnings():   # "consolidated metadata is not in the v3 spec": known, documented
-            warnings.simplefilter("ignore")
-            zarr.consolidate_metadata(str(staging))
+        version = max(int(p.reader.meta["version"]) for p in parts)       # v1 and v2 teachers read alike
+        root.attrs[fmt.ROOT_ATTR] = dict(parts[0].reader.meta, version=version)   # last: unfinished until set
+        consolidate(Path(staging))
         write_object_manifest(staging, made_by=made_by)
     return out
 

@@ -1,4 +1,4 @@
-"""Store format v1: the single definition of the ktc Zarr v3 layout, with its writer (reader: store_reader).
+"""Store format v2: the single definition of the ktc Zarr v3 layout, with its writer (reader: store_reader).
 
 Layout (docs/store-format.md is the user-facing description of exactly this)::
 
@@ -17,6 +17,13 @@ Layout (docs/store-format.md is the user-facing description of exactly this)::
         label_logit     [N, V]      float32 logit of the true class, NaN when unknown / not covered
         featmap         [N, V, g, g, d]
         done            [n_units]   bool, one object per unit, written after the unit's data
+        stats/features  [2, D]      float32 mean and std of the (decoded) features over decoded rows (v2)
+        codec/<output>/*            a compact store's codec parameters (kt_cache.codecs)
+
+v2 (this ktc writes it; v1 stays readable): feature statistics are the array ``stats/features`` (v1: JSON
+lists in ``attrs["ktc_teacher"]["feature_stats"]``), and a teacher whose logits are the dataset's classes
+records ``class_names: "dataset"`` instead of repeating the list, so consolidated metadata stays small at
+hundreds of teachers. ``StoreReader.teacher_attrs`` and ``StoreReader.feature_stats`` read both versions.
 
 Rules: arrays are chunked along N only; a *unit* of ``unit_rows`` rows is exactly one shard (or one
 chunk) of every array, so each storage object has one writer. Only the coordinator creates arrays and
@@ -38,7 +45,35 @@ from kt_cache.codecs import MISSING_CODE
 from kt_cache.errors import StoreError
 
 FORMAT_NAME = "ktc"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+FEATURE_STATS = "stats/features"          # v2: [2, D] float32, rows mean and std
+DATASET_CLASSES = "dataset"               # v2: ``class_names`` equal to the dataset's target classes
+PARAMETER_PREFIXES = ("codec/", "stats/")  # per-teacher parameter arrays: not indexed by sample
+
+
+def is_parameter(name: str) -> bool:
+    """``name`` (a path inside a teacher group) is a parameter array, not a ``[N, V, …]`` output."""
+    return name.startswith(PARAMETER_PREFIXES)
+
+
+def class_names_attr(names: Any, dataset_classes: Any) -> Any:
+    """What ``attrs["ktc_teacher"]["class_names"]`` holds: None, ``"dataset"`` when equal to the target classes
+    (the list is stored once, in the root's ``dataset.classes``), else the list itself."""
+    if not names:
+        return None
+    return DATASET_CLASSES if dataset_classes and list(names) == list(dataset_classes) else list(names)
+
+
+def write_feature_stats(group: Any, stats: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Write ``stats/features`` (mean, std) and return the attrs record ``{"array", "count"}`` (None: no stats)."""
+    from zarr.codecs import ZstdCodec
+
+    if stats is None:
+        return None
+    values = np.stack([np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32)])
+    group.create_array(FEATURE_STATS, data=values, chunks=values.shape, compressors=ZstdCodec(level=1),
+                       dimension_names=("stat", "feature"), overwrite=True)
+    return {"array": FEATURE_STATS, "count": int(stats["count"])}
 ROOT_ATTR = "ktc"
 TEACHER_ATTR = "ktc_teacher"
 OBJECT_MANIFEST = "ktc-objects.json"
@@ -206,7 +241,7 @@ def write_unit(teacher_group: Any, unit: int, rows: slice, arrays: dict[str, np.
         arrays: array path -> block ``[rows, ...]``; must cover every array of the group.
     """
     for path, block in arrays.items():
-        where = slice(unit, unit + 1) if path.startswith("codec/") else rows    # codec parameters: a row per unit
+        where = slice(unit, unit + 1) if is_parameter(path) else rows    # codec parameters: a row per unit
         teacher_group[path][where] = block
     teacher_group["done"][unit] = True
 

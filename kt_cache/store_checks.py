@@ -110,7 +110,7 @@ def check_array(array: Any, path: str, name: str, meta: dict[str, Any], where: s
             (``samples/*`` -> ``id``…, ``teachers/<id>/*`` -> ``features``, ``logits_topk/index``…).
     """
     at, shape = f"{where}: array {path}", tuple(int(s) for s in array.shape)
-    if path.startswith("teachers/") and name.startswith("codec/"):
+    if path.startswith("teachers/") and name.startswith(("codec/", "stats/")):
         return check_codec_array(array, at, shape)
     known = SAMPLE_ARRAYS if path.startswith("samples/") else TEACHER_ARRAYS
     if name in known:
@@ -205,8 +205,12 @@ def check_teacher_attrs(attrs: Any, arrays: dict[str, Any], teacher_id: str, whe
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_ROW_ELEMENTS):
             raise damaged(at, f"{attr}['{key}'] must be a non-negative integer or null, got {short(value)}")
     names = attrs.get("class_names")
-    if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
-        raise damaged(at, f"{attr}['class_names'] must be a list of names or null, got {short(names)}")
+    listed = isinstance(names, list) and all(isinstance(n, str) for n in names)
+    if names is not None and names != "dataset" and not listed:
+        raise damaged(at, f"{attr}['class_names'] must be a list of names, 'dataset' or null, got {short(names)}")
+    stats = attrs.get("feature_stats")
+    if isinstance(stats, dict) and "array" in stats and stats["array"] not in arrays:
+        raise damaged(at, f"{attr}['feature_stats'] refers to the array {short(stats['array'])}, which is missing")
     for key in ("role", "source", "model"):
         if attrs.get(key) is not None and not isinstance(attrs[key], str):
             raise damaged(at, f"{attr}['{key}'] must be a string, got {short(attrs[key])}")
@@ -219,7 +223,7 @@ def check_teacher_attrs(attrs: Any, arrays: dict[str, Any], teacher_id: str, whe
         if attrs.get(key) is not None and width != attrs[key]:
             raise damaged(at, f"{attr}['{key}'] = {attrs[key]} but {path} has shape {list(arrays[path].shape)}"
                               + (f" and decodes to {coded} values" if coded is not None else ""))
-    if names is not None and attrs.get("num_classes") is not None and len(names) != attrs["num_classes"]:
+    if listed and attrs.get("num_classes") is not None and len(names) != attrs["num_classes"]:
         raise damaged(at, f"{attr} lists {len(names)} class_names for num_classes = {attrs['num_classes']}")
     pair = [arrays.get("logits_topk/values"), arrays.get("logits_topk/index")]
     if any(a is not None for a in pair) and (None in pair or pair[0].shape != pair[1].shape):

@@ -15,7 +15,7 @@ import numpy as np
 
 from kt_cache import store_checks as checks
 from kt_cache.errors import StoreError
-from kt_cache.store import OBJECT_MANIFEST, TEACHER_ATTR, check_root_attrs, open_root
+from kt_cache.store import DATASET_CLASSES, OBJECT_MANIFEST, TEACHER_ATTR, check_root_attrs, open_root
 
 
 def read_rows(array: Any, path: str, where: str, rows: slice = slice(None)) -> np.ndarray:
@@ -103,6 +103,8 @@ class StoreReader:
         self._checked: dict[str, dict[str, Any]] = {}
         self._listed: dict[str, dict[str, Any]] | None = None
         self._present: set[str] = set()
+        self._members: dict[str, Any] | None = None
+        self._nodes: dict[str, list[tuple[str, Any]]] = {}
 
     def close(self) -> None:
         """Release the store (a packed store keeps its zip file open until then)."""
@@ -141,18 +143,56 @@ class StoreReader:
 
             raise StoreError(f"{self.where}: no teacher '{teacher_id}' (has: {', '.join(self.teacher_ids()) or 'none'})."
                              f"{did_you_mean(teacher_id, self.teacher_ids())} Fix: pick a stored teacher id.")
-        return self.root[f"teachers/{teacher_id}"]
+        return self.members()[teacher_id]
+
+    def members(self) -> dict[str, Any]:
+        """Every node under ``teachers/`` by path (``cnn32``, ``cnn32/features`` …), listed in one call: a
+        lookup per teacher would scan the consolidated metadata once per teacher (quadratic at 1000 teachers)."""
+        if self._members is None:
+            self._members = dict(self.root["teachers"].members(max_depth=None)) if "teachers" in self.root else {}
+            self._nodes = {}
+            for key, node in self._members.items():
+                if "/" in key:
+                    owner, name = key.split("/", 1)
+                    self._nodes.setdefault(owner, []).append((name, node))
+        return self._members
 
     def teacher_attrs(self, teacher_id: str) -> dict[str, Any]:
+        """The teacher's checked attributes, ``class_names`` resolved (v2 stores ``"dataset"`` for the target list)."""
         attrs = self.teacher(teacher_id).attrs.get(TEACHER_ATTR, {})
         checks.check_teacher_attrs(attrs, self.checked_arrays(teacher_id), teacher_id, self.where)
-        return dict(attrs)
+        attrs = dict(attrs)
+        if attrs.get("class_names") == DATASET_CLASSES:
+            attrs["class_names"] = list(self.class_names)
+            if attrs.get("num_classes") is not None and len(self.class_names) != attrs["num_classes"]:
+                raise checks.damaged(self.where, f"teacher {teacher_id}: its logits are the dataset's classes, but it has "
+                                                 f"num_classes = {attrs['num_classes']} and the dataset {len(self.class_names)}")
+        return attrs
+
+    def feature_stats(self, teacher_id: str) -> dict[str, Any] | None:
+        """``{"mean": float32 [D], "std": float32 [D], "count": int}`` of the teacher's (decoded) features, or None.
+
+        v2 keeps them in the array ``stats/features`` (rows mean, std); v1 as JSON lists in the attributes.
+        """
+        record = self.teacher_attrs(teacher_id).get("feature_stats")
+        if not isinstance(record, dict):
+            return None
+        if "array" not in record:
+            return {"mean": np.asarray(record["mean"], np.float32), "std": np.asarray(record["std"], np.float32),
+                    "count": int(record.get("count", 0))}
+        values = read_rows(self.checked_arrays(teacher_id)[record["array"]], f"teachers/{teacher_id}/{record['array']}",
+                           self.where)
+        if values.ndim != 2 or values.shape[0] != 2:
+            raise checks.damaged(self.where, f"teacher {teacher_id}: {record['array']} must be [2, D] (mean, std), "
+                                             f"got shape {list(values.shape)}")
+        return {"mean": values[0].astype(np.float32), "std": values[1].astype(np.float32), "count": int(record["count"])}
 
     def checked_arrays(self, teacher_id: str) -> dict[str, Any]:
         """Every array of the teacher group (``done`` included), each validated once."""
         if teacher_id not in self._checked:
-            group, found = self.teacher(teacher_id), {}
-            for name, member in group.members(max_depth=None):
+            self.teacher(teacher_id)
+            found: dict[str, Any] = {}
+            for name, member in sorted(self._nodes.get(teacher_id, []), key=lambda pair: pair[0]):
                 if hasattr(member, "shape"):
                     checks.check_array(member, f"teachers/{teacher_id}/{name}", name, self.meta, self.where)
                     found[name] = member

@@ -107,6 +107,7 @@ class CachedTeachers:
         self.num_classes = len(reader.class_names)
         self.window_blocks, self.block_rows = int(window_blocks), int(reader.meta["unit_rows"])
         self.attrs = {tid: reader.teacher_attrs(tid) for tid in self.ids}
+        self.stats = {tid: reader.feature_stats(tid) for tid in self.ids}     # v1 attrs or v2 stats/features
         self.tables: dict[str, dict[str, np.ndarray]] = {tid: {} for tid in self.ids}
         self.label_maps: dict[str, np.ndarray] = {}
         self.caches: dict[tuple[str, str], BlockCache] = {}
@@ -210,7 +211,7 @@ class CachedTeachers:
         infos = []
         for tid in self.ids:
             attrs = self.attrs[tid]
-            stats = attrs.get("feature_stats") or {}
+            stats = self.stats[tid] or {}
             has_feat = self.holds(tid, "features")
             mean, std = (torch.tensor(stats[k], dtype=torch.float32) if has_feat and stats.get(k) is not None
                          else None for k in ("mean", "std"))

@@ -36,7 +36,7 @@ def test_codes_decode_to_the_plain_store_with_the_recorded_error(projects):
         assert error["vectors"] == len(x) and error["mean_cosine"] == pytest.approx(cos.mean(), abs=2e-6)
         assert error["rel_mse"] == pytest.approx(((x - xh) ** 2).sum() / ((x - x.mean(0)) ** 2).sum(), rel=1e-3, abs=1e-7)
         assert error["mean_cosine"] > 0.9999        # 8 bits per value over each unit's own range
-    stats = attrs["feature_stats"]
+    stats = coded.feature_stats("cnn32")
     decoded = coded.codec_params("cnn32", "features").decode(coded.read("cnn32", "features"))
     np.testing.assert_allclose(stats["mean"], decoded.reshape(-1, decoded.shape[-1]).mean(0), rtol=1e-4, atol=1e-6)
     for path in ("logits_topk/values", "logits_lse"):

@@ -77,7 +77,7 @@ def test_codec_round_trip_records_the_error_a_recomputation_finds(two_teacher_st
             # the lower edge of the 1/32-decade bin of 1 - cos holding the 10th percentile: never above it
             assert 1.0 <= (1 - got["worst_decile_cosine"]) / (1 - expect["worst_decile_cosine"]) <= 10 ** (1 / 32) + 1e-6
             assert 0.5 < got["mean_cosine"] <= 1.0   # random-init teachers: quality is the benchmark's job
-        stats = attrs["feature_stats"]      # methods z-score with the decoded features' statistics
+        stats = compact.feature_stats(tid)      # methods z-score with the decoded features' statistics
         decoded = compact.codec_params(tid, "features").decode(compact.read(tid, "features"))
         flat = decoded.reshape(-1, decoded.shape[-1])
         np.testing.assert_allclose(stats["mean"], flat.mean(0), rtol=1e-4, atol=1e-5)

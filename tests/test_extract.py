@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from extract_helpers import CLASSES, cnn_teacher, make_image_folder, store_files, vit_teacher, write_manifest
 from kt_cache.cli import cli
+from kt_cache.store import StoreReader
 
 
 @pytest.fixture()
@@ -110,18 +111,21 @@ def test_teacher_attrs_record_provenance_stats_and_timing(project):
     attrs = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")["teachers/cnn32"].attrs["ktc_teacher"]
     assert attrs["preprocess"]["input_size"] == [3, 32, 32] and attrs["role"] == "predictive"
     assert attrs["timing"]["images"] == 12 * 3 and attrs["timing"]["forward_s"] > 0
-    assert len(attrs["feature_stats"]["mean"]) == attrs["feature_dim"] and attrs["complete"]
-    assert attrs["class_names"] == list(CLASSES) and "torch" in attrs["library_versions"]
+    assert attrs["feature_stats"] == {"array": "stats/features", "count": 12 * 3} and attrs["complete"]
+    assert attrs["class_names"] == "dataset" and "torch" in attrs["library_versions"]   # the target list, stored once
     assert (attrs["source"], attrs["model"], attrs["pretrained"]) == ("timm", "resnet10t", "none")
     assert attrs["weights"] == "random" and attrs["weights_sha256"] is None       # nothing was loaded
-    assert attrs["seconds"] > 0 and attrs["feature_stats"]["count"] == 12 * 3
+    assert attrs["seconds"] > 0
     root = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")
     stored = root["teachers/cnn32/features"][:].astype(np.float64).reshape(-1, attrs["feature_dim"])
-    np.testing.assert_allclose(attrs["feature_stats"]["mean"], stored.mean(0), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(attrs["feature_stats"]["std"], stored.std(0), rtol=1e-3, atol=1e-5)
-    assert max(attrs["feature_stats"]["std"]) > 0
+    stats = StoreReader(str(tmp_path / "out.zarr")).feature_stats("cnn32")
+    assert stats["mean"].shape == (attrs["feature_dim"],) and stats["count"] == 12 * 3
+    np.testing.assert_allclose(stats["mean"], stored.mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(stats["std"], stored.std(0), rtol=1e-3, atol=1e-5)
+    assert max(stats["std"]) > 0
+    assert StoreReader(str(tmp_path / "out.zarr")).teacher_attrs("cnn32")["class_names"] == list(CLASSES)
     meta = root.attrs["ktc"]
-    assert (meta["format"], meta["version"]) == ("ktc", 1)
+    assert (meta["format"], meta["version"]) == ("ktc", 2)
     assert meta["views"] == {"count": 3, "seed": 0, "scale": [0.35, 1.0], "ratio": [0.75, 4 / 3], "flip": True,
                              "center_crop": 0.875}
     assert meta["dataset"]["classes"] == list(CLASSES) and len(meta["dataset"]["fingerprint"]) == 64
@@ -323,6 +327,6 @@ def test_extract_and_info_report_the_same_size(tmp_path):
     manifest = write_manifest(tmp_path / "teachers.yaml", [cnn_teacher()])
     first, again = extract(manifest), extract(manifest)
     info = CliRunner().invoke(cli, ["info", str(tmp_path / "out.zarr")]).output.splitlines()[0]
-    on_disk = info.split("ktc store v1, ")[1].split(" on disk")[0]
+    on_disk = info.split("ktc store v2, ")[1].split(" on disk")[0]
     assert f"size      {on_disk} on disk (as `ktc info` reports it)" in again.output
     assert "size      " in first.output and "nothing to do" in again.output

@@ -122,7 +122,7 @@ def test_unsafe_sample_ids(store: Path, tmp_path: Path, bad_id: str) -> None:
     assert result.exit_code == 1 and "samples/id  object samples/id/c/1" in result.output and "row 6" in result.output
 
 
-@pytest.mark.parametrize("version", [2, 0, "1", True, None])
+@pytest.mark.parametrize("version", [3, 0, "1", True, None])
 def test_unknown_format_version(store: Path, tmp_path: Path, version) -> None:
     edit_node(store, "", set_root(version=version))
     assert_clear_everywhere(store, tmp_path, f"format version {json.dumps(version) if version is not True else 'True'}"
