@@ -113,8 +113,8 @@ def run_on_cluster(plan: Any, root: Any, options: Any, state: Any, progress_fact
     client = make_client(options.cluster, options.scheduler, options.device)
     print(f"dask dashboard: {client.dashboard_link}  ({len(client.scheduler_info()['workers'])} workers)", flush=True)
     settings = {k: getattr(options, k) for k in ("device", "batch_size", "strict", "data_root")}
-    root = str(settings["data_root"])
-    settings["data_root"] = root if "://" in root else os.path.abspath(root)
+    data_root = str(settings["data_root"])
+    settings["data_root"] = data_root if "://" in data_root else os.path.abspath(data_root)
     store, run = os.path.abspath(plan.out), uuid.uuid4().hex
     futures, waves = [], {}
     try:

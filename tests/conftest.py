@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def restore_environ() -> Iterator[None]:
+    """Put ``os.environ`` back after every test: a dask nanny started in-process copies its worker settings
+    (``OMP_NUM_THREADS=1`` …) into this process, and every later ``ktc`` subprocess would inherit them."""
+    saved = dict(os.environ)
+    yield
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.fixture()
