@@ -71,7 +71,8 @@ def main() -> None:
     results = [load(n) for n in NAMES]
     written = plots(*results, args.img)
     args.doc.parent.mkdir(parents=True, exist_ok=True)
-    args.doc.write_text(write_doc(*results, durations) + stream_section() + compact_section(), encoding="utf-8")
+    args.doc.write_text(write_doc(*results, durations) + stream_section() + teachers_section() + compact_section()
+                        + metadata_section(), encoding="utf-8")
     print(f"\nwrote {args.doc} and " + ", ".join(str(args.img / name) for name in written))
 
 
@@ -98,6 +99,72 @@ def stream_section() -> str:
               "Read-ahead (`CachedTeachers.plan_epoch`: the next sampler window's blocks read by two background "
               "threads) is what closes most of the gap to RAM; the targets are >= 0.9x and RSS within budget + 10 %."]
     return "\n".join(lines) + "\n"
+
+
+def teachers_section() -> str:
+    """``benchmarks/bench_teachers.py``'s table (run on its own), with the per-teacher code's run beside it."""
+    saved, before_file = common.RESULTS / "teachers.json", common.RESULTS / "teachers_before.json"
+    if not saved.exists():
+        return ""
+    r = json.loads(saved.read_text())
+    before = json.loads(before_file.read_text()) if before_file.exists() else {"results": {}}
+    lines = ["", "## Step time at 10, 100 and 1000 cached teachers (`python benchmarks/bench_teachers.py`)", "",
+             f"`kd` and `uniform` steps of `ktc train` (resnet18 student at 64 px, batch {r['batch_size']}, "
+             f"{r['threads']} thread, AdamW) against a plain CE step of the same student, interleaved round robin in "
+             f"one run ({r['warmup']} warm-up round, {r['steps']} timed; ratio = median over rounds of loop step / CE "
+             "step of the same round). 100 and 1000 teachers are synthetic stores of copies of the 10 real teachers' "
+             "groups. *After*: teachers as tensors (one gather, device copy and top-k scatter per group of "
+             "equal-shaped teachers; UNIFORM's heads one batched MLP per group). *Before*: the same script on the "
+             f"code before that change ({before.get('label') or 'not run'}), a separate run.", "",
+             *teacher_rows(r, before), "", *uniform_cost(r), "Step parts (seconds, median of 2 steps timed piece by piece):", ""]
+    parts = list(next(iter(r["parts"].values())))
+    lines += ["| loop | " + " | ".join(parts) + " |", "|---|" + "---|" * len(parts)]
+    lines += [f"| {name} | " + " | ".join(f"{p[k]:.3f}" for k in parts) + " |" for name, p in r["parts"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def uniform_cost(r: dict[str, Any]) -> list[str]:
+    """Where UNIFORM's step goes at 100 teachers (its heads' own arithmetic), from the step parts."""
+    name, base = "uniform, 100 cached", "plain CE (no teachers)"
+    if name not in r["parts"]:
+        return []
+    p, ce, e = r["parts"][name], r["parts"][base], r["results"][name]
+    return [f"UNIFORM at 100 teachers: {e['head_param_bytes'] / 4 / 1e6:.0f} M head parameters (an MLP encoder and "
+            f"decoder per teacher, width 512). Its heads' forward takes "
+            f"{1000 * p['method forward']:.0f} ms, their backward adds {1000 * (p['backward'] - ce['backward']):.0f} ms and "
+            f"AdamW over them {1000 * (p['clip + AdamW'] - ce['clip + AdamW']):.0f} ms, against "
+            f"{1000 * sum(ce.values()):.0f} ms for the plain CE step; reading the 100 teachers takes "
+            f"{1000 * p['read: gather + TeacherBatch']:.0f} ms. Running the heads batched removes the per-teacher "
+            "calls, not that arithmetic: the 1.5x target needs smaller heads (`hidden`) or an accelerator.", ""]
+
+
+def teacher_rows(r: dict[str, Any], before: dict[str, Any]) -> list[str]:
+    """The table of ``teachers_section``: one row per loop, then a note per loop not run."""
+    rows = ["| loop | step s | vs plain CE | before | target | verdict | gather + TeacherBatch ms | head params MiB |",
+            "|---|---|---|---|---|---|---|---|"]
+    targets, notes = {t["what"]: t for t in r["targets"]}, []
+    for name, e in r["results"].items():
+        t, old = targets.get(name), before["results"].get(name)
+        was = f"{old['vs_plain_ce']:.2f}x" if old else "-"
+        verdict = ("PASS" if t["pass"] else "MISS") if t else "-"
+        rows.append(f"| {name} | {e['step_s']:.2f} | {e['vs_plain_ce']:.2f}x | {was} | {t['target'] if t else '-'} | "
+                    f"{verdict} | {e.get('gather_s', 0) * 1000:.0f} | {e.get('head_param_bytes', 0) / 2**20:.0f} |")
+    for name, skip in r.get("skipped", {}).items():
+        rows.append(f"| {name} | not run | - | - | {targets[name]['target']} | MISS | - | - |")
+        notes.append(f"`{name}` was not run: its default heads (an MLP encoder and decoder of width D = 512 per "
+                     f"teacher) with their gradients and AdamW moments need {skip['needs_bytes'] / 2**30:.1f} GiB, "
+                     f"more than half of the memory available ({2 * skip['cap_bytes'] / 2**30:.1f} GiB).")
+    return rows + ([""] + notes if notes else [])
+
+
+def metadata_section() -> str:
+    """``benchmarks/bench_metadata.py``'s table (run on its own), from its saved results."""
+    saved = common.RESULTS / "metadata.json"
+    if not saved.exists():
+        return ""
+    import bench_metadata
+
+    return "\n" + "\n".join(bench_metadata.render(json.loads(saved.read_text())))
 
 
 def compact_section() -> str:

@@ -146,12 +146,41 @@ def load_checkpoint(out: Path, run: Any, optimizer: Any, scheduler: Any, scaler:
     check_checkpoint_files(out, state)
     for student, name in zip(run.students, run.info["students"]):
         load_model(student, str(out / name), strict=True)
-    run.method.load_state_dict(load_file(str(out / "method.safetensors")))
+    heads = load_file(str(out / "method.safetensors"))
+    layout = run.method.legacy_params()
+    run.method.load_state_dict(heads)          # per-teacher heads of older runs are stacked by a pre-hook
     saved = load_training_state(out)
+    if layout and any(p.old in heads for p in layout):
+        saved["optimizer"] = legacy_optimizer_state(saved["optimizer"], run.method, layout)
     optimizer.load_state_dict(with_current_kernel(saved["optimizer"], optimizer))
     scheduler.load_state_dict(saved["scheduler"])
     scaler.load_state_dict(saved["scaler"])
     return int(state["epoch"]) + 1, int(state["step"])
+
+
+def legacy_optimizer_state(state: dict[str, Any], method: Any, layout: list[Any]) -> dict[str, Any]:
+    """AdamW state of a run saved with per-teacher heads, mapped onto the grouped heads.
+
+    The optimizer's parameters are the students' then the method's (``kt_train.loop.make_optimizer``); the old
+    method parameters are ``layout``'s non-buffer entries in order (``Method.legacy_params``). Each moment of a
+    grouped parameter ``[T, ...]`` is its members' moments stacked (``heads.upgrade_state``, transposed like
+    the weights); ``step`` is shared by all members (one optimizer step each), so the first member's is kept.
+    """
+    from kt_train.methods.heads import upgrade_state
+
+    old = [p for p in layout if not p.buffer]
+    new = [name for name, p in method.named_parameters() if p.requires_grad]
+    group, = state["param_groups"]
+    students = len(group["params"]) - len(old)
+    entries = {p.old: state["state"].get(students + j, {}) for j, p in enumerate(old)}
+    names = {k for e in entries.values() for k in e}
+    moments = {k: upgrade_state({n: e[k] for n, e in entries.items() if k in e}, old) for k in names if k != "step"}
+    first = {p.new: entries[p.old] for p in old if p.member == 0}
+    mapped = {i: v for i, v in state["state"].items() if i < students}
+    for i, name in enumerate(new):
+        if first.get(name) and all(name in m for m in moments.values()):
+            mapped[students + i] = {"step": first[name]["step"], **{k: m[name] for k, m in moments.items()}}
+    return {"state": mapped, "param_groups": [dict(group, params=list(range(students + len(new))))]}
 
 
 def with_current_kernel(state: dict[str, Any], optimizer: Any) -> dict[str, Any]:

@@ -2,15 +2,16 @@
 
 Read path (docs/store-format.md):
 
-- ``CachedTeachers`` holds every array the method needs (pooled features, logits or top-k + LSE,
-  ``label_logit``, spatial maps) within ``ram_budget_bytes``: in RAM when they all fit, else the smallest in
-  RAM and the rest read in whole row blocks (a unit, or an aligned part of it) through LRU block caches,
-  which read each block once per window when rows come from a ``BlockShuffleSampler`` with the same
-  ``block_rows`` / ``window_blocks``. A compact store's codes are held as codes and decoded per batch.
+- ``CachedTeachers`` (``kt_train.cached``, imported here) holds every array the method needs (pooled features,
+  logits or top-k + LSE, ``label_logit``, spatial maps) within ``ram_budget_bytes``: in RAM when they all fit,
+  else the smallest in RAM and the rest read in whole row blocks (a unit, or an aligned part of it) through
+  LRU block caches, which read each block once per window when rows come from a ``BlockShuffleSampler`` with
+  the same ``block_rows`` / ``window_blocks``. A compact store's codes are held as codes and decoded per batch.
 - ``StudentViews`` (a picklable ``Dataset`` of numpy arrays, no zarr handle) decodes an image and cuts
   the stored view box with ``kt_cache.views.view_pixels``: the student sees the teachers' pixels.
 - The DataLoader yields ``(image, row, view, label)``; the main process then gathers the teachers' rows
-  from RAM (``CachedTeachers.gather``, a numpy gather) and builds the ``TeacherBatch``.
+  from RAM (``CachedTeachers.gather``: one numpy gather per group of equal-shaped teachers) and builds the
+  ``TeacherBatch`` (one stacked ``[T, B, ...]`` tensor per group, ``kt_train.teacher_stacks``).
 """
 
 from __future__ import annotations
@@ -24,19 +25,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from kt_cache.codecs import MISSING_CODE
 from kt_cache.errors import UsageError, did_you_mean
 from kt_cache.image_source import open_images
 from kt_cache.images import decode_image
 from kt_cache.store import StoreReader
 from kt_cache.views import INTERPOLATIONS, view_pixels
-from kt_train.labels import covered_mask, label_map_for
-from kt_train.methods.base import ROLES, TeacherBatch, TeacherInfo, scatter_full_logits, scatter_topk_logits
-from kt_train.sampler import BlockCache, BlockShuffleSampler
+from kt_train.cached import ALL_FIELDS, TOPK, CachedTeachers, GiB
+from kt_train.methods.base import ROLES
+from kt_train.sampler import BlockShuffleSampler
 
-GiB = 1 << 30
-ALL_FIELDS = frozenset({"features", "logits", "featmaps", "label_logit", "lse", "logit_mean", "logit_std"})
-TOPK = ("logits_topk/values", "logits_topk/index")
+__all__ = ["ALL_FIELDS", "GiB", "TOPK", "CachedTeachers", "StudentLoader", "StudentViews", "check_images_exist",
+           "collate", "make_loader", "select_teachers"]
 
 
 def select_teachers(reader: StoreReader, spec: Iterable[str]) -> list[str]:
@@ -81,257 +80,6 @@ def _check_complete(reader: StoreReader, tid: str, others: list[str]) -> None:
         f"teacher '{tid}' in the store {reader.where} is incomplete: {int(done.sum())}/{done.size} units done, "
         "so some rows hold no outputs. Fix: rerun `ktc extract` with the same manifest to finish it, or "
         f"exclude it with --teachers {keep}.")
-
-
-class CachedTeachers:
-    """The selected teachers' stored outputs, held for cheap per-batch gathers (main process only).
-
-    Args:
-        reader: the open store.
-        teacher_ids: teachers in run order (from ``select_teachers``).
-        needs: ``TeacherBatch`` fields to provide (a method's ``needs``); ``None`` = every field.
-        ram_budget_bytes: bounds every array held (features, logits or top-k + LSE, ``label_logit``, maps): when
-            all of them fit they are loaded into RAM; otherwise the smallest are loaded while they fit half the
-            budget and the rest are read in whole row blocks through ``BlockCache``s whose windows together
-            fit the other half (each block is read once per window when rows come from a
-            ``BlockShuffleSampler`` with the same ``block_rows`` / ``window_blocks``).
-        window_blocks: blocks per shuffle window (give the same to ``make_loader``).
-        block_rows: rows per cache block (default: the store's unit, halved until the windows fit the
-            budget, never below an inner chunk); give ``self.block_rows`` to ``make_loader``.
-    """
-
-    def __init__(self, reader: StoreReader, teacher_ids: Sequence[str], needs: Iterable[str] | None = None,
-                 ram_budget_bytes: int = 4 * GiB, window_blocks: int = 8, block_rows: int | None = None) -> None:
-        self.ids = tuple(teacher_ids)
-        self.wanted = ALL_FIELDS if needs is None else frozenset("featmaps" if n == "featmap" else n for n in needs)
-        self.num_classes = len(reader.class_names)
-        self.window_blocks, self.block_rows = int(window_blocks), int(reader.meta["unit_rows"])
-        self.attrs = {tid: reader.teacher_attrs(tid) for tid in self.ids}
-        self.stats = {tid: reader.feature_stats(tid) for tid in self.ids}     # v1 attrs or v2 stats/features
-        self.tables: dict[str, dict[str, np.ndarray]] = {tid: {} for tid in self.ids}
-        self.label_maps: dict[str, np.ndarray] = {}
-        self.caches: dict[tuple[str, str], BlockCache] = {}
-        sources: dict[tuple[str, str], Any] = {}
-        for tid in self.ids:
-            arrays = reader.teacher_arrays(tid)
-            paths = self._ram_paths(tid, arrays, reader)
-            if "featmaps" in self.wanted and "featmap" in arrays:
-                paths.append("featmap")
-            sources.update({(tid, path): reader.rows(tid, path) for path in paths})
-        self._place(sources, int(ram_budget_bytes), block_rows)
-        self.codecs = {(tid, path): params for tid in self.ids for path in ("features", "featmap")
-                       if self.holds(tid, path) and (params := reader.codec_params(tid, path)) is not None}
-        self._decoders: dict[tuple[str, str, str], Any] = {}
-
-    def holds(self, tid: str, path: str) -> bool:
-        """Whether ``path`` of ``tid`` is provided (held in RAM or streamed)."""
-        return path in self.tables[tid] or (tid, path) in self.caches
-
-    def _place(self, sources: dict[tuple[str, str], Any], budget: int, block_rows: int | None) -> None:
-        """RAM for everything when it fits the budget; else the smallest arrays in half of it, the rest streamed."""
-        sizes = {key: int(array.nbytes) for key, array in sources.items()}
-        held, used = [], 0
-        for key in sorted(sources, key=lambda k: sizes[k]):
-            if sum(sizes.values()) <= budget or used + sizes[key] <= budget // 2:
-                held.append(key)
-                used += sizes[key]
-        for tid, path in held:
-            self.tables[tid][path] = read_by_units(sources[(tid, path)], self.block_rows)
-        streamed = {key: array for key, array in sources.items() if key not in held}
-        if streamed:       # half of what is left: a block being read is held twice (decoded chunks, then the copy)
-            self._stream(streamed, (budget - used) // 2, block_rows)
-        self._windows: list[np.ndarray] = []
-        self._window_of: dict[int, int] = {}
-        self._ahead = -1
-
-    def _stream(self, arrays: dict[tuple[str, str], Any], budget: int, block_rows: int | None) -> None:
-        if block_rows is None:
-            row_bytes = sum(int(a.nbytes) // max(1, a.shape[0]) for a in arrays.values())
-            floor = max(int(a.chunks[0]) for a in arrays.values())
-            block_rows = self.block_rows
-            while block_rows > floor and block_rows * row_bytes * 2 * self.window_blocks > budget:
-                block_rows //= 2           # two windows: the one in use and the one read ahead
-        if block_rows < 1 or self.block_rows % block_rows:
-            raise ValueError(f"CachedTeachers: block_rows={block_rows} must divide the store's unit rows "
-                             f"({self.block_rows}) so a block never spans two shards")
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.block_rows = int(block_rows)
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ktc-read-ahead")
-        self.caches = {key: BlockCache(a, self.block_rows, 2 * self.window_blocks, self._pool)
-                       for key, a in arrays.items()}
-
-    def plan_epoch(self, windows: Sequence[np.ndarray]) -> None:
-        """The sampler's block windows of this epoch (``BlockShuffleSampler.windows()``): while a window's rows
-        are gathered, the next window's blocks are read in background threads, so a step rarely waits on a read."""
-        if not self.caches:
-            return
-        self._windows = [np.asarray(w) for w in windows]
-        self._window_of = {int(b): i for i, w in enumerate(self._windows) for b in w}
-        self._ahead = -1
-        self._read_ahead(0)
-
-    def _read_ahead(self, window: int) -> None:
-        if window > self._ahead and window < len(self._windows):
-            for cache in self.caches.values():
-                cache.prefetch(self._windows[window])
-            self._ahead = window
-
-    def _after_gather(self, rows: np.ndarray) -> None:
-        if self._window_of and rows.size:
-            current = max(self._window_of.get(int(b), -1) for b in np.unique(rows // self.block_rows))
-            self._read_ahead(current + 1)
-
-    def _ram_paths(self, tid: str, arrays: dict[str, Any], reader: StoreReader) -> list[str]:
-        """Store paths of ``tid`` to load into RAM; sets its label map when its logits are used."""
-        w, paths = self.wanted, []
-        if "features" in w and "features" in arrays:
-            paths.append("features")
-        full, topk = "logits" in arrays, TOPK[0] in arrays
-        if (full or topk) and w & {"logits", "logit_mean", "logit_std"}:
-            self.label_maps[tid] = self._label_map(tid, reader)
-            paths += ["logits"] if full else [*TOPK, "logits_lse"]
-        paths += [p for p, f in (("logits_lse", "lse"), ("label_logit", "label_logit"))
-                  if f in w and p in arrays and p not in paths]
-        return paths
-
-    def _label_map(self, tid: str, reader: StoreReader) -> np.ndarray:
-        names, count = self.attrs[tid].get("class_names"), self.attrs[tid].get("num_classes")
-        label_map = label_map_for(reader.class_names, names, count)
-        if not (label_map >= 0).any():
-            raise UsageError(
-                f"teacher '{tid}' in the store {reader.where} has {label_map.size} logits, but none of its class "
-                f"names ({(names or ['<none recorded>'])[:5]}) is a target class ({reader.class_names[:5]}...). "
-                "Its logits cannot be used. Fix: exclude it with --teachers, or re-extract it with `classes:` "
-                "naming its logits in the target label space.")
-        return label_map
-
-    def teacher_infos(self) -> tuple[TeacherInfo, ...]:
-        """``TeacherInfo`` per teacher, describing exactly what ``to_teacher_batch`` will provide."""
-        infos = []
-        for tid in self.ids:
-            attrs = self.attrs[tid]
-            stats = self.stats[tid] or {}
-            has_feat = self.holds(tid, "features")
-            mean, std = (torch.tensor(stats[k], dtype=torch.float32) if has_feat and stats.get(k) is not None
-                         else None for k in ("mean", "std"))
-            infos.append(TeacherInfo(
-                id=tid, role=str(attrs.get("role", "predictive")),
-                feature_dim=int(attrs["feature_dim"]) if has_feat else None,
-                featmap_dim=int(attrs["featmap_dim"]) if self.holds(tid, "featmap") else None,
-                has_logits=tid in self.label_maps and "logits" in self.wanted, feature_mean=mean, feature_std=std))
-        return tuple(infos)
-
-    def covered(self, tid: str) -> np.ndarray:
-        """bool ``[C]``: target classes teacher ``tid`` has logits for."""
-        return covered_mask(self.label_maps[tid], self.num_classes)
-
-    def gather(self, rows: np.ndarray, views: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
-        """Stored outputs at ``(rows[b], views[b])``: teacher id -> store path -> ``[B, ...]`` numpy."""
-        rows, views = np.asarray(rows, dtype=np.int64), np.asarray(views, dtype=np.int64)
-        out = {}
-        for tid in self.ids:
-            got = {path: table[rows, views] for path, table in self.tables[tid].items()}
-            for (owner, path), cache in self.caches.items():
-                if owner == tid:
-                    got[path] = cache.gather(rows, views)
-            for path in ("features", "featmap"):
-                params = self.codecs.get((tid, path))
-                if params is not None and params.codec.int8:     # each row's unit has its own int8 range
-                    for name in ("scale", "offset"):
-                        got[f"codec/{path}/{name}"] = params.arrays[name][rows // params.unit_rows]
-            out[tid] = got
-        self._after_gather(rows)
-        return out
-
-    def to_teacher_batch(self, gathered: dict[str, dict[str, np.ndarray]], labels: Any, device: Any) -> TeacherBatch:
-        """A ``TeacherBatch`` on ``device`` from ``gather`` output; logits scattered into the target space.
-
-        Args:
-            gathered: from ``gather``.
-            labels: int ``[B]`` target labels (-1 unknown), or ``None``.
-            device: the student's device.
-        """
-        tb = TeacherBatch(ids=self.ids, roles={t: str(self.attrs[t].get("role", "predictive")) for t in self.ids},
-                          valid={}, labels=None if labels is None else torch.as_tensor(labels).long().to(device))
-        size = max([len(a) for g in gathered.values() for a in g.values()] + [0 if labels is None else len(labels)])
-        for tid in self.ids:
-            ok = finite_rows(gathered[tid], size)
-            got = {p: zero_invalid(a, ok) for p, a in gathered[tid].items()}
-            tb.valid[tid] = torch.from_numpy(ok).to(device)
-            for path, table in (("features", tb.features), ("featmap", tb.featmaps)):
-                if path in got:
-                    table[tid] = self._decoded(tid, path, got, device, tb.valid[tid])
-            for path, name in (("logits_lse", "lse"), ("label_logit", "label_logit")):
-                if path in got and name in self.wanted:
-                    getattr(tb, name)[tid] = _tensor(got[path], device)
-            if tid in self.label_maps:
-                self._add_logits(tb, tid, got, device)
-        return tb
-
-    def _decoded(self, tid: str, path: str, got: dict[str, np.ndarray], device: Any, valid: torch.Tensor) -> torch.Tensor:
-        """``got[path]`` on ``device``; a compact store's codes decoded there (``kt_cache.codecs``), invalid rows 0."""
-        codes = _tensor(got[path], device)
-        if (tid, path) not in self.codecs:
-            return codes
-        key = (tid, path, str(codes.device))
-        if key not in self._decoders:
-            self._decoders[key] = self.codecs[(tid, path)].torch_decoder(codes.device)
-        quant = [_tensor(got[f"codec/{path}/{n}"], device) if f"codec/{path}/{n}" in got else None
-                 for n in ("scale", "offset")]
-        decoded = self._decoders[key](codes, *quant)
-        return torch.where(valid.view(-1, *([1] * (decoded.ndim - 1))), decoded, torch.zeros((), device=codes.device))
-
-    def _add_logits(self, tb: TeacherBatch, tid: str, got: dict[str, np.ndarray], device: Any) -> None:
-        label_map = torch.from_numpy(self.label_maps[tid]).to(device)
-        if "logits" in got:
-            z = torch.from_numpy(got["logits"]).to(device).float()
-            if self.wanted & {"logit_mean", "logit_std"}:
-                tb.logit_mean[tid], tb.logit_std[tid] = z.mean(-1), z.std(-1, unbiased=True)
-            logits, covered = scatter_full_logits(z, label_map, self.num_classes)
-        else:
-            values, lse = (torch.from_numpy(got[p]).to(device) for p in (TOPK[0], "logits_lse"))
-            index = torch.from_numpy(got[TOPK[1]].astype(np.int64)).to(device)
-            logits, covered = scatter_topk_logits(values, index, lse, label_map, self.num_classes)
-        if "logits" in self.wanted:
-            tb.logits[tid], tb.covered[tid] = logits, covered
-
-    def for_batch(self, batch: dict[str, torch.Tensor], device: Any) -> TeacherBatch:
-        """``to_teacher_batch(gather(batch rows, batch views), batch labels, device)`` for a loader batch."""
-        gathered = self.gather(batch["row"].numpy(), batch["view"].numpy())
-        return self.to_teacher_batch(gathered, batch["label"], device)
-
-
-def read_by_units(array: Any, unit_rows: int) -> np.ndarray:
-    """The whole array, read a unit at a time into one preallocated array: no second full-size copy in flight."""
-    out = np.empty(array.shape, dtype=array.dtype)
-    for start in range(0, int(array.shape[0]), unit_rows):
-        out[start:start + unit_rows] = array[start:start + unit_rows]
-    return out
-
-
-def _tensor(a: np.ndarray, device: Any) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a)).to(device)
-
-
-def finite_rows(arrays: dict[str, np.ndarray], size: int) -> np.ndarray:
-    """bool ``[size]``: every float value of a row is finite and no int8 code is the missing code
-    (``label_logit`` may be NaN and is ignored)."""
-    ok = np.ones(size, dtype=bool)
-    for path, a in arrays.items():
-        if path == "label_logit" or not (np.issubdtype(a.dtype, np.floating) or a.dtype == np.int8):
-            continue
-        flat = a.reshape(a.shape[0], -1)
-        row_ok = (flat != MISSING_CODE).all(axis=1) if a.dtype == np.int8 else np.isfinite(flat).all(axis=1)
-        ok &= row_ok
-    return ok
-
-
-def zero_invalid(a: np.ndarray, ok: np.ndarray) -> np.ndarray:
-    """``a`` with the rows where ``ok`` is False set to 0, so no NaN of a failed image reaches a method."""
-    if ok.all() or not np.issubdtype(a.dtype, np.floating):
-        return a
-    return np.where(ok.reshape(-1, *([1] * (a.ndim - 1))), a, 0).astype(a.dtype)
 
 
 class StudentViews(Dataset):

@@ -37,6 +37,11 @@ How a cache reader fills ``TeacherBatch`` (the contract; ``docs/methods.md`` rep
 7. ``reference_logits``: ``[B, C]`` raw logits of the *frozen initial student* (Fantastic Gains ``f_st``),
    either read from the cache (it is just another frozen network) or computed by the trainer with a frozen
    copy of the student under ``torch.no_grad()``. Only ``fg`` reads it.
+8. **Teachers as tensors.** Any per-teacher field may be a ``stacks.Stacked`` instead of a dict: one tensor
+   ``[T, B, ...]`` per group of teachers with equal shapes (``covered``: ``[T, C]``), ids in teacher order
+   (``kt_train.cached.CachedTeachers`` fills every field so). It reads like the dict; methods call
+   ``stacked(name, ids)``, which returns a group's tensor without a copy when ``ids`` are that group, so a
+   batch of a thousand teachers costs one op per group, not one per teacher.
 
 Nothing in a ``TeacherBatch`` needs (or should have) ``requires_grad``; methods never let gradients reach it.
 """
@@ -44,14 +49,16 @@ Nothing in a ``TeacherBatch`` needs (or should have) ``requires_grad``; methods 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import ClassVar
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from kt_train.methods.heads import LegacyParam, upgrade_state
 from kt_train.methods.options import MethodOptions
+from kt_train.methods.stacks import stack_of
 
 ROLES = ("predictive", "descriptive", "sentinel")
 
@@ -119,15 +126,15 @@ class TeacherBatch:
 
     ids: tuple[str, ...]
     roles: dict[str, str]
-    valid: dict[str, Tensor]                                      # id -> bool [B]
-    features: dict[str, Tensor] = field(default_factory=dict)     # id -> [B, d_t]
-    logits: dict[str, Tensor] = field(default_factory=dict)       # id -> [B, C] raw, -inf where uncovered
-    covered: dict[str, Tensor] = field(default_factory=dict)      # id -> bool [C]; same keys as logits
-    featmaps: dict[str, Tensor] = field(default_factory=dict)     # id -> [B, h, w, d_t]
-    label_logit: dict[str, Tensor] = field(default_factory=dict)  # id -> [B] raw logit of labels[b]
-    lse: dict[str, Tensor] = field(default_factory=dict)          # id -> [B] logsumexp over all C_t logits
-    logit_mean: dict[str, Tensor] = field(default_factory=dict)   # id -> [B] mean over all C_t logits
-    logit_std: dict[str, Tensor] = field(default_factory=dict)    # id -> [B] unbiased std over all C_t
+    valid: Mapping[str, Tensor]                                      # id -> bool [B]
+    features: Mapping[str, Tensor] = field(default_factory=dict)     # id -> [B, d_t]
+    logits: Mapping[str, Tensor] = field(default_factory=dict)       # id -> [B, C] raw, -inf where uncovered
+    covered: Mapping[str, Tensor] = field(default_factory=dict)      # id -> bool [C]; same keys as logits
+    featmaps: Mapping[str, Tensor] = field(default_factory=dict)     # id -> [B, h, w, d_t]
+    label_logit: Mapping[str, Tensor] = field(default_factory=dict)  # id -> [B] raw logit of labels[b]
+    lse: Mapping[str, Tensor] = field(default_factory=dict)          # id -> [B] logsumexp over all C_t logits
+    logit_mean: Mapping[str, Tensor] = field(default_factory=dict)   # id -> [B] mean over all C_t logits
+    logit_std: Mapping[str, Tensor] = field(default_factory=dict)    # id -> [B] unbiased std over all C_t
     labels: Tensor | None = None                                  # [B] int64, -1 unknown
     reference_logits: Tensor | None = None                        # [B, C] frozen initial student (FG)
 
@@ -138,6 +145,16 @@ class TeacherBatch:
     def logit_ids(self) -> list[str]:
         """Teachers whose logits methods use: they have logits and are not descriptive/sentinel."""
         return [t for t in self.ids if t in self.logits and self.roles.get(t, "predictive") == "predictive"]
+
+    def stacked(self, name: str, ids: Sequence[str]) -> Tensor:
+        """Field ``name`` of the teachers ``ids`` as one tensor ``[T, B, ...]`` in ``ids`` order (``covered``:
+        ``[T, C]``). No copy when the field is ``Stacked`` and ``ids`` are one of its groups; one
+        ``index_select`` for part of a group; else the entries are stacked (a ValueError names a missing one)."""
+        table = getattr(self, name)
+        if not all(t in table and t in self.valid for t in ids):
+            for tid in ids:
+                self.require(name, tid)
+        return stack_of(table, ids)
 
     def require(self, name: str, tid: str) -> Tensor:
         """``getattr(self, name)[tid]``, or a ValueError naming the teacher, the field and the fix."""
@@ -206,6 +223,12 @@ class Method(nn.Module):
         self.options = options
         self.dims = dims
         self.num_students = 1
+        self.register_load_state_dict_pre_hook(_upgrade_legacy_heads)
+
+    def legacy_params(self) -> list[LegacyParam]:
+        """Where each tensor of the per-teacher head layout (checkpoints written before grouped heads) lives
+        now, in that layout's parameter order; ``[]`` for methods whose keys did not change."""
+        return []
 
     def forward(self, student: StudentOutput | Sequence[StudentOutput], teachers: TeacherBatch) -> dict[str, Tensor]:
         raise NotImplementedError
@@ -217,6 +240,15 @@ class Method(nn.Module):
         if len(student) != 1:
             raise ValueError(f"method {self.name!r} trains one student, got {len(student)} StudentOutputs")
         return student[0]
+
+
+def _upgrade_legacy_heads(module: Method, state: dict[str, Any], prefix: str, *_: Any) -> None:
+    """``load_state_dict`` pre-hook: per-teacher head tensors of an old checkpoint -> the stacked keys."""
+    layout = [replace(p, old=prefix + p.old, new=prefix + p.new) for p in module.legacy_params()]
+    if layout and any(p.old in state for p in layout):
+        upgraded = upgrade_state(state, layout)
+        state.clear()
+        state.update(upgraded)
 
 
 def scatter_full_logits(z: Tensor, label_map: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:

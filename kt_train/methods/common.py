@@ -27,8 +27,9 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
 
 
 def zero_invalid(x: Tensor, valid: Tensor) -> Tensor:
-    """Detached fp32 copy of cached ``x [B, ...]`` with rows where ``valid [B]`` is False set to 0 (NaN-safe)."""
-    v = valid.reshape(valid.shape + (1,) * (x.dim() - 1))
+    """Detached fp32 copy of cached ``x [B, ...]`` (or stacked ``[T, B, ...]``) with rows where ``valid [B]``
+    (``[T, B]``) is False set to 0 (NaN-safe)."""
+    v = valid.reshape(valid.shape + (1,) * (x.dim() - valid.dim()))
     return torch.where(v, x.detach().float(), torch.zeros((), dtype=torch.float32, device=x.device))
 
 
@@ -49,30 +50,53 @@ def teacher_logits(tb: TeacherBatch, tid: str, standardize: bool = False) -> Ten
     return z
 
 
+def stacked_teacher_logits(tb: TeacherBatch, ids: list[str], standardize: bool = False) -> Tensor:
+    """``teacher_logits`` of every teacher of ``ids`` at once: detached fp32 ``[T, B, C]``, same math.
+
+    ``z_t = where(valid_t ∧ covered_t, logits_t, 0)``, ``-inf`` where not covered; with ``standardize`` each
+    row is Z-scored over its covered classes (cached mean/std ``[T, B]`` when every teacher has them; a mix
+    falls back to one call per teacher, as the result must match ``teacher_logits`` row for row).
+    """
+    covered, valid = tb.stacked("covered", ids), tb.stacked("valid", ids)          # [T, C], [T, B]
+    z = tb.stacked("logits", ids).detach().float().masked_fill(~valid[:, :, None], 0.0)     # a new tensor
+    z.masked_fill_(~covered[:, None, :], NEG_INF)
+    if not standardize:
+        return z
+    cached = [sum(t in table for t in ids) for table in (tb.logit_mean, tb.logit_std)]
+    if cached == [len(ids)] * 2:
+        return standardize_logits(z, covered, tb.stacked("logit_mean", ids), tb.stacked("logit_std", ids))
+    if cached == [0, 0]:
+        return standardize_logits(z, covered)
+    return torch.stack([teacher_logits(tb, t, True) for t in ids])
+
+
 def standardize_logits(z: Tensor, covered: Tensor | None = None, mean: Tensor | None = None,
                        std: Tensor | None = None) -> Tensor:
     """Logit standardization ``Z(z) = (z - mean_c z) / (std_c z + 1e-7)`` over covered classes.
 
     Sun et al., "Logit Standardization in Knowledge Distillation", CVPR 2024. ``std`` is unbiased (N-1),
-    as ``torch.std``. Args: ``z [B, C]``; ``covered [C]`` bool or None (all); optional cached ``mean``/``std``
-    ``[B]`` over the teacher's full logit vector (exact for top-k caches). Uncovered classes stay ``-inf``.
+    as ``torch.std``. Args: ``z [B, C]`` (or stacked ``[T, B, C]``); ``covered [C]`` (``[T, C]``) bool or None
+    (all); optional cached ``mean``/``std`` ``[B]`` (``[T, B]``) over the teacher's full logit vector (exact for
+    top-k caches). Uncovered classes stay ``-inf``.
     """
     if covered is None:
         covered = torch.ones(z.shape[-1], dtype=torch.bool, device=z.device)
-    zc = torch.where(covered[None], z, torch.zeros_like(z))
-    n = covered.sum().to(z.dtype)
-    mu = zc.sum(-1, keepdim=True) / n if mean is None else mean.to(z.dtype)[:, None]
+    cov = covered.unsqueeze(-2)                                                  # [1, C] or [T, 1, C]
+    zc = torch.where(cov, z, torch.zeros_like(z))
+    n = cov.sum(-1, keepdim=True).to(z.dtype)
+    mu = zc.sum(-1, keepdim=True) / n if mean is None else mean.to(z.dtype)[..., None]
     if std is None:
-        dev = torch.where(covered[None], zc - mu, torch.zeros_like(z))
+        dev = torch.where(cov, zc - mu, torch.zeros_like(z))
         sd = (dev.pow(2).sum(-1, keepdim=True) / (n - 1).clamp_min(1.0)).sqrt()
     else:
-        sd = std.to(z.dtype)[:, None]
-    return torch.where(covered[None], (zc - mu) / (sd + 1e-7), torch.full_like(z, NEG_INF))
+        sd = std.to(z.dtype)[..., None]
+    return torch.where(cov, (zc - mu) / (sd + 1e-7), torch.full_like(z, NEG_INF))
 
 
 def log_probs(z: Tensor, tau: float = 1.0) -> Tensor:
     """fp32 ``log_softmax(z / tau)`` over the last dimension (``-inf`` classes get ``-inf``)."""
-    return F.log_softmax(upcast(z) / tau, dim=-1)
+    x = upcast(z)
+    return F.log_softmax(x if tau == 1.0 else x / tau, dim=-1)         # x / 1.0 == x: one pass less
 
 
 def target_probs(z: Tensor, tau: float = 1.0) -> tuple[Tensor, Tensor]:

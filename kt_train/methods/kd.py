@@ -8,7 +8,8 @@ Sun et al., "Logit Standardization in Knowledge Distillation", CVPR 2024 (docs/m
     L    = (1 − α) · CE(z_s, y) + α · L_KD
     standardize: z ← (z − mean_c z) / (std_c z + 1e-7) for teachers (over covered classes) and student
 
-Shapes: teacher logits stacked ``[B, T, C]``, student ``z_s [B, C]``, ``y [B]``. Teachers are the batch's
+Shapes: teacher logits stacked ``[T, B, C]`` (``TeacherBatch.stacked``: one tensor for all teachers, no
+per-teacher op; averaged over ``T`` in that layout); student ``z_s [B, C]``, ``y [B]``. Teachers are the batch's
 predictive teachers with logits (``TeacherBatch.logit_ids``). Top-k caches are lossy here (docs/methods.md).
 """
 
@@ -26,8 +27,8 @@ from kt_train.methods.common import (
     kl_rows,
     log_probs,
     masked_mean,
+    stacked_teacher_logits,
     standardize_logits,
-    teacher_logits,
     upcast,
 )
 from kt_train.methods.options import MethodOptions
@@ -45,10 +46,17 @@ class KDOptions(MethodOptions):
                       f"alpha must be in [0, 1], got {self.alpha}")
 
 
-def average_teacher_probs(z: Tensor, valid: Tensor, tau: float = 1.0) -> tuple[Tensor, Tensor]:
-    """Mean of the valid teachers' ``σ(z/τ)`` (``z [B, T, C]``): ``p̄ [B, C]`` and ``log p̄`` (0 where p̄ = 0)."""
+def average_teacher_probs(z: Tensor, valid: Tensor, tau: float = 1.0, dim: int = 1) -> tuple[Tensor, Tensor]:
+    """Mean of the valid teachers' ``σ(z/τ)``: ``p̄ [B, C]`` and ``log p̄`` (0 where p̄ = 0).
+
+    ``z [B, T, C]`` with ``valid [B, T]`` (``dim=1``), or stacked ``z [T, B, C]`` with ``valid [T, B]``
+    (``dim=0``): ``p̄_b = Σ_t v_{b,t} σ(z_{t,b}/τ) / Σ_t v_{b,t}``. Cached teachers carry no graph, so the
+    ``[T, B, C]`` temporaries are then updated in place (one allocation instead of three).
+    """
     vf = valid[..., None].float()
-    p = (log_probs(z, tau).exp() * vf).sum(1) / vf.sum(1).clamp_min(1.0)
+    q = log_probs(z, tau)
+    p = q.exp() * vf if q.requires_grad else q.exp_().mul_(vf)
+    p = p.sum(dim) / vf.sum(dim).clamp_min(1.0)
     return p, torch.where(p > 0, p.log(), torch.zeros_like(p))
 
 
@@ -81,11 +89,11 @@ class KD(Method):
         if alpha < 1.0 and y is None:
             raise ValueError(f"method {self.name!r}: alpha={alpha} < 1 needs labels; the batch has none. "
                              "Fix: set alpha: 1.0 for unlabelled data.")
-        z = torch.stack([teacher_logits(teachers, t, o.standardize) for t in ids], 1)
-        valid = torch.stack([teachers.valid[t] for t in ids], 1)
-        p, logp = average_teacher_probs(z, valid, o.tau)
+        z = stacked_teacher_logits(teachers, ids, o.standardize)                      # [T, B, C]
+        valid = teachers.stacked("valid", ids)                                         # [T, B]
+        p, logp = average_teacher_probs(z, valid, o.tau, dim=0)
         z_s = standardize_logits(upcast(s.logits)) if o.standardize else s.logits
-        kd = masked_mean(kd_rows(z_s, p, logp, o.tau), valid.any(1))
+        kd = masked_mean(kd_rows(z_s, p, logp, o.tau), valid.any(0))
         out = {"kd_loss": kd.detach()}
         loss = alpha * kd
         if alpha < 1.0:

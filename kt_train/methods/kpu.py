@@ -14,6 +14,13 @@ Huang, Chen, Lyu (Sony AI), "Knowledge Preservation and Unification" (docs/metho
 s2t/t2s/rec (K6). Shapes: student ``x [B, D]``, ``V [B, D, H, W]``; teacher ``x^t [B, d_t]``,
 ``V^t [B, h_t, w_t, d'_t]`` (channels last, as cached). The sentinel/adapter half of KPU needs the
 sentinel's weights as the student trunk and lives in the student, not here (docs/methods.md).
+
+Teachers with the same ``d_t`` share one ``heads.GroupedMLP`` per stream (global heads grouped by feature dim,
+spatial heads by map channels): a group's stacked ``x^t [T, B, d_t]`` / ``V^t [T, B, h_t, w_t, d'_t]`` go
+through its heads in one batched op, and the student's ``x`` / ``V`` enter as ``expand(T, ...)`` views.
+Each term's sum over valid (sample, teacher) pairs is the sum of the groups' sums, so ``avg_t`` is unchanged.
+State-dict keys: ``global_heads.d<d_t>.s2t.fc1.weight [T, D, h]`` ...; checkpoints of per-teacher heads
+(``global_heads.<id>.s2t.0.weight``) load through ``legacy_params``.
 """
 
 from __future__ import annotations
@@ -26,7 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kt_train.methods.base import Method, MethodDims, StudentOutput, TeacherBatch
-from kt_train.methods.common import masked_mean, mlp, safe_key, zero_invalid
+from kt_train.methods.common import safe_key, zero_invalid
+from kt_train.methods.heads import GroupedMLP, LegacyParam, group_by, legacy_layout, run_head
+from kt_train.methods.stacks import shape_subsets
 from kt_train.methods.options import MethodOptions
 
 _HEADS = ("s2t", "t2s", "rec")
@@ -49,31 +58,35 @@ class KPUOptions(MethodOptions):
 
 
 def resize_map(v: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear resize of a channels-last map ``[B, h, w, d]`` to ``[B, H, W, d]`` (no-op when equal)."""
-    if tuple(v.shape[1:3]) == tuple(size):
+    """Bilinear resize of a channels-last map ``[..., h, w, d]`` (e.g. ``[B, h, w, d]`` or ``[T, B, h, w, d]``)
+    to ``[..., H, W, d]`` (no-op when equal)."""
+    if tuple(v.shape[-3:-1]) == tuple(size):
         return v
-    out = F.interpolate(v.permute(0, 3, 1, 2), size=size, mode="bilinear", align_corners=False)
-    return out.permute(0, 2, 3, 1)
+    flat = v.reshape(-1, *v.shape[-3:]).permute(0, 3, 1, 2)
+    out = F.interpolate(flat, size=size, mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+    return out.reshape(*v.shape[:-3], *out.shape[1:])
 
 
 def align_rows(x1: Tensor | None, v1: Tensor | None, x2: Tensor | None, v2: Tensor | None,
                lambdas: tuple[float, float, float] = (1.0, 0.9, 0.1), beta: float = 1.0) -> Tensor:
-    """Per-row ``L_align`` ``[B]`` (Eq. 1). ``x* [B, d]`` or None (term dropped); ``v* [B, h, w, d]`` or None."""
+    """Per-row ``L_align`` ``[B]`` (Eq. 1). ``x* [B, d]`` or None (term dropped); ``v* [B, h, w, d]`` or None.
+    Stacked inputs (``[T, B, d]``, ``[T, B, h, w, d]``) give ``[T, B]``."""
     terms = []
     if x1 is not None and x2 is not None:
         terms.append(lambdas[0] * (1.0 - F.cosine_similarity(x1, x2, dim=-1, eps=1e-8)))
     if v1 is not None and v2 is not None:
-        cos = 1.0 - F.cosine_similarity(v1, v2, dim=-1, eps=1e-8)                      # [B, h, w]
+        cos = 1.0 - F.cosine_similarity(v1, v2, dim=-1, eps=1e-8)                      # [..., h, w]
         sl1 = F.smooth_l1_loss(v1, v2, beta=beta, reduction="none")
-        terms.append(lambdas[1] * cos.flatten(1).mean(1) + lambdas[2] * sl1.flatten(1).mean(1))
+        terms.append(lambdas[1] * cos.flatten(-2).mean(-1) + lambdas[2] * sl1.flatten(-3).mean(-1))
     if not terms:
         raise ValueError("align_rows needs a global pair (x1, x2) or a spatial pair (v1, v2)")
     return torch.stack(terms, 0).sum(0)
 
 
-def _head_set(d_s: int, d_t: int, hidden: int | None, norm: bool) -> nn.ModuleDict:
+def _head_set(members: int, d_s: int, d_t: int, hidden: int | None, norm: bool) -> nn.ModuleDict:
     h = hidden or max(d_s, d_t)
-    return nn.ModuleDict({"s2t": mlp(d_s, h, d_t, norm), "t2s": mlp(d_t, h, d_s, norm), "rec": mlp(d_s, h, d_t, norm)})
+    return nn.ModuleDict({name: GroupedMLP(members, d_in, h, d_out, norm, reset=False)
+                          for name, (d_in, d_out) in (("s2t", (d_s, d_t)), ("t2s", (d_t, d_s)), ("rec", (d_s, d_t)))})
 
 
 class KPU(Method):
@@ -92,58 +105,91 @@ class KPU(Method):
         self.teacher_ids = [t.id for t in dims.teachers if t.feature_dim or t.featmap_dim]
         options._require(bool(self.teacher_ids), self.name, "no teacher has a cached feature or spatial map "
                          "(TeacherInfo.feature_dim / featmap_dim). Fix: cache features or featmap for KPU teachers.")
-        for t in dims.teachers:
-            if t.feature_dim:
-                self.global_heads[safe_key(t.id)] = _head_set(D, t.feature_dim, options.hidden, options.head_norm)
-            if t.featmap_dim:
-                self.map_heads[safe_key(t.id)] = _head_set(D, t.featmap_dim, options.hidden, options.head_norm)
+        self.groups = {"global_heads": group_by((t.id, t.feature_dim) for t in dims.teachers if t.feature_dim),
+                       "map_heads": group_by((t.id, t.featmap_dim) for t in dims.teachers if t.featmap_dim)}
+        for name, groups in self.groups.items():
+            for d, ids in groups.items():
+                getattr(self, name)[f"d{d}"] = _head_set(len(ids), D, d, options.hidden, options.head_norm)
+        for name, key, i, _ in self._members(by_teacher=True):    # the per-teacher heads' drawing order
+            for head in getattr(self, name)[key].values():
+                head.reset_member(i)
+
+    def _members(self, by_teacher: bool = False) -> list[tuple[str, str, int, str]]:
+        """``(heads dict, group key, index in group, teacher id)``; per dict then teacher order, or per teacher."""
+        out = [(name, f"d{d}", i, tid) for name, groups in self.groups.items() for d, ids in groups.items()
+               for i, tid in enumerate(ids)]
+        order = {tid: n for n, tid in enumerate(t.id for t in self.dims.teachers)}
+        return sorted(out, key=lambda m: (order[m[3]], m[0]) if by_teacher else (m[0], order[m[3]]))
+
+    def legacy_params(self) -> list[LegacyParam]:
+        """Per-teacher keys ``global_heads.<id>.s2t.0.weight`` ... in their parameter order."""
+        return [p for name, key, i, tid in self._members() for stream, head in getattr(self, name)[key].items()
+                for p in legacy_layout(head, f"{name}.{safe_key(tid)}.{stream}.", f"{name}.{key}.{stream}.", i)]
 
     def forward(self, student: StudentOutput | Sequence[StudentOutput], teachers: TeacherBatch) -> dict[str, Tensor]:
         s, o = self.single_student(student), self.options
         x = None if s.features is None else s.features.float()
         v = None if s.featmap is None else s.featmap.float().permute(0, 2, 3, 1)        # [B, H, W, D]
-        rows: dict[str, list[Tensor]] = {k: [] for k in _HEADS}
-        valids = []
-        for tid in self.teacher_ids:
-            for name, r in self._teacher_rows(tid, x, v, teachers).items():
-                rows[name].append(r)
-            valids.append(teachers.valid[tid])
-        valid = torch.stack(valids, 1)
-        parts = {k: masked_mean(torch.stack(r, 1).flatten(), valid.flatten()) for k, r in rows.items() if r}
-        total = sum(parts.get(k, torch.zeros((), device=valid.device)) * w
+        sums: dict[str, list[Tensor]] = {k: [] for k, on in zip(_HEADS, (o.s2t, o.t2s, o.rec)) if on}
+        for name, groups in self.groups.items():
+            for d, ids in groups.items():
+                for k, total in self._group_sums(name, f"d{d}", ids, x, v, teachers).items():
+                    sums[k].append(total)
+        count = teachers.stacked("valid", self.teacher_ids).sum().float().clamp_min(1.0)
+        parts = {k: torch.stack(t).sum() / count for k, t in sums.items()}
+        total = sum(parts.get(k, torch.zeros((), device=count.device)) * w
                     for k, w in (("s2t", 1.0), ("t2s", 1.0), ("rec", o.rec_weight)))
         out = {f"{k}_loss": p.detach() for k, p in parts.items()}
         out["loss"] = total  # type: ignore[assignment]
         return out
 
-    def _teacher_rows(self, tid: str, x: Tensor | None, v: Tensor | None, tb: TeacherBatch) -> dict[str, Tensor]:
-        """``{"s2t"|"t2s"|"rec": L_align rows [B]}`` for one teacher (only the enabled terms)."""
-        o, key, valid = self.options, safe_key(tid), tb.require("valid", tid)
-        gh = self.global_heads[key] if key in self.global_heads else None
-        mh = self.map_heads[key] if key in self.map_heads else None
-        xt = zero_invalid(tb.require("features", tid), valid) if gh is not None else None
-        vt = zero_invalid(tb.require("featmaps", tid), valid) if mh is not None else None
-        if (gh is not None and x is None) or (mh is not None and v is None):
-            missing = "features [B, D]" if gh is not None and x is None else "featmap [B, D, H, W]"
-            raise ValueError(f"method {self.name!r}: teacher {tid!r} needs StudentOutput.{missing}; it is None")
-        grid = None if vt is None else (vt.shape[1], vt.shape[2])
-        here = None if v is None else (v.shape[1], v.shape[2])
-        lam, beta = o.lambdas, o.sl1_beta
+    def _group_sums(self, name: str, key: str, ids: tuple[str, ...], x: Tensor | None, v: Tensor | None,
+                    tb: TeacherBatch) -> dict[str, Tensor]:
+        """``{"s2t"|"t2s"|"rec": Σ over valid (sample, teacher) pairs of the group's term}`` (global or spatial)."""
+        spatial, heads = name == "map_heads", getattr(self, name)[key]
+        if (v if spatial else x) is None:
+            missing = "featmap [B, D, H, W]" if spatial else "features [B, D]"
+            raise ValueError(f"method {self.name!r}: teacher {ids[0]!r} needs StudentOutput.{missing}; it is None")
+        field = "featmaps" if spatial else "features"
+        tb.stacked(field, ids[:1])                              # a missing field: the error names the teacher
+        sums: dict[str, Tensor] = {}
+        for sub, members in shape_subsets(getattr(tb, field), ids):   # one subset unless map grids differ
+            valid = tb.stacked("valid", sub)                                               # [T, B]
+            target = zero_invalid(tb.stacked(field, sub), valid)                           # [T, B, (h, w,) d_t]
+            rows = (self._map_rows if spatial else self._global_rows)(heads, members, target, v if spatial else x)
+            for k, r in rows.items():
+                part = torch.where(valid, r, torch.zeros_like(r)).sum()
+                sums[k] = part if k not in sums else sums[k] + part
+        return sums
+
+    def _global_rows(self, heads: nn.ModuleDict, members: Tensor | None, xt: Tensor, x: Tensor) -> dict[str, Tensor]:
+        """Global ``L_align`` rows ``[T, B]``: ``x^t [T, B, d_t]``, student ``x [B, D]`` (shared by the group)."""
+        o, xs = self.options, x.expand(xt.shape[0], *x.shape)
         out: dict[str, Tensor] = {}
         if o.s2t:
-            vs = _project(mh, "s2t", None if vt is None else resize_map(v, grid))  # type: ignore[arg-type]
-            out["s2t"] = align_rows(_project(gh, "s2t", x), vs, xt, vt, lam, beta)
+            out["s2t"] = align_rows(run_head(heads["s2t"], xs, members), None, xt, None, o.lambdas, o.sl1_beta)
         if o.t2s or o.rec:
-            xu = _project(gh, "t2s", xt)
-            vu = _project(mh, "t2s", None if vt is None else resize_map(vt, here))  # type: ignore[arg-type]
+            xu = run_head(heads["t2s"], xt, members)
             if o.t2s:
-                out["t2s"] = align_rows(x, v, xu, vu, lam, beta)
+                out["t2s"] = align_rows(xs, None, xu, None, o.lambdas, o.sl1_beta)
             if o.rec:
-                vr = _project(mh, "rec", None if vu is None else resize_map(vu, grid))  # type: ignore[arg-type]
-                out["rec"] = align_rows(xt, vt, _project(gh, "rec", xu), vr, lam, beta)
+                out["rec"] = align_rows(xt, None, run_head(heads["rec"], xu, members), None, o.lambdas, o.sl1_beta)
         return out
 
-
-def _project(heads: nn.ModuleDict | None, name: str, inp: Tensor | None) -> Tensor | None:
-    """``heads[name](inp)``, or None when the teacher has no such stream."""
-    return None if heads is None or inp is None else heads[name](inp)
+    def _map_rows(self, heads: nn.ModuleDict, members: Tensor | None, vt: Tensor, v: Tensor) -> dict[str, Tensor]:
+        """Spatial ``L_align`` rows ``[T, B]``: ``V^t [T, B, h_t, w_t, d'_t]`` (one grid), student
+        ``V [B, H, W, D]``."""
+        o, T = self.options, vt.shape[0]
+        grid, here = (vt.shape[2], vt.shape[3]), (v.shape[1], v.shape[2])
+        out: dict[str, Tensor] = {}
+        if o.s2t:
+            vs = run_head(heads["s2t"], resize_map(v, grid).expand(T, -1, -1, -1, -1), members)
+            out["s2t"] = align_rows(None, vs, None, vt, o.lambdas, o.sl1_beta)
+        if o.t2s or o.rec:
+            vu = run_head(heads["t2s"], resize_map(vt, here), members)
+            if o.t2s:
+                out["t2s"] = align_rows(None, v.expand(T, -1, -1, -1, -1), None, vu, o.lambdas, o.sl1_beta)
+            if o.rec:
+                vr = run_head(heads["rec"], resize_map(vu, grid), members)
+                out["rec"] = align_rows(None, vt, None, vr, o.lambdas, o.sl1_beta)
+        return out

@@ -15,6 +15,13 @@ Shapes: student ``x [B, D]``, ``z_s [B, C]``; stacked teachers ``u [B, N, D]``, 
 are used (``labels`` only feeds the ``pseudo_acc`` diagnostic). Descriptive/sentinel teachers enter the
 feature vote and ℓ_rec only. Every row-wise term is averaged over the rows that have at least one valid
 teacher for it.
+
+Teachers with the same ``d_t`` form one group: their encoders / decoders are one ``heads.GroupedMLP``
+(``GroupedLinear`` for ``head="linear"``) applied to the group's stacked features ``x^t [T, B, d_t]`` in one
+batched op, and their z-score statistics are ``[T, d_t]`` buffers; ``u`` is the groups' ``[T, B, D]``
+concatenated (group order: the votes and means do not depend on the order). State-dict keys:
+``encoders.d<d_t>.fc1.weight [T, d_t, h]`` ...; checkpoints of per-teacher heads (``encoders.<id>.0.weight``)
+load through ``legacy_params``.
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kt_train.methods.base import Method, MethodDims, StudentOutput, TeacherBatch
-from kt_train.methods.common import log_probs, masked_mean, mlp, safe_key, teacher_logits, zero_invalid
+from kt_train.methods.common import log_probs, masked_mean, safe_key, stacked_teacher_logits, zero_invalid
+from kt_train.methods.heads import LegacyParam, group_by, grouped_head, legacy_layout, reset_member
 from kt_train.methods.options import MethodOptions
 from kt_train.methods.voting import (
     concat_logit_target,
@@ -76,12 +84,6 @@ class UniformOptions(AvgOptions):
     p_hat_from: Literal["all", "agreeing"] = "all"       # p̂ from all valid or only ĉ-voters (U4)
 
 
-def _head(kind: str, d_in: int, d_hidden: int, d_out: int) -> nn.Module:
-    if kind == "identity":
-        return nn.Identity()
-    return nn.Linear(d_in, d_out) if kind == "linear" else mlp(d_in, d_hidden, d_out)
-
-
 def feature_distance_rows(x: Tensor, x_hat: Tensor, dist: str) -> Tensor:
     """Per-row ``dist(x, x̂)`` ``[B]``: mean squared error over D, L2 norm, or ``1 − cos``."""
     if dist == "mse":
@@ -97,12 +99,18 @@ def reconstruction_rows(rs: Sequence[Tensor], xs: Sequence[Tensor], valid: Tenso
     Args: ``rs``/``xs`` per-teacher decoded features and targets ``[B, d_i]``; ``valid [B, N]`` bool.
     """
     norms = torch.stack([torch.linalg.vector_norm(r - x, dim=-1) for r, x in zip(rs, xs)], 1)   # [B, N]
+    return reconstruction_from_norms(norms, valid, reduction)
+
+
+def reconstruction_from_norms(norms: Tensor, valid: Tensor, reduction: str = "mean") -> Tensor:
+    """``ℓ_rec`` per row ``[B]`` from ``norms [B, N] = ‖r_i − x^t_i‖_2``: mean (or sum) over valid teachers."""
     total = torch.where(valid, norms, torch.zeros_like(norms)).sum(1)
     return total / valid.sum(1).clamp_min(1) if reduction == "mean" else total
 
 
 class _ZScore(nn.Module):
-    """Per-dimension ``(x − μ) / σ`` with the store's feature statistics (buffers, saved with the method)."""
+    """Per-dimension ``(x − μ_t) / σ_t`` of a group, ``x [T, B, d]``, with the store's feature statistics
+    ``mean``/``std [T, d]`` (buffers, saved with the method)."""
 
     def __init__(self, mean: Tensor, std: Tensor) -> None:
         super().__init__()
@@ -110,7 +118,7 @@ class _ZScore(nn.Module):
         self.register_buffer("std", std.detach().float().clamp_min(1e-6).clone())
 
     def forward(self, x: Tensor) -> Tensor:
-        return (x - self.mean) / self.std
+        return (x - self.mean[:, None]) / self.std[:, None]
 
 
 class Uniform(Method):
@@ -136,21 +144,56 @@ class Uniform(Method):
         self.feature_ids = [t.id for t in dims.teachers if t.feature_dim]
         self.logit_ids = [t.id for t in dims.teachers if t.has_logits and t.role == "predictive"]
         self._concat: bool | None = None
-        D, h = dims.student_dim, o.hidden or dims.student_dim
         self.encoders, self.decoders, self.zscores = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
+        self._check_teachers(dims)
+        self.feature_groups = {f"d{d}": tuple(ids) for d, ids in group_by(
+            (t.id, t.feature_dim) for t in dims.teachers if t.feature_dim).items()}
+        self._build_heads(dims)
+
+    def _check_teachers(self, dims: MethodDims) -> None:
+        o, D = self.options, dims.student_dim
         for t in dims.teachers:
-            if not t.feature_dim:
-                continue
-            if o.head == "identity":
+            if t.feature_dim and o.head == "identity":
                 o._require(t.feature_dim == D, self.name, f"head='identity' needs d_t = D; {t.id!r} has "
                            f"{t.feature_dim} != {D}. Fix: use head 'mlp' or 'linear'.")
-            self.encoders[safe_key(t.id)] = _head(o.head, t.feature_dim, h, D)
-            self.decoders[safe_key(t.id)] = _head(o.head, D, h, t.feature_dim)
-            if o.zscore:
+            if t.feature_dim and o.zscore:
                 o._require(t.feature_mean is not None and t.feature_std is not None, self.name,
                            f"zscore=true needs feature_mean/feature_std of teacher {t.id!r} (store attrs). "
                            "Fix: pass them in TeacherInfo, or set zscore: false.")
-                self.zscores[safe_key(t.id)] = _ZScore(t.feature_mean, t.feature_std)  # type: ignore[arg-type]
+
+    def _build_heads(self, dims: MethodDims) -> None:
+        """One encoder / decoder / z-score per group of equal ``d_t``; members drawn in the order the
+        per-teacher heads were (each teacher's encoder, then its decoder), so a seed gives the same heads."""
+        o, D = self.options, dims.student_dim
+        h = o.hidden or D
+        for key, ids in self.feature_groups.items():
+            d = dims.teacher(ids[0]).feature_dim
+            self.encoders[key] = grouped_head(o.head, len(ids), d, h, D, reset=False)   # type: ignore[arg-type]
+            self.decoders[key] = grouped_head(o.head, len(ids), D, h, d, reset=False)   # type: ignore[arg-type]
+            if o.zscore:
+                infos = [dims.teacher(t) for t in ids]
+                self.zscores[key] = _ZScore(torch.stack([i.feature_mean for i in infos]),   # type: ignore[misc]
+                                            torch.stack([i.feature_std for i in infos]))   # type: ignore[misc]
+        for key, i, _ in self._members():
+            reset_member(self.encoders[key], i)
+            reset_member(self.decoders[key], i)
+
+    def _members(self) -> list[tuple[str, int, str]]:
+        """``(group key, index in the group, teacher id)`` of every feature teacher, in teacher order."""
+        place = {tid: (key, i) for key, ids in self.feature_groups.items() for i, tid in enumerate(ids)}
+        return [(*place[t.id], t.id) for t in self.dims.teachers if t.id in place]
+
+    def legacy_params(self) -> list[LegacyParam]:
+        """Per-teacher keys ``encoders.<id>.0.weight`` ... (every encoder, then every decoder, then z-scores)."""
+        out: list[LegacyParam] = []
+        for name in ("encoders", "decoders"):
+            for key, i, tid in self._members():
+                out += legacy_layout(getattr(self, name)[key], f"{name}.{safe_key(tid)}.", f"{name}.{key}.", i)
+        for key, i, tid in self._members():
+            if key in self.zscores:
+                out += [LegacyParam(f"zscores.{safe_key(tid)}.{n}", f"zscores.{key}.{n}", i, buffer=True)
+                        for n in ("mean", "std")]
+        return out
 
     def forward(self, student: StudentOutput | Sequence[StudentOutput], teachers: TeacherBatch) -> dict[str, Tensor]:
         s = self.single_student(student)
@@ -166,28 +209,28 @@ class Uniform(Method):
         out.update(logit_loss=logit.detach(), feature_loss=feat.detach(), rec_loss=rec.detach())
         return out
 
-    def _encode(self, tb: TeacherBatch) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor]:
-        """``u [B, N, D]``, decoded ``r_i``, (z-scored) targets ``x^t_i``, ``valid [B, N]``."""
-        us, rs, xs = [], [], []
-        for tid in self.feature_ids:
-            key = safe_key(tid)
-            x_t = zero_invalid(tb.require("features", tid), tb.valid[tid])
+    def _encode(self, tb: TeacherBatch) -> tuple[Tensor, Tensor, Tensor]:
+        """``u [B, N, D]``, ``‖r_i − x^t_i‖_2 [B, N]``, ``valid [B, N]``: one batched op per group of equal
+        ``d_t`` (``x^t [T, B, d_t]`` -> ``u [T, B, D]``)."""
+        us, norms, valids = [], [], []
+        for key, ids in self.feature_groups.items():
+            valid = tb.stacked("valid", ids)                                          # [T, B]
+            x_t = zero_invalid(tb.stacked("features", ids), valid)                   # [T, B, d_t]
             if key in self.zscores:
                 x_t = self.zscores[key](x_t)
-            u = self.encoders[key](x_t)
+            u = self.encoders[key](x_t)                                               # [T, B, D]
             if self.options.latent_norm:
                 u = F.layer_norm(u, u.shape[-1:])
             us.append(u)
-            rs.append(self.decoders[key](u))
-            xs.append(x_t)
-        valid = torch.stack([tb.valid[t] for t in self.feature_ids], 1)
-        return torch.stack(us, 1), rs, xs, valid
+            norms.append(torch.linalg.vector_norm(self.decoders[key](u) - x_t, dim=-1))
+            valids.append(valid)
+        return torch.cat(us).transpose(0, 1).contiguous(), torch.cat(norms).T, torch.cat(valids).T
 
     def _feature_terms(self, s: StudentOutput, tb: TeacherBatch, out: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         o = self.options
         if s.features is None:
             raise ValueError(f"method {self.name!r} needs StudentOutput.features [B, D]; got None")
-        u, rs, xs, valid = self._encode(tb)
+        u, norms, valid = self._encode(tb)
         if self.feature_vote:
             x_hat, _, ties = sign_vote(u, valid, getattr(o, "tie_break", "literal"))
         else:
@@ -197,7 +240,7 @@ class Uniform(Method):
         x = s.features.float()
         has = valid.any(1)
         feat = masked_mean(feature_distance_rows(x, x_hat, o.dist), has)
-        rec = masked_mean(reconstruction_rows(rs, xs, valid, o.rec_reduction), has)
+        rec = masked_mean(reconstruction_from_norms(norms, valid, o.rec_reduction), has)
         with torch.no_grad():
             if ties is not None:
                 out["tie_frac"] = masked_mean(ties.float().mean(-1), has)
@@ -207,11 +250,9 @@ class Uniform(Method):
 
     def _logit_term(self, s: StudentOutput, tb: TeacherBatch, out: dict[str, Tensor]) -> Tensor:
         o = self.options
-        for t in self.logit_ids:
-            tb.require("logits", t)
-        z = torch.stack([teacher_logits(tb, t, o.standardize) for t in self.logit_ids], 1)   # [B, P, C]
-        valid = torch.stack([tb.valid[t] for t in self.logit_ids], 1)                         # [B, P]
-        covered = torch.stack([tb.covered[t] for t in self.logit_ids], 0)                     # [P, C]
+        z = stacked_teacher_logits(tb, self.logit_ids, o.standardize).transpose(0, 1).contiguous()   # [B, P, C]
+        valid = tb.stacked("valid", self.logit_ids).transpose(0, 1)                         # [B, P]
+        covered = tb.stacked("covered", self.logit_ids)                                     # [P, C]
         q = log_probs(z, o.tau).exp()
         if self._concat is None:   # coverage is static: decide once (one device sync)
             mixed = bool((covered != covered[:1]).any())

@@ -46,9 +46,13 @@ def plain_mean(u: Tensor, valid: Tensor) -> Tensor:
 
 
 def vote_counts(q: Tensor, valid: Tensor) -> Tensor:
-    """Integer vote counts ``[B, C]``: each valid teacher votes ``argmax_c q_{i,c}`` (``q [B, P, C]``)."""
-    one_hot = F.one_hot(q.argmax(-1), q.shape[-1]).to(q.dtype)
-    return (one_hot * valid[..., None].to(q.dtype)).sum(1)
+    """Integer vote counts ``[B, C]``: each valid teacher votes ``argmax_c q_{i,c}`` (``q [B, P, C]``).
+
+    ``counts_{b,c} = Σ_i v_{b,i} 1[argmax q_{b,i} = c]``, as one ``scatter_add`` of the ``[B, P]`` votes (no
+    ``[B, P, C]`` one-hot; the sums of 0/1 are exact in floating point, so the counts are those of the one-hot).
+    """
+    votes = valid.to(q.dtype)
+    return q.new_zeros(q.shape[0], q.shape[-1]).scatter_add_(1, q.argmax(-1), votes)
 
 
 def pseudo_class(counts: Tensor, p_hat: Tensor, tie_rule: str = "p_hat") -> Tensor:

@@ -75,13 +75,25 @@ def test_uniform_build_errors_name_the_fix():
         build_method("uniform", {"head": "identity", "zscore": False}, d)
 
 
-def test_heads_are_saved_under_escaped_teacher_ids():
+def test_heads_are_saved_per_dim_group_and_old_per_teacher_keys_load():
+    """Grouped heads are saved under their group (``d<dim>``); a checkpoint of the per-teacher heads (keys under
+    the escaped teacher id, ``nn.Linear`` weights [d_out, d_in]) loads into them."""
     d = MethodDims(4, 3, (TeacherInfo("convnext.fb_in1k", feature_dim=5, featmap_dim=6),))
-    keys = build_method("kpu", {}, d).state_dict().keys()
-    assert any(k.startswith("global_heads.convnext%2Efb_in1k.s2t") for k in keys)
+    kpu = build_method("kpu", {}, d)
+    assert kpu.state_dict()["global_heads.d5.s2t.fc1.weight"].shape == (1, 4, 5)
+    assert kpu.state_dict()["map_heads.d6.rec.norm.weight"].shape == (1, 6)
     stats = dict(feature_mean=torch.zeros(5), feature_std=torch.ones(5))
-    d2 = MethodDims(4, 3, (TeacherInfo("convnext.fb_in1k", feature_dim=5, **stats),))
-    assert "zscores.convnext%2Efb_in1k.std" in build_method("uniform", {}, d2).state_dict()
+    d2 = MethodDims(4, 3, (TeacherInfo("convnext.fb_in1k", feature_dim=5, **stats), TeacherInfo("b", feature_dim=5, **stats)))
+    uniform = build_method("uniform", {}, d2)
+    assert uniform.state_dict()["zscores.d5.std"].shape == (2, 5)
+    old = {}
+    for p in uniform.legacy_params():
+        value = uniform.state_dict()[p.new][p.member]
+        old[p.old] = (value.T if p.transpose else value) + 1.0
+    assert "encoders.convnext%2Efb_in1k.0.weight" in old and old["encoders.b.2.weight"].shape == (4, 4)
+    uniform.load_state_dict(old)
+    assert torch.equal(uniform.state_dict()["encoders.d5.fc1.weight"][0], old["encoders.convnext%2Efb_in1k.0.weight"].T)
+    assert torch.equal(uniform.state_dict()["zscores.d5.mean"][1], old["zscores.b.mean"])
 
 
 def test_missing_inputs_raise_clear_errors():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kt_train.methods import build_method
-from kt_train.methods.common import safe_key, standardize_logits
+from kt_train.methods.common import standardize_logits
 from kt_train.methods.kpu import align_rows, resize_map
 from kt_train.methods.uniform import reconstruction_rows
 from kt_train.methods.voting import plain_mean, sign_vote
@@ -174,6 +174,13 @@ def test_align_rows_matches_loop(seed):
         assert got[b].item() == pytest.approx(expected, abs=1e-5)
 
 
+def member_heads(m, name: str, tid: str) -> dict:
+    """Teacher ``tid``'s heads out of KPU's grouped ones: stream -> (input [b, ...] -> its output [b, ...])."""
+    (d, ids), = [(d, ids) for d, ids in m.groups[name].items() if tid in ids]
+    heads, i = getattr(m, name)[f"d{d}"], ids.index(tid)
+    return {k: (lambda a, h=h: h(a.expand(len(ids), *a.shape))[i]) for k, h in heads.items()}
+
+
 @pytest.mark.parametrize("seed", SEEDS[:2])
 def test_kpu_module_matches_loop(seed):
     """Per-(sample, teacher) loop over the module's own heads: checks resizing, masking and averaging."""
@@ -188,8 +195,7 @@ def test_kpu_module_matches_loop(seed):
     terms: dict[str, list[float]] = {"s2t": [], "t2s": [], "rec": []}
     with torch.no_grad():
         for tid in tb.ids:
-            key = safe_key(tid)
-            gh, mh = m.global_heads[key] if tid in tb.features else None, m.map_heads[key]
+            gh, mh = member_heads(m, "global_heads", tid) if tid in tb.features else None, member_heads(m, "map_heads", tid)
             vt = tb.featmaps[tid]
             for b in [i for i in range(B) if tb.valid[tid][i]]:
                 vs = V[b:b + 1].permute(0, 2, 3, 1)

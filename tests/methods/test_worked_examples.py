@@ -239,7 +239,7 @@ def test_7_6_rec_is_zero_with_identity_heads():
     _, _, x2, v2 = _kpu_inputs()
     tb = batch(["t"], features={"t": x2.float()}, featmaps={"t": v2.float()})
     m = build_method("kpu", {"s2t": False, "t2s": False}, dims(2, 3, tb))
-    for heads in (m.global_heads["t"], m.map_heads["t"]):
+    for heads in (m.global_heads["d2"], m.map_heads["d2"]):       # the group of teachers with d_t = 2
         heads["t2s"], heads["rec"] = nn.Identity(), nn.Identity()
     out = m(student(torch.zeros(1, 3), torch.ones(1, 2), torch.ones(1, 2, 1, 2)), tb)
     assert out["rec_loss"].item() == approx(0.0)

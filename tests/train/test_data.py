@@ -329,3 +329,42 @@ def test_sampler_ddp_split_is_disjoint_equal_and_covering():
     assert len(set(orders[0]) & set(orders[1])) == 0 and len(set(orders[1]) & set(orders[2])) == 0
     with pytest.raises(ValueError, match="rank"):
         BlockShuffleSampler(10, 4, 1, rank=3, world=3)
+
+
+def test_stacked_batch_equals_the_per_teacher_construction(store, cached):
+    """The stacked ``TeacherBatch`` (one tensor per group of equal-shaped teachers) holds, teacher by teacher,
+    exactly what the per-teacher path makes of the same gathered rows: ``scatter_full_logits`` /
+    ``scatter_topk_logits`` of each teacher, validity from its finite rows, invalid rows zeroed."""
+    from kt_train.methods import scatter_full_logits, scatter_topk_logits
+    from kt_train.methods.common import stacked_teacher_logits, teacher_logits
+    from kt_train.methods.stacks import Stacked
+
+    rows, views = np.arange(13), (np.arange(13) * 2) % 3
+    got = cached.gather(rows, views)
+    tb = cached.to_teacher_batch(got, None, "cpu")
+    assert isinstance(tb.logits, Stacked) and len(tb.logits.tensors) == 1, "one [P, B, C] for every logit teacher"
+    assert len(tb.features.tensors) < len(tb.features), "equal feature dims share a group"
+    for tid in ALL_IDS:
+        arrays = {p: torch.from_numpy(np.ascontiguousarray(a)) for p, a in got[tid].items()}
+        ok = torch.ones(13, dtype=torch.bool)
+        for path, a in arrays.items():
+            if path != "label_logit" and a.is_floating_point():
+                ok &= torch.isfinite(a.reshape(13, -1)).all(1)
+        assert torch.equal(tb.valid[tid], ok), tid
+        arrays = {p: torch.where(ok.view(-1, *[1] * (a.dim() - 1)), a, 0).to(a.dtype) if a.is_floating_point() else a
+                  for p, a in arrays.items()}
+        for path, table in (("features", tb.features), ("featmap", tb.featmaps)):
+            if path in arrays:
+                assert torch.equal(table[tid], arrays[path]), (tid, path)
+        if tid in cached.label_maps:
+            label_map = torch.from_numpy(cached.label_maps[tid])
+            if "logits" in arrays:
+                want, covered = scatter_full_logits(arrays["logits"], label_map, 3)
+            else:
+                want, covered = scatter_topk_logits(arrays["logits_topk/values"], arrays["logits_topk/index"],
+                                                    arrays["logits_lse"], label_map, 3)
+            assert torch.equal(tb.logits[tid], want) and torch.equal(tb.covered[tid], covered), tid
+    ids = tb.logit_ids()
+    for standardize in (False, True):           # cached mean/std for the full-logit teachers only: a mix
+        torch.testing.assert_close(stacked_teacher_logits(tb, ids, standardize),
+                                   torch.stack([teacher_logits(tb, t, standardize) for t in ids]), rtol=0, atol=0)

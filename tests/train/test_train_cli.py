@@ -262,3 +262,58 @@ def test_train_help_shows_every_default_and_that_cache_is_required():
                         ("method", TrainConfig.method)):
         assert f"--{flag}" in text and f"[default: {value}]" in text, (flag, value)
     assert "(default: a quarter of this machine's memory)" in text      # --ram-budget-gb: computed at run time
+
+
+def per_teacher_layout(out, store):
+    """Rewrite run folder ``out`` (uniform) as runs before grouped heads wrote it: one head per teacher in
+    ``method.safetensors`` (``nn.Linear`` weights ``[d_out, d_in]``) and AdamW state in that parameter order."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from kt_train.checkpoint import load_training_state, save_training_state
+    from kt_train.data import CachedTeachers
+    from kt_train.methods import METHODS, MethodDims, build_method
+
+    reader = StoreReader(store / "out.zarr")
+    cached = CachedTeachers(reader, reader.teacher_ids(), needs=METHODS["uniform"].needs)
+    method = build_method("uniform", {}, MethodDims(512, len(reader.class_names), cached.teacher_infos()))
+    layout = method.legacy_params()
+
+    def split(stacked, p):
+        return (stacked[p.member].T if p.transpose else stacked[p.member]).contiguous()
+
+    heads = load_file(str(out / "method.safetensors"))
+    assert heads.keys() == method.state_dict().keys()
+    save_file({p.old: split(heads[p.new], p) for p in layout}, str(out / "method.safetensors"), {"method": "uniform"})
+    saved = load_training_state(out)
+    old = [p for p in layout if not p.buffer]
+    new = [n for n, q in method.named_parameters() if q.requires_grad]
+    group, = saved["optimizer"]["param_groups"]
+    students = len(group["params"]) - len(new)
+    state = {i: v for i, v in saved["optimizer"]["state"].items() if i < students}
+    for j, p in enumerate(old):
+        entry = saved["optimizer"]["state"][students + new.index(p.new)]
+        state[students + j] = {k: v if k == "step" else split(v, p) for k, v in entry.items()}
+    assert all(torch.is_tensor(v) for e in state.values() for v in e.values())
+    optimizer = {"state": state, "param_groups": [dict(group, params=list(range(students + len(old))))]}
+    save_training_state(out, optimizer, saved["scheduler"], saved["scaler"])
+    doc = json.loads((out / "state.json").read_text())
+    (out / "state.json").write_text(json.dumps({k: v for k, v in doc.items() if k != "files"}))
+
+
+def test_a_run_saved_with_per_teacher_heads_resumes_to_the_same_student(store, tmp_path):
+    """Runs before grouped heads saved UNIFORM's encoders/decoders per teacher (``encoders.<id>.0.weight``) with
+    AdamW moments in that order: such a folder resumes into the grouped heads exactly as a new one does."""
+    import torch
+    from safetensors.torch import load_file
+
+    new, old = tmp_path / "new", tmp_path / "old"
+    for out in (new, old):
+        train(store, out, "--method", "uniform", "--epochs", "1")
+    per_teacher_layout(old, store)
+    assert any(".0.weight" in k and ".d" not in k for k in load_file(str(old / "method.safetensors")))
+    for out in (new, old):
+        train(store, out, "--method", "uniform", "--epochs", "2", "--resume")
+    for name in ("student.safetensors", "method.safetensors"):
+        a, b = (load_file(str(out / name)) for out in (new, old))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
