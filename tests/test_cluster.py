@@ -1,4 +1,10 @@
-"""Extraction on a dask LocalCluster: same store as the single-process path, even when a worker dies."""
+"""Extraction on a dask LocalCluster: same store as the single-process path, even when a worker dies.
+
+``--cluster local:2`` starts a LocalCluster inside ``ktc extract``; the first test and the killed run of the
+whole-run kill test use it (starting and killing that cluster is what they check). The other runs join one
+LocalCluster that this module starts once (``shared_cluster``) with ``--scheduler``: it saves a cluster
+start per test, and a worker killed in it is replaced by its nanny, so the next test finds two workers again.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import zarr
 from extract_helpers import cnn_teacher, make_image_folder, store_files, vit_teacher, write_manifest
 
 UNITS = 12
+WORKERS = 2
 
 
 def extract(manifest: Path, out: Path, *extra: str, cwd: Path | None = None,
@@ -42,6 +49,44 @@ def project(tmp_path_factory):
     manifest = write_manifest(root / "teachers.yaml", [cnn_teacher(), vit_teacher()], unit_rows=2)
     finished(extract(manifest, root / "single.zarr"))
     return root, manifest
+
+
+@pytest.fixture(scope="module")
+def shared_cluster():
+    """One LocalCluster for the module (2 worker processes, 1 thread each, on 127.0.0.1) and a client of it.
+
+    A nanny copies ``distributed.nanny.pre-spawn-environ`` (OMP_NUM_THREADS=1, ...) into *this* process's
+    os.environ whenever it starts a worker; every later ``ktc extract`` subprocess would inherit it and
+    record a store of 1 CPU thread, unlike ``single.zarr``. So those variables go to the workers through
+    ``env=`` instead, and os.environ is put back as it was when the cluster closes.
+    """
+    import dask
+    from dask.distributed import Client, LocalCluster
+
+    environ = dict(os.environ)
+    worker_env = {k: str(v) for k, v in dask.config.get("distributed.nanny.pre-spawn-environ").items()}
+    worker_env["OMP_NUM_THREADS"] = "1"
+    try:
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": {k: None for k in worker_env}}):
+            cluster = LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                   dashboard_address=None, env=worker_env)
+        with cluster, Client(cluster.scheduler_address) as client:
+            yield client
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+
+
+@pytest.fixture()
+def running_cluster(shared_cluster):
+    """The shared cluster with all its workers up (a test before may have killed one; its nanny restarts it)."""
+    shared_cluster.wait_for_workers(WORKERS, timeout=120)
+    assert len(worker_pids(shared_cluster)) == WORKERS
+    return shared_cluster
+
+
+def worker_pids(client) -> dict[str, int]:
+    return client.run(os.getpid)
 
 
 def assert_same_store(a: Path, b: Path) -> None:
@@ -76,21 +121,16 @@ def worker_wave_keys() -> list[str]:
     return [cluster._WORKER_WAVE["key"]] if "key" in cluster._WORKER_WAVE else []
 
 
-def test_scheduler_address_joins_a_running_cluster(project):
+def test_scheduler_address_joins_a_running_cluster(project, running_cluster):
     """--scheduler: a cluster started elsewhere (another working directory); relative paths still work."""
-    from dask.distributed import Client, LocalCluster
-
     root, manifest = project
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None, env={"OMP_NUM_THREADS": "1"}) as running:
-        assert Path.cwd() != root
-        output = finished(extract(Path(manifest.name), Path("scheduler.zarr"), "--scheduler",
-                                  running.scheduler_address, cwd=root))
-        assert "(2 workers)" in output
-        summary = cluster_line(output)
-        assert summary["tasks"] == UNITS and summary["loads"] == summary["workers"] and summary["most"] == 1
-        with Client(running.scheduler_address) as client:      # the run gave its teachers back
-            assert list(client.run(worker_wave_keys).values()) == [[], []]
+    address = running_cluster.scheduler.address
+    assert Path.cwd() != root
+    output = finished(extract(Path(manifest.name), Path("scheduler.zarr"), "--scheduler", address, cwd=root))
+    assert "(2 workers)" in output
+    summary = cluster_line(output)
+    assert summary["tasks"] == UNITS and summary["loads"] == summary["workers"] and summary["most"] == 1
+    assert list(running_cluster.run(worker_wave_keys).values()) == [[], []]      # the run gave its teachers back
     assert_same_store(root / "single.zarr", root / "scheduler.zarr")
 
 
@@ -108,18 +148,23 @@ def done_chunks(out: Path, teacher: str) -> set[str]:
     return {f.name for f in folder.glob("*")} if folder.exists() else set()
 
 
-def test_a_worker_killed_mid_run_is_replaced_and_the_store_is_identical(project):
+def test_a_worker_killed_mid_run_is_replaced_and_the_store_is_identical(project, running_cluster):
     root, manifest = project
     out = root / "killed.zarr"
-    proc = extract(manifest, out, "--cluster", "local:2")
+    before = worker_pids(running_cluster)
+    proc = extract(manifest, out, "--scheduler", running_cluster.scheduler.address)
     deadline = time.time() + 120
-    while (done_units(out) < 1 or len(dask_workers(proc)) < 2) and proc.poll() is None and time.time() < deadline:
+    while done_units(out) < 1 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     done_at_kill = done_units(out)
     assert 0 < done_at_kill < UNITS, f"the kill must land mid-run (done units: {done_at_kill})"
-    os.kill(dask_workers(proc)[0].pid, signal.SIGKILL)
+    killed = next(iter(before.values()))
+    os.kill(killed, signal.SIGKILL)
     finished(proc)
     assert_same_store(root / "single.zarr", out)
+    running_cluster.wait_for_workers(WORKERS, timeout=120)       # its nanny started a new worker process
+    after = worker_pids(running_cluster)
+    assert len(after) == WORKERS and killed not in after.values()
 
 
 def pending_units(out: Path) -> int:
@@ -151,7 +196,7 @@ def group_members(pgid: int) -> list[psutil.Process]:
     return members
 
 
-def test_the_whole_cluster_run_killed_then_rerun_resumes(project):
+def test_the_whole_cluster_run_killed_then_rerun_resumes(project, running_cluster):
     root, manifest = project
     out = root / "resumed.zarr"
     proc = extract(manifest, out, "--cluster", "local:2", own_group=True)
@@ -170,15 +215,20 @@ def test_the_whole_cluster_run_killed_then_rerun_resumes(project):
     done_at_kill, pending = done_units(out), pending_units(out)
     assert 0 < done_at_kill < UNITS and 0 < pending < UNITS, f"the kill must land mid-run ({done_at_kill} done)"
 
-    output = finished(extract(manifest, out, "--cluster", "local:2"))
+    output = finished(extract(manifest, out, "--scheduler", running_cluster.scheduler.address))   # rerun anywhere
     assert "resumed" in output
     assert cluster_line(output)["tasks"] == pending       # only the units left undone are rerun
     assert_same_store(root / "single.zarr", out)
 
 
 def test_bad_cluster_spec_is_a_usage_error(project):
+    from click.testing import CliRunner
+
+    from kt_cache.cli import cli
+
     root, manifest = project
-    proc = extract(manifest, root / "bad.zarr", "--cluster", "remote:2")
-    output = proc.communicate(timeout=120)[0].decode()
-    assert proc.returncode == 2 and "local:N" in output and "Traceback" not in output
+    result = CliRunner().invoke(cli, ["extract", "--manifest", str(manifest), "--out", str(root / "bad.zarr"),
+                                      "--workers", "0", "--no-progress", "--cluster", "remote:2"])
+    assert result.exit_code == 2 and "local:N" in result.output, result.output
+    assert result.exception.__class__ is SystemExit and "Traceback" not in result.output   # click's usage error
     assert not (root / "bad.zarr").exists()

@@ -106,30 +106,80 @@ def ktc(*args: str) -> list[str]:
     return [sys.executable, "-m", "kt_cache", *args]
 
 
+def saved_epoch(out: Path) -> int | None:
+    """The epoch of the checkpoint on disk (None before the first; state.json is only ever renamed into place)."""
+    try:
+        return json.loads((out / "state.json").read_text())["epoch"]
+    except (OSError, ValueError):
+        return None
+
+
+def mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
+def wait_until(condition, proc: subprocess.Popen, timeout: float = 300.0) -> float | None:
+    """Seconds until ``condition()`` holds while ``proc`` runs (polled every 5 ms); None if it exited first."""
+    start = time.perf_counter()
+    while proc.poll() is None and time.perf_counter() - start < timeout:
+        if condition():
+            return time.perf_counter() - start
+        time.sleep(0.005)
+    return None
+
+
 @pytest.mark.slow
 def test_random_kill_minus_9_of_train_then_resume_is_bit_identical(store, tmp_path, fault_log):
-    """kill -9 a real ``ktc train`` process at random moments (seeded), resume until done."""
+    """kill -9 a real ``ktc train`` process at random moments (seeded), resume until done.
+
+    Each kill lands at a random moment after that process has set its run up (it writes config.yaml just
+    before its first epoch) and before its last checkpoint commit, as timed by the uninterrupted run: in an
+    epoch or in a commit. A kill in the interpreter's start-up (seconds of imports) or in the final
+    evaluation would test nothing of the checkpoint protocol.
+    """
     epochs, planned_kills = "6", 4
     reference = tmp_path / "reference"
     args = ["train", "--cache", str(store), *COMMON, "--epochs", epochs]
     env = dict(os.environ, KTC_NO_PROGRESS="1", OMP_NUM_THREADS="1")
-    start = time.perf_counter()
-    subprocess.run(ktc(*args, "--out", str(reference)), env=env, check=True, capture_output=True, timeout=300)
-    full = time.perf_counter() - start
-    out, rng, kills = tmp_path / "killed", random.Random(12), 0
+
+    def start(out: Path, *extra: str) -> subprocess.Popen:
+        with open(tmp_path / "stderr.txt", "wb") as err:
+            return subprocess.Popen(ktc(*args, "--out", str(out), *extra), env=env, stdout=subprocess.DEVNULL,
+                                    stderr=err)
+
+    def stderr_tail() -> str:
+        return (tmp_path / "stderr.txt").read_text(errors="replace")[-2000:]
+
+    proc = start(reference)
+    set_up = wait_until(lambda: (reference / "config.yaml").exists(), proc)
+    window = wait_until(lambda: saved_epoch(reference) == int(epochs) - 1, proc)   # config.yaml -> last commit
+    assert proc.wait(timeout=300) == 0, stderr_tail()
+    assert set_up is not None and window is not None, "the reference run ended before its last checkpoint"
+
+    out, rng, kills, landed = tmp_path / "killed", random.Random(12), 0, []
     for attempt in range(planned_kills + 1):
-        extra = ["--resume"] if (out / "state.json").exists() else []
-        proc = subprocess.Popen(ktc(*args, "--out", str(out), *extra), env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)
-        if attempt < planned_kills:   # somewhere in start-up, an epoch or a checkpoint commit
-            time.sleep(rng.uniform(0.3, 0.95) * full)
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGKILL)
-                kills += 1
+        done = saved_epoch(out)
+        extra = [] if done is None else ["--resume"]
+        config_before = mtime(out / "config.yaml")
+        proc = start(out, *extra)
+        if attempt < planned_kills:   # uniformly over the epochs (and their commits) this run has left
+            left = int(epochs) - (0 if done is None else done + 1)
+            delay = rng.uniform(0.0, 1.0) * window * left / int(epochs)
+            if wait_until(lambda: mtime(out / "config.yaml") != config_before, proc) is not None:
+                time.sleep(delay)
+                if proc.poll() is None:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    kills += 1
+                    proc.wait(timeout=300)
+                    landed.append(f"{delay:.2f} s after set-up, checkpoint on disk: epoch {saved_epoch(out)}"
+                                  + (", a commit staged" if (out / ".checkpoint-next").exists() else ""))
         proc.wait(timeout=300)
-        assert proc.returncode in (0, -signal.SIGKILL), proc.stderr.read().decode()[-2000:]
-    assert json.loads((out / "state.json").read_text())["epoch"] == int(epochs) - 1
+        assert proc.returncode in (0, -signal.SIGKILL), stderr_tail()
+    assert saved_epoch(out) == int(epochs) - 1
     assert kills >= 1, "no kill landed: lengthen the run"
-    assert weights(out) == weights(reference)
+    assert weights(out) == weights(reference), landed
     fault_log(4, "kill", f"kill -9 of ktc train at {kills} random moments, resumed each time", "ktc train --resume",
               0, "final student and heads bit-identical to an uninterrupted run")
