@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from extract_helpers import CLASSES, clip_teacher, cnn_teacher, make_image_folder, write_manifest
 from kt_cache.cli import cli
+from kt_cache.store import StoreReader
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -63,7 +64,8 @@ def test_open_clip_teacher_beside_timm_teacher(tmp_path):
     assert clip["features"].shape == (6, 3, 16) and clip["logits"].shape == (6, 3, 3)
     assert clip["featmap"].shape == (6, 3, 2, 2, 32)
     assert clip.attrs["ktc_teacher"]["role"] == "descriptive"
-    assert clip.attrs["ktc_teacher"]["class_names"] == list(CLASSES)
+    assert clip.attrs["ktc_teacher"]["class_names"] == "dataset"          # zero-shot over the target classes
+    assert StoreReader(str(tmp_path / "out.zarr")).teacher_attrs("clip32")["class_names"] == list(CLASSES)
     direct = direct_forward(store, "clip32", 4, 1, tmp_path / "images", manifest, CLASSES)
     np.testing.assert_allclose(clip["logits"][4, 1].astype(np.float32), direct["logits"][0].numpy(), rtol=2e-3, atol=2e-3)
     np.testing.assert_allclose(clip["features"][4, 1].astype(np.float32), direct["features"][0].numpy(), rtol=2e-3, atol=2e-3)
