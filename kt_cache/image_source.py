@@ -91,24 +91,31 @@ class ShardImages:
         return data
 
     def read_range(self, shard: int, start: int, size: int) -> bytes:
-        location = self.locations[shard]
-        if "://" in location:
-            import fsspec
-
-            fs, path = fsspec.core.url_to_fs(location)
-            return fs.cat_file(path, start=start, end=start + size)
         handle = self.handles.get(shard)
-        if handle is None:
-            handle = self.handles[shard] = os.open(location, os.O_RDONLY)
-        return os.pread(handle, size, start)
+        if handle is None:                  # per process, per shard: a file descriptor, or (filesystem, path)
+            handle = self.handles[shard] = open_shard(self.locations[shard])
+        if isinstance(handle, int):
+            return os.pread(handle, size, start)
+        fs, path = handle
+        return fs.cat_file(path, start=start, end=start + size)
 
     def missing(self, rows: np.ndarray) -> list[str]:
         return [self.name(int(r)) for r in rows if self.shard[int(r)] < 0]
 
     def close(self) -> None:
         for handle in self.handles.values():
-            os.close(handle)
+            if isinstance(handle, int):
+                os.close(handle)
         self.handles = {}
+
+
+def open_shard(location: str) -> Any:
+    """A local shard's file descriptor, or an fsspec URL's ``(filesystem, path)`` for ranged reads."""
+    if "://" not in location:
+        return os.open(location, os.O_RDONLY)
+    import fsspec
+
+    return fsspec.core.url_to_fs(location)
 
 
 def locate(locations: list[str], names: list[str], ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

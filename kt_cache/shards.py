@@ -284,9 +284,10 @@ MEMO: dict[str, ShardIndex] = {}      # stamp (JSON) -> index, for this process
 PARALLEL_FROM = 4                     # shards to scan before a process pool pays for its start-up
 
 
-def shard_index(location: str) -> ShardIndex:
-    """The shard's index: from memory or the cache folder when its stamp still matches, else scanned and cached."""
-    stamp_json = json.dumps(shard_stamp(location), sort_keys=True)
+def shard_index(location: str, stamp_json: str | None = None) -> ShardIndex:
+    """The shard's index: from memory or the cache folder when its stamp still matches, else scanned and cached.
+    ``stamp_json``: the shard's stamp when the caller already has it (one ``stat`` or HEAD per shard)."""
+    stamp_json = stamp_json or stamp_key(location)
     if stamp_json not in MEMO:
         stamp, path = json.loads(stamp_json), cache_path(stamp_json)
         index = load_cached(path, stamp)
@@ -299,8 +300,8 @@ def shard_index(location: str) -> ShardIndex:
 
 def shard_indexes(locations: list[str]) -> list[ShardIndex]:
     """Every shard's index; shards not indexed yet are scanned in parallel processes (one per core)."""
-    pending = [loc for loc in locations
-               if not cache_path(json.dumps(shard_stamp(loc), sort_keys=True)).is_file()]
+    stamps = [stamp_key(loc) for loc in locations]
+    pending = [(loc, key) for loc, key in zip(locations, stamps) if key not in MEMO and not cache_path(key).is_file()]
     workers = min(len(pending), os.cpu_count() or 1)
     if len(pending) >= PARALLEL_FROM and workers > 1:
         import multiprocessing
@@ -308,9 +309,13 @@ def shard_indexes(locations: list[str]) -> list[ShardIndex]:
 
         # spawn: the caller may hold torch threads or a dask client, which fork does not copy safely
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for location, index in zip(pending, pool.map(shard_index, pending)):
-                MEMO[json.dumps(shard_stamp(location), sort_keys=True)] = index
-    return [shard_index(loc) for loc in locations]
+            for (_, key), index in zip(pending, pool.map(shard_index, *zip(*pending))):
+                MEMO[key] = index
+    return [shard_index(loc, key) for loc, key in zip(locations, stamps)]
+
+
+def stamp_key(location: str) -> str:
+    return json.dumps(shard_stamp(location), sort_keys=True)
 
 
 def clear_memo() -> None:

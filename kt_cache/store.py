@@ -48,7 +48,7 @@ FORMAT_NAME = "ktc"
 FORMAT_VERSION = 2
 FEATURE_STATS = "stats/features"          # v2: [2, D] float32, rows mean and std
 DATASET_CLASSES = "dataset"               # v2: ``class_names`` equal to the dataset's target classes
-PARAMETER_PREFIXES = ("codec/", "stats/")  # per-teacher parameter arrays: not indexed by sample
+PARAMETER_PREFIXES = checks.PARAMETER_PREFIXES
 
 
 def is_parameter(name: str) -> bool:

@@ -25,6 +25,7 @@ CODECS = frozenset({"bytes", "zstd", "gzip", "blosc", "crc32c", "transpose", "sh
                     "vlen-utf8", "vlen-bytes"})   # Zarr v3 core codecs; no numcodecs.* plug-ins
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")   # teacher ids (same rule as manifests)
 FLOATS = ("float16", "float32")
+PARAMETER_PREFIXES = ("codec/", "stats/")  # per-teacher parameter arrays: not indexed by sample
 CODES = (*FLOATS, "int8")         # int8: a compact store's quantised codes (kt_cache.codecs)
 TEACHER_ARRAYS: dict[str, tuple[int, tuple[str, ...]]] = {
     "features": (3, CODES), "logits": (3, FLOATS), "logits_topk/values": (3, FLOATS),
@@ -110,7 +111,7 @@ def check_array(array: Any, path: str, name: str, meta: dict[str, Any], where: s
             (``samples/*`` -> ``id``…, ``teachers/<id>/*`` -> ``features``, ``logits_topk/index``…).
     """
     at, shape = f"{where}: array {path}", tuple(int(s) for s in array.shape)
-    if path.startswith("teachers/") and name.startswith(("codec/", "stats/")):
+    if path.startswith("teachers/") and name.startswith(PARAMETER_PREFIXES):
         return check_codec_array(array, at, shape)
     known = SAMPLE_ARRAYS if path.startswith("samples/") else TEACHER_ARRAYS
     if name in known:

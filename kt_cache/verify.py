@@ -388,7 +388,7 @@ def check_block(path: str, key: str, rows: slice, unit: int, block: np.ndarray, 
     name = path.split("/", 2)[-1]
     flat = block.reshape(block.shape[0], -1) if block.ndim > 1 else block.reshape(-1, 1)
     where = f"unit {unit}"
-    if name.startswith(("codec/", "stats/")):   # parameters: global, or one row per unit (checked once it is done)
+    if fmt.is_parameter(name):     # parameters: global, or one row per unit (checked once it is done)
         per_unit = name.rsplit("/", 1)[-1] in ("scale", "offset", "moments")
         done = context.get("done")
         if (not per_unit or (done is not None and unit < len(done) and done[unit])) and not np.isfinite(flat).all():
