@@ -11,7 +11,7 @@ import yaml
 
 from digits.data import CLASSES, IMAGE_SIZE
 from digits.ktc import run_ktc
-from digits.teachers import ARCH, CENTER_CROP, MEAN, MODEL_ARGS, STD, VIEW_RATIO, VIEW_SCALE, ZOO, ZooTeacher
+from digits.teachers import CENTER_CROP, MEAN, STD, VIEW_RATIO, VIEW_SCALE, ZOO, ZooTeacher
 
 VIEWS = 4
 UNIT_ROWS = 256
@@ -21,9 +21,9 @@ FEATMAP_GRID = 2
 def teacher_entry(spec: ZooTeacher, folder: str = "teachers", featmap: bool = True) -> dict[str, Any]:
     """One ``teachers:`` item: a local safetensors checkpoint with its own classes and preprocessing."""
     entry: dict[str, Any] = {
-        "id": spec.name, "source": "timm", "model": ARCH, "role": spec.role,
+        "id": spec.name, "source": "timm", "model": spec.arch, "role": spec.role,
         "checkpoint": f"{folder}/{spec.name}.safetensors",
-        "model_args": {"num_classes": len(spec.classes), **MODEL_ARGS},
+        "model_args": {"num_classes": len(spec.classes), **dict(spec.model_args)},
         "preprocess": {"input_size": [3, IMAGE_SIZE, IMAGE_SIZE], "mean": list(MEAN), "std": list(STD),
                        "interpolation": "bilinear"},
     }
@@ -38,13 +38,14 @@ def teacher_entry(spec: ZooTeacher, folder: str = "teachers", featmap: bool = Tr
 
 
 def write_manifest(out: Path, entries: list[dict[str, Any]] | None = None, store: str = "store.zarr",
-                   name: str = "manifest.yaml") -> Path:
-    """``out/NAME`` over ``out/data/train`` with ``entries`` (default: every zoo teacher); paths relative to ``out``."""
+                   name: str = "manifest.yaml", views: dict[str, Any] | None = None) -> Path:
+    """``out/NAME`` over ``out/data/train`` with ``entries`` (default: every zoo teacher); paths relative to ``out``;
+    ``views`` replaces keys of the zoo's view policy (e.g. ``{"count": 1, "center_crop": 1.0}``)."""
     manifest = {
         "dataset": {"root": "data/train", "classes": list(CLASSES)},
         "store": store,
         "views": {"count": VIEWS, "seed": 0, "scale": list(VIEW_SCALE), "ratio": list(VIEW_RATIO), "flip": False,
-                  "center_crop": CENTER_CROP},
+                  "center_crop": CENTER_CROP} | (views or {}),
         "storage": {"unit_rows": UNIT_ROWS},
         "defaults": {"batch_size": 256, "dtype": "float16"},
         "teachers": entries if entries is not None else [teacher_entry(spec) for spec in ZOO],
@@ -69,10 +70,11 @@ def parse_report(stdout: str, names: set[str]) -> dict[str, Any]:
 
 
 def extract(out: Path, entries: list[dict[str, Any]] | None = None, name: str = "store",
-            fresh: bool = True) -> dict[str, Any]:
+            fresh: bool = True, views: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``out/NAME.yaml`` and extract ``out/NAME.zarr`` (afresh, or resumed with ``fresh=False``: a
     complete store is then left as it is); returns the parsed report + wall time."""
-    manifest = write_manifest(out, entries, f"{name}.zarr", "manifest.yaml" if name == "store" else f"{name}.yaml")
+    manifest = write_manifest(out, entries, f"{name}.zarr", "manifest.yaml" if name == "store" else f"{name}.yaml",
+                              views)
     store = out / f"{name}.zarr"
     if store.exists() and fresh:
         shutil.rmtree(store)
