@@ -117,7 +117,7 @@ def read_store() -> Path:
 def load_and_gather(store: Path, label: str, needs: Any = None, budget: int = 4 << 30) -> dict[str, Any]:
     from kt_cache.store import StoreReader
     from kt_train.data import CachedTeachers, select_teachers
-    from kt_train.sampler import BlockShuffleSampler
+    from kt_train.sampler import BlockShuffleSampler, block_views
 
     def build() -> Any:
         reader = StoreReader(str(store))
@@ -130,8 +130,7 @@ def load_and_gather(store: Path, label: str, needs: Any = None, budget: int = 4 
     n, v = reader.n_samples, reader.n_views
     sampler = BlockShuffleSampler(n, cached.block_rows, cached.window_blocks, seed=0)
     order = sampler.rank_order(0)
-    rng = np.random.default_rng(0)
-    views = rng.integers(0, v, order.size)
+    views = block_views(0, 0, sampler.n_blocks, v)[order // cached.block_rows]   # the trainer's: a view per block
     batch = min(256, order.size)
     starts = list(range(0, order.size - batch + 1, batch))
 

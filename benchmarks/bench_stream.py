@@ -64,7 +64,7 @@ def measure(store: str, budget: int, read_ahead: bool = True, step_s: float = 0.
     """One mode, in this process: samples/s over one epoch and peak RSS above the baseline."""
     from kt_cache.store import StoreReader
     from kt_train.data import CachedTeachers     # imports torch: libraries are loaded before the baseline
-    from kt_train.sampler import BlockShuffleSampler
+    from kt_train.sampler import BlockShuffleSampler, block_views
 
     reader = StoreReader(store)
     reader.samples()
@@ -74,13 +74,14 @@ def measure(store: str, budget: int, read_ahead: bool = True, step_s: float = 0.
     load_s = time.perf_counter() - start
     sampler = BlockShuffleSampler(reader.n_samples, cached.block_rows, cached.window_blocks, seed=0,
                                   ok=reader.sample("ok"))
-    order, rng = np.array(list(sampler)), np.random.default_rng(0)
+    order = np.array(list(sampler))
+    views = block_views(0, 0, sampler.n_blocks, reader.n_views)      # the trainer's: one view per block and epoch
     start = time.perf_counter()
     if read_ahead:
-        cached.plan_epoch(sampler.windows())
+        cached.plan_epoch(sampler.windows(), views)
     for i in range(0, len(order) - batch + 1, batch):
         rows = order[i:i + batch]
-        cached.to_teacher_batch(cached.gather(rows, rng.integers(0, reader.n_views, batch)), None, "cpu")
+        cached.to_teacher_batch(cached.gather(rows, views[rows // cached.block_rows]), None, "cpu")
         if step_s:
             time.sleep(step_s)       # the accelerator computing the step: the CPU is free to read ahead
     epoch_s = time.perf_counter() - start

@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     recipe = Recipe(epochs=args.epochs, lr=args.lr)
     start = time.perf_counter()
     # shards share the prepared folder: a second concurrent `ktc extract` of the same store would wait on its lock
-    ready = prepare(args.out, full="teachers20" in args.tables) if args.shard[1] == 1 else prepared(args.out)
+    sharing = args.report_only or args.shard[1] > 1
+    ready = prepared(args.out) if sharing else prepare(args.out, full="teachers20" in args.tables)
     if not args.report_only and not args.prepare_only:
         splits = (load_split(args.out / "data" / "train"), load_split(args.out / "data" / "val"))
         for table in args.tables:

@@ -71,8 +71,8 @@ def main() -> None:
     results = [load(n) for n in NAMES]
     written = plots(*results, args.img)
     args.doc.parent.mkdir(parents=True, exist_ok=True)
-    args.doc.write_text(write_doc(*results, durations) + stream_section() + teachers_section() + compact_section()
-                        + metadata_section(), encoding="utf-8")
+    args.doc.write_text(write_doc(*results, durations) + stream_section() + views_read_section() + teachers_section()
+                        + compact_section() + metadata_section(), encoding="utf-8")
     print(f"\nwrote {args.doc} and " + ", ".join(str(args.img / name) for name in written))
 
 
@@ -99,6 +99,16 @@ def stream_section() -> str:
               "Read-ahead (`CachedTeachers.plan_epoch`: the next sampler window's blocks read by two background "
               "threads) is what closes most of the gap to RAM; the targets are >= 0.9x and RSS within budget + 10 %."]
     return "\n".join(lines) + "\n"
+
+
+def views_read_section() -> str:
+    """``benchmarks/bench_views_read.py``'s table (run on its own), from its saved results."""
+    saved = common.RESULTS / "views_read.json"
+    if not saved.exists():
+        return ""
+    import bench_views_read
+
+    return "\n" + "\n".join(bench_views_read.render(json.loads(saved.read_text())))
 
 
 def teachers_section() -> str:

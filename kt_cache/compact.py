@@ -164,7 +164,8 @@ def encode_job(reader: fmt.StoreReader, root: Any, job: Job) -> dict[str, Any]:
     dims = tuple(source.metadata.dimension_names or ())
     spec = fmt.ArraySpec(job.output, (*source.shape[1:-1], width), job.codec.code_dtype,
                          MISSING_CODE if job.codec.int8 else float("nan"), dims[:-1] + ("code",))
-    target = fmt.create_array(group, spec, meta["n_samples"], meta["unit_rows"], meta.get("chunk_bytes", 2 << 20))
+    target = fmt.create_array(group, spec, meta["n_samples"], meta["unit_rows"], meta.get("chunk_bytes", 2 << 20),
+                              per_view=True)
     meter, pending, current = ErrorMeter(job.dim), [], 0
     for unit, rows, block in vector_blocks(reader, job):
         if unit != current and pending:

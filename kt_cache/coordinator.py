@@ -184,7 +184,7 @@ def prepare_teacher(root: Any, plan: Any, overwrite: bool) -> str:
         status = "recreated"
     group = teachers.create_group(plan.id)
     for spec in fmt.teacher_array_specs(plan, meta["n_views"]):
-        fmt.create_array(group, spec, meta["n_samples"], meta["unit_rows"], meta["chunk_bytes"])
+        fmt.create_array(group, spec, meta["n_samples"], meta["unit_rows"], meta["chunk_bytes"], per_view=True)
     fmt.create_done_array(group, meta["n_units"])
     attrs = teacher_attrs(plan, weights_sha)
     attrs["class_names"] = fmt.class_names_attr(attrs["class_names"], meta["dataset"].get("classes"))

@@ -25,8 +25,10 @@ lists in ``attrs["ktc_teacher"]["feature_stats"]``), and a teacher whose logits 
 records ``class_names: "dataset"`` instead of repeating the list, so consolidated metadata stays small at
 hundreds of teachers. ``StoreReader.teacher_attrs`` and ``StoreReader.feature_stats`` read both versions.
 
-Rules: arrays are chunked along N only; a *unit* of ``unit_rows`` rows is exactly one shard (or one
-chunk) of every array, so each storage object has one writer. Only the coordinator creates arrays and
+Rules: arrays are chunked along N, teacher outputs also along V (one view per inner chunk, so a reader
+of one view reads only its chunks; stores written before that hold every view in a chunk and stay
+readable); a *unit* of ``unit_rows`` rows is exactly one shard (or one chunk) of every array, so each
+storage object has one writer. Only the coordinator creates arrays and
 writes ``zarr.json``/attrs; writers only write unit data and then ``done``.
 """
 
@@ -193,14 +195,34 @@ def unit_slice(unit: int, n_samples: int, unit_rows: int) -> slice:
     return slice(unit * unit_rows, min(n_samples, (unit + 1) * unit_rows))
 
 
-def create_array(group: Any, spec: ArraySpec, n_samples: int, unit_rows: int, chunk_bytes: int) -> Any:
-    """Create one row-chunked array: a unit is one shard when chunks are smaller than a unit, else one chunk."""
+# New teacher arrays get one view per inner chunk (``chunk_layout``); False writes the layout of ktc before it
+# (every view in each chunk), which readers still read: benchmarks and tests set it to make such stores.
+VIEW_CHUNKS = True
+
+
+def chunk_layout(spec: ArraySpec, unit_rows: int, chunk_bytes: int, per_view: bool = False
+                 ) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """(inner chunk, shard or None) of an array ``[N, *row_shape]``.
+
+    ``per_view`` (teacher outputs ``[N, V, ...]``): an inner chunk holds one view, so a reader of one view
+    decodes 1/V of the bytes, and holds V times more rows for the same ``chunk_bytes``. The shard (or the
+    single chunk) is always one whole unit of every view: each storage object still belongs to one unit.
+    """
+    views = int(spec.row_shape[0]) if per_view and VIEW_CHUNKS and spec.row_shape else 1
+    inner = (1, *spec.row_shape[1:]) if views > 1 else spec.row_shape
+    chunks = (chunk_rows_for(spec.row_bytes // views, unit_rows, chunk_bytes), *inner)
+    unit = (unit_rows, *spec.row_shape)
+    return chunks, (unit if chunks != unit else None)
+
+
+def create_array(group: Any, spec: ArraySpec, n_samples: int, unit_rows: int, chunk_bytes: int,
+                 per_view: bool = False) -> Any:
+    """Create one row-chunked array: a unit is one shard when chunks are smaller than a unit, else one chunk
+    (``per_view``: one view per inner chunk, see ``chunk_layout``)."""
     from zarr.codecs import ZstdCodec
 
-    rows = chunk_rows_for(spec.row_bytes, unit_rows, chunk_bytes)
+    chunks, shards = chunk_layout(spec, unit_rows, chunk_bytes, per_view)
     shape = (n_samples, *spec.row_shape)
-    chunks = (rows, *spec.row_shape)
-    shards = (unit_rows, *spec.row_shape) if rows < unit_rows else None
     dtype = str if spec.dtype == "str" else spec.dtype
     return group.create_array(
         spec.path, shape=shape, chunks=chunks, shards=shards, dtype=dtype, fill_value=spec.fill,

@@ -153,14 +153,19 @@ def check_codec_array(array: Any, at: str, shape: tuple[int, ...]) -> None:
 
 
 def check_chunking(array: Any, shape: tuple[int, ...], at: str, unit_rows: int) -> None:
+    """Chunked along N (and, in stores since view-separable chunks, one view per inner chunk inside a unit
+    shard); one storage object per unit; inner chunks of a bounded decoded size."""
     chunks = tuple(int(c) for c in array.chunks)
-    if chunks[1:] != shape[1:] or (array.shards and tuple(array.shards)[1:] != shape[1:]):
+    one_view = len(shape) > 1 and shape[1] > 1 and chunks[1:2] == (1,) and bool(array.shards)
+    if chunks[2 if one_view else 1:] != shape[2 if one_view else 1:] \
+            or (array.shards and tuple(array.shards)[1:] != shape[1:]):
         raise damaged(at, f"is chunked {list(chunks)} (shards {list(array.shards or [])}) for shape {list(shape)}; "
-                          "ktc arrays are chunked along the first dimension only")
+                          "ktc arrays are chunked along the first dimension (and the view dimension inside a "
+                          "shard of whole views) only")
     if object_rows(array) != unit_rows:
         raise damaged(at, f"stores {object_rows(array)} rows per object, expected one unit = {unit_rows} rows")
     item = np.dtype(array.dtype).itemsize if np.dtype(array.dtype).kind not in "TO" else 16
-    if chunks[0] * float(np.prod(shape[1:], dtype=np.float64)) * item > MAX_CHUNK_BYTES:
+    if float(np.prod(chunks, dtype=np.float64)) * item > MAX_CHUNK_BYTES:      # an inner chunk, decoded
         raise damaged(at, f"has inner chunks of {list(chunks)}: over {MAX_CHUNK_BYTES >> 20} MiB each when decoded")
 
 

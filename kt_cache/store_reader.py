@@ -18,10 +18,11 @@ from kt_cache.errors import StoreError
 from kt_cache.store import DATASET_CLASSES, OBJECT_MANIFEST, TEACHER_ATTR, check_root_attrs, open_root
 
 
-def read_rows(array: Any, path: str, where: str, rows: slice = slice(None)) -> np.ndarray:
-    """``array[rows]`` as numpy; an undecodable object becomes a StoreError naming its key and rows."""
+def read_rows(array: Any, path: str, where: str, rows: slice = slice(None), view: int | None = None) -> np.ndarray:
+    """``array[rows]`` (``[rows, ...]``), or ``array[rows, view]`` (one view, ``[rows, ...]`` without the view axis)
+    as numpy; an undecodable object becomes a StoreError naming its key and rows."""
     try:
-        return np.asarray(array[rows])
+        return np.asarray(array[rows] if view is None else array[rows, int(view)])
     except Exception as err:   # noqa: BLE001 - zstd/crc/UTF-8 errors of damaged objects differ by codec
         bad = bad_objects(array, path, rows)
         named = "; ".join(f"{key} (rows {a}-{b - 1}): {type(e).__name__}: {e}" for key, a, b, e in bad[:5])
@@ -70,10 +71,12 @@ class CheckedRows:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.array, name)
 
-    def __getitem__(self, rows: slice) -> np.ndarray:
-        if not isinstance(rows, slice):
-            raise TypeError(f"CheckedRows reads row slices only, got {type(rows).__name__}")
-        return self.reader.read(self.teacher_id, self.path, rows)
+    def __getitem__(self, key: slice | tuple[slice, int]) -> np.ndarray:
+        """``[rows]`` or ``[rows, view]`` (one view: only its chunks are decoded when chunks are per view)."""
+        rows, view = key if isinstance(key, tuple) and len(key) == 2 else (key, None)
+        if not isinstance(rows, slice) or not (view is None or isinstance(view, (int, np.integer))):
+            raise TypeError(f"CheckedRows reads [row slice] or [row slice, view] only, got {key!r}")
+        return self.reader.read(self.teacher_id, self.path, rows, view)
 
 
 class StoreReader:
@@ -207,11 +210,12 @@ class StoreReader:
         checks.check_teacher_attrs(self.teacher(teacher_id).attrs.get(TEACHER_ATTR, {}), arrays, teacher_id, self.where)
         return {name: array for name, array in arrays.items() if name != "done"}
 
-    def read(self, teacher_id: str, path: str, rows: slice = slice(None)) -> np.ndarray:
-        """Rows of one teacher array; a missing, truncated or corrupt object is a StoreError naming its key."""
+    def read(self, teacher_id: str, path: str, rows: slice = slice(None), view: int | None = None) -> np.ndarray:
+        """Rows of one teacher array (of one ``view`` when given); a missing, truncated or corrupt object is a
+        StoreError naming its key."""
         array = self.checked_arrays(teacher_id)[path]
         self.require_objects(array, f"teachers/{teacher_id}/{path}", rows)
-        return read_rows(array, f"teachers/{teacher_id}/{path}", self.where, rows)
+        return read_rows(array, f"teachers/{teacher_id}/{path}", self.where, rows, view)
 
     def rows(self, teacher_id: str, path: str) -> CheckedRows:
         """The array at ``path`` as a row-sliceable object whose every read goes through ``read``."""

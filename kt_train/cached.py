@@ -55,9 +55,10 @@ class CachedTeachers:
         needs: ``TeacherBatch`` fields to provide (a method's ``needs``); ``None`` = every field.
         ram_budget_bytes: bounds every array held (features, logits or top-k + LSE, ``label_logit``, maps): when
             all of them fit they are loaded into RAM; otherwise the smallest group arrays are loaded while they
-            fit half the budget and the rest are read in whole row blocks through ``BlockCache``s whose windows
-            together fit the other half (each block is read once per window when rows come from a
-            ``BlockShuffleSampler`` with the same ``block_rows`` / ``window_blocks``).
+            fit half the budget and the rest are read in row blocks of one view (the epoch's view of the block,
+            ``plan_epoch``) through ``BlockCache``s whose windows together fit the other half (each block is
+            read once per window when rows come from a ``BlockShuffleSampler`` with the same ``block_rows`` /
+            ``window_blocks``); ``read_counts`` says how many bytes that read per sample and teacher.
         window_blocks: blocks per shuffle window (give the same to ``make_loader``).
         block_rows: rows per cache block (default: the store's unit, halved until the windows fit the
             budget, never below an inner chunk); give ``self.block_rows`` to ``make_loader``.
@@ -118,11 +119,12 @@ class CachedTeachers:
             self._stream(streamed, (budget - used) // 2, block_rows)
         self._windows: list[np.ndarray] = []
         self._window_of: dict[int, int] = {}
-        self._ahead = -1
+        self._views: np.ndarray | None = None
+        self._ahead, self._read_base, self._gathered = -1, 0, 0
 
     def _stream(self, arrays: dict[tuple[int, str], StackedSource], budget: int, block_rows: int | None) -> None:
-        if block_rows is None:
-            row_bytes = sum(int(a.nbytes) // max(1, a.shape[0]) for a in arrays.values())
+        if block_rows is None:     # a cache entry is one view of a block (``sampler.block_views``)
+            row_bytes = sum(int(a.nbytes) // max(1, a.shape[0] * a.shape[1]) for a in arrays.values())
             floor = max(int(a.chunks[0]) for a in arrays.values())
             block_rows = self.block_rows
             while block_rows > floor and block_rows * row_bytes * 2 * self.window_blocks > budget:
@@ -165,21 +167,35 @@ class CachedTeachers:
         self._decoders: dict[tuple[int, str, str], StackedDecoder] = {}
         self._on_device: dict[tuple[str, ...], torch.Tensor] = {}
 
-    def plan_epoch(self, windows: Sequence[np.ndarray]) -> None:
-        """The sampler's block windows of this epoch (``BlockShuffleSampler.windows()``): while a window's rows
-        are gathered, the next window's blocks are read in background threads, so a step rarely waits on a read."""
+    def plan_epoch(self, windows: Sequence[np.ndarray], views: np.ndarray | None = None) -> None:
+        """The sampler's block windows of this epoch (``BlockShuffleSampler.windows()``) and the view of each block
+        (``StudentLoader.block_views()``): while a window's rows are gathered, that view of the next window's
+        blocks is read in background threads, so a step rarely waits on a read (without ``views``, blocks are
+        read when first gathered). Starts the epoch's ``read_counts``."""
+        self._read_base, self._gathered = self._bytes_read(), 0
         if not self.group_caches:
             return
         self._windows = [np.asarray(w) for w in windows]
         self._window_of = {int(b): i for i, w in enumerate(self._windows) for b in w}
-        self._ahead = -1
+        self._views, self._ahead = (None if views is None else np.asarray(views)), -1
         self._read_ahead(0)
 
     def _read_ahead(self, window: int) -> None:
-        if window > self._ahead and window < len(self._windows):
+        if self._views is not None and self._ahead < window < len(self._windows):
             for cache in self.group_caches.values():
-                cache.prefetch(self._windows[window])
+                cache.prefetch(self._windows[window], self._views[self._windows[window]])
             self._ahead = window
+
+    def _bytes_read(self) -> int:
+        return sum(cache.bytes_read for cache in self.group_caches.values())
+
+    def read_counts(self) -> dict[str, float]:
+        """Streamed reads since ``plan_epoch``: ``read_bytes_per_sample_teacher`` = decoded bytes of the chunks
+        the block caches read (``sampler.touched_bytes``) / samples gathered / teachers with a streamed array;
+        0 when every array is held in RAM (read once, at start-up)."""
+        streamed = len({tid for tid, _ in self.caches})
+        per = (self._bytes_read() - self._read_base) / max(1, self._gathered) / max(1, streamed)
+        return {"read_bytes_per_sample_teacher": round(per, 1)}
 
     def _after_gather(self, rows: np.ndarray) -> None:
         if self._window_of and rows.size:
@@ -241,6 +257,7 @@ class CachedTeachers:
             units = rows // self._group_codecs[(g, path)][0].unit_rows
             quant[(g, path, name)] = table[units]
         self._after_gather(rows)
+        self._gathered += rows.size
         return Gathered(self.groups, self._where, stacks, quant, rows.size)
 
     def to_teacher_batch(self, gathered: Gathered, labels: Any, device: Any) -> TeacherBatch:

@@ -3,10 +3,55 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
 import click
 
 from kt_train.methods import METHODS   # the registry: each method describes itself (choices, help, requirements)
+
+
+class RegistryChoice(click.Choice):
+    """``--method``'s choices: the registered names, read when used rather than at import, so a method
+    registered later (``kt_train.methods.register_method``: a plugin, a test) is accepted."""
+
+    def __init__(self) -> None:
+        super().__init__((), case_sensitive=True)
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return tuple(METHODS)
+
+    @choices.setter
+    def choices(self, _value: tuple[str, ...]) -> None:
+        pass                              # click.Choice.__init__ assigns; the registry stays the one source
+
+
+class RegistryOption(click.Option):
+    """An option whose help ``describe()`` writes from the registry each time it is shown (as RegistryChoice)."""
+
+    def __init__(self, *args: Any, describe: Callable[[], str], **kwargs: Any) -> None:
+        self.describe, self.extra = describe, ""
+        super().__init__(*args, **kwargs)
+
+    @property
+    def help(self) -> str:
+        return self.describe() + self.extra
+
+    @help.setter
+    def help(self, value: str | None) -> None:
+        # show_config_defaults appends "  [default: ...]" to the help it read: keep only what it appended
+        base = self.describe()
+        self.extra = value[len(base):] if value and value.startswith(base) else ""
+
+
+def methods_with(flag: str) -> str:
+    """The registered methods whose class attribute ``flag`` is true, for the help of the flag they use."""
+    return ", ".join(name for name, cls in METHODS.items() if getattr(cls, flag)) or "no registered method"
+
+
+def method_help() -> str:
+    return "Transfer method: " + "; ".join(f"{name}: {cls.summary}" for name, cls in METHODS.items()) + "."
 
 
 @click.command()
@@ -14,11 +59,12 @@ from kt_train.methods import METHODS   # the registry: each method describes its
 @click.option("--data", help="Image root (default: the dataset root recorded in the store).")
 @click.option("--val", help="Labelled folder (class sub-folders) for the final evaluation (default: the training images).")
 @click.option("--student", help="timm model name of the student (default resnet18).")
-@click.option("--students", help="bikd: several live students, comma-separated timm names.")
+@click.option("--students", cls=RegistryOption, describe=lambda: f"{methods_with('live_students')}: several live "
+              "students, comma-separated timm names.")
 @click.option("--student-checkpoint", help="Initial student weights (.safetensors or .pth).")
-@click.option("--sentinel", help="kpu: id of a store teacher (role sentinel) whose ViT becomes the frozen trunk.")
-@click.option("--method", type=click.Choice(list(METHODS)), help="Transfer method: " + "; ".join(
-    f"{name}: {cls.summary}" for name, cls in METHODS.items()) + ".")
+@click.option("--sentinel", cls=RegistryOption, describe=lambda: f"{methods_with('sentinel_student')}: id of a store "
+              "teacher (role sentinel) whose ViT becomes the frozen trunk.")
+@click.option("--method", cls=RegistryOption, describe=method_help, type=RegistryChoice())
 @click.option("--opt", "opts", multiple=True, metavar="KEY=VALUE", help="Method option, e.g. --opt tau=2 (repeatable).")
 @click.option("--teachers", help="Comma-separated teacher ids or roles (predictive, descriptive, sentinel, all).")
 @click.option("--labels", type=click.Choice(["use", "ignore"]), help="Use the store's labels, or train label-free.")
@@ -51,15 +97,13 @@ def train(opts: tuple[str, ...], config_file: str | None, no_progress: bool, **f
     if opts:
         given["method_options"] = parse_method_options(opts)
     config = build_config(load_config_file(config_file) if config_file else {}, given)
-    metrics = run_training(config, show_progress=not no_progress)
+    metrics = run_training(config, show_progress=not no_progress, notify=click.echo)   # start-of-run notices
     if not metrics:                      # a non-zero torchrun rank: rank 0 reports
         return
     summary = {k: metrics[k] for k in ("top1", "top5", "skipped", "teacher_agreement") if k in metrics}
     click.echo(f"run saved in {config.out}: {json.dumps(summary)}")
-    from kt_train.probe import NOTES
-
-    if config.method in NOTES:
-        click.echo(f"note: {NOTES[config.method]}")
+    if METHODS[config.method].note:                    # a caveat the method declares (kpu: read the probe)
+        click.echo(f"note: {METHODS[config.method].note}")
 
 
 def show_config_defaults(command: click.Command) -> click.Command:

@@ -4,9 +4,14 @@ Read path (docs/store-format.md):
 
 - ``CachedTeachers`` (``kt_train.cached``, imported here) holds every array the method needs (pooled features,
   logits or top-k + LSE, ``label_logit``, spatial maps) within ``ram_budget_bytes``: in RAM when they all fit,
-  else the smallest in RAM and the rest read in whole row blocks (a unit, or an aligned part of it) through
-  LRU block caches, which read each block once per window when rows come from a ``BlockShuffleSampler`` with
-  the same ``block_rows`` / ``window_blocks``. A compact store's codes are held as codes and decoded per batch.
+  else the smallest in RAM and the rest read in row blocks (a unit, or an aligned part of it) of one view
+  through LRU block caches, which read each block once per window when rows come from a
+  ``BlockShuffleSampler`` with the same ``block_rows`` / ``window_blocks``. A compact store's codes are held
+  as codes and decoded per batch.
+- Views: in each epoch all rows of a block use one stored view (``StudentViews.block_views``, drawn per
+  ``(seed, epoch, block)`` by ``kt_train.sampler.block_views``; each block sees each view once per V epochs),
+  so a streamed block reads only that view's chunks (new stores chunk one view per inner chunk). Held and
+  streamed arrays are gathered at the same ``(row, view)``: the same batches either way.
 - ``StudentViews`` (a picklable ``Dataset`` of numpy arrays, no zarr handle) decodes an image and cuts
   the stored view box with ``kt_cache.views.view_pixels``: the student sees the teachers' pixels.
 - The DataLoader yields ``(image, row, view, label)``; the main process then gathers the teachers' rows
@@ -32,7 +37,7 @@ from kt_cache.store import StoreReader
 from kt_cache.views import INTERPOLATIONS, view_pixels
 from kt_train.cached import ALL_FIELDS, TOPK, CachedTeachers, GiB
 from kt_train.methods.base import ROLES
-from kt_train.sampler import BlockShuffleSampler
+from kt_train.sampler import BlockShuffleSampler, block_views
 
 __all__ = ["ALL_FIELDS", "GiB", "TOPK", "CachedTeachers", "StudentLoader", "StudentViews", "check_images_exist",
            "collate", "make_loader", "select_teachers"]
@@ -91,8 +96,9 @@ class StudentViews(Dataset):
         mean, std: student normalisation in 0..1 units (timm's data config).
         interpolation: bilinear | bicubic | nearest | lanczos.
         data_root: dataset root; default the store's ``attrs dataset.root``.
-        seed: view-choice seed; the view of ``row`` in epoch ``e`` is drawn from
-            ``np.random.default_rng([seed, e, row])``, uniform in ``[0, V)``.
+        seed: view-choice seed; in epoch ``e`` every row of a block (``block_rows`` rows: the reader's block, set
+            by ``make_loader``; default the store's unit) uses the view ``sampler.block_views(seed, e, ...)[block]``,
+            so each block shows each view once per ``V`` epochs and a streaming reader reads one view per block.
         views_mode: "random", or "center" (always view 0, for evaluation).
     """
 
@@ -115,19 +121,31 @@ class StudentViews(Dataset):
         self.mean = np.asarray(mean, dtype=np.float32) * 255.0
         self.std = np.asarray(std, dtype=np.float32) * 255.0
         self.interpolation, self.seed, self.views_mode, self.epoch = interpolation, int(seed), views_mode, 0
+        self.set_view_blocks(int(reader.meta["unit_rows"]))
         check_images_exist(self.images, np.flatnonzero(self.ok), reader.where, recorded)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def set_view_blocks(self, block_rows: int) -> None:
+        """Rows that share a view in an epoch: the blocks of the sampler and the streaming reader."""
+        self.block_rows, self._assigned = int(block_rows), (-1, np.zeros(0, dtype=np.int64))
+
     def __len__(self) -> int:
         return int(self.ids.size)
 
-    def view_for(self, row: int, epoch: int | None = None) -> int:
-        if self.views_mode == "center":
-            return 0
+    def block_views(self, epoch: int | None = None) -> np.ndarray:
+        """int64 ``[n_blocks]``: the view of every block in ``epoch`` (default the current one); 0 when "center"."""
         epoch = self.epoch if epoch is None else int(epoch)
-        return int(np.random.default_rng([self.seed, epoch, int(row)]).integers(self.views.shape[1]))
+        n_blocks = -(-len(self) // self.block_rows)
+        if self.views_mode == "center":
+            return np.zeros(n_blocks, dtype=np.int64)
+        if self._assigned[0] != epoch:        # once per epoch (and per worker): __getitem__ asks it per row
+            self._assigned = (epoch, block_views(self.seed, epoch, n_blocks, self.views.shape[1]))
+        return self._assigned[1]
+
+    def view_for(self, row: int, epoch: int | None = None) -> int:
+        return int(self.block_views(epoch)[int(row) // self.block_rows])
 
     def pixels(self, row: int, view: int) -> torch.Tensor:
         """uint8 ``[3, H, W]``: the stored box ``views[row, view]`` of the decoded image, as the teachers saw it."""
@@ -173,6 +191,10 @@ class StudentLoader:
         self.sampler.set_epoch(epoch)
         self.dataset.set_epoch(epoch)
 
+    def block_views(self) -> np.ndarray:
+        """The view of every sampler block this epoch (give it to ``CachedTeachers.plan_epoch``)."""
+        return self.dataset.block_views()
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return iter(self.loader)
 
@@ -193,6 +215,7 @@ def make_loader(dataset: StudentViews, batch_size: int, block_rows: int, window_
     ``multiprocessing_context="spawn"`` (or "forkserver") with remote stores.
     """
     ok = dataset.ok if mask is None else dataset.ok & np.asarray(mask, dtype=bool)
+    dataset.set_view_blocks(block_rows)       # a block's rows share a view, so a streamed block reads one
     sampler = BlockShuffleSampler(len(dataset), block_rows, window_blocks, seed, rank, world, ok)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                         collate_fn=collate, drop_last=drop_last, pin_memory=pin_memory,

@@ -148,7 +148,8 @@ def evaluate(checkpoint: Path, data: Path | None = None, cache: str | None = Non
              device: str = "cpu", workers: int = 0, plots: bool = True, probe: bool = False) -> dict[str, Any]:
     """Metrics of the checkpoint's (first) student; see the module docstring. ``probe``: also a linear probe
     on its frozen features, fitted on ``cache`` (default: the store it was trained from), scored on ``data``."""
-    from kt_train.probe import NOTES, probe_metrics
+    from kt_train.methods import METHODS
+    from kt_train.probe import probe_metrics
     from kt_train.students import load_student
 
     run = load_run_info(checkpoint)
@@ -156,8 +157,9 @@ def evaluate(checkpoint: Path, data: Path | None = None, cache: str | None = Non
         raise UsageError("--probe scores a linear probe on a labelled folder. Fix: pass --data FOLDER as well.")
     student = load_student(Path(checkpoint) / run["students"][0], device)
     metrics: dict[str, Any] = {"checkpoint": str(checkpoint)}
-    if run.get("method") in NOTES:
-        metrics["note"] = NOTES[run["method"]]
+    note = getattr(METHODS.get(run.get("method", "")), "note", "")     # a method's caveat, e.g. kpu's top-1
+    if note:
+        metrics["note"] = note
     if probe:
         metrics["probe"] = probe_metrics(student, cache or run["cache"], Path(data), run, batch_size, device, workers)
     if data is not None:

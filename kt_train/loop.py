@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ def train_step(run: Run, model: Any, batch: dict[str, torch.Tensor], optimizer: 
     images = batch["image"].to(run.device, non_blocking=True)
     teachers = run.cached.for_batch(batch, run.device)
     if not run.use_labels:
-        teachers.labels = None
+        teachers.audit_labels, teachers.labels = teachers.labels, None
     if run.initial is not None:
         with torch.no_grad():
             teachers.reference_logits = run.initial(images).logits.float()
@@ -75,7 +76,7 @@ def train_epoch(run: Run, model: Any, epoch: int, step: int, total: int, opt: tu
     optimizer, scheduler, scaler = opt
     model.train()
     run.loader.set_epoch(epoch)
-    run.cached.plan_epoch(run.loader.sampler.windows())      # read the next window's blocks ahead
+    run.cached.plan_epoch(run.loader.sampler.windows(), run.loader.block_views())   # read the next window ahead
     tick, seen = time.perf_counter(), 0
     bar = tqdm(run.loader, desc=f"epoch {epoch + 1}/{run.config.epochs}", unit="batch",
                disable=not (show and info.is_main) or os.environ.get("KTC_NO_PROGRESS") == "1", leave=False)
@@ -96,12 +97,18 @@ def train_epoch(run: Run, model: Any, epoch: int, step: int, total: int, opt: tu
     return step
 
 
-def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
-    """Train, checkpoint every epoch, evaluate; returns the final metrics (also in ``eval.json``)."""
+def train(config: TrainConfig, show_progress: bool = True,
+          notify: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train, checkpoint every epoch, evaluate; returns the final metrics (also in ``eval.json``).
+
+    ``notify`` receives the method's start-of-run notices (``Method.run_notes``) as ``"note: ..."`` lines, once
+    (rank 0), before the first step; ``ktc train`` passes ``click.echo``."""
     info = init_distributed(config.device)
     out = Path(config.out)
     try:
         run = build_run(config, info.rank, info.world, info.local_rank)
+        for note in run.notes if notify is not None and info.is_main else ():
+            notify(f"note: {note}")
         model = wrap(Trainable(run.students, run.method), info, run.device)
         per_epoch = len(run.loader)
         total = min(config.epochs * per_epoch, config.max_steps or config.epochs * per_epoch)
@@ -119,7 +126,8 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
             if info.is_main:
                 save_checkpoint(out, run, *opt, epoch, step)
             barrier(info)
-            log.write({"kind": "epoch", "epoch": epoch, "step": step, "seconds": round(time.perf_counter() - start, 3)})
+            log.write({"kind": "epoch", "epoch": epoch, "step": step, "seconds": round(time.perf_counter() - start, 3),
+                       **run.cached.read_counts()})
             epoch += 1
         return finish(run, out) if info.is_main else {}
     finally:

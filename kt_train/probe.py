@@ -16,9 +16,6 @@ import torch
 
 from kt_cache.errors import UsageError
 
-NOTES = {"kpu": "kpu trains the student's features, not its classifier: the head's top-1 is not a measure of "
-                "the method; the linear-probe top-1 (ktc eval --probe) is."}
-
 
 @torch.inference_mode()
 def features_of(student: Any, batches: Any, device: str) -> tuple[np.ndarray, np.ndarray]:

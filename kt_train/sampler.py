@@ -10,7 +10,11 @@ DDP: the epoch's global order is padded by repeating its start (like ``Distribut
 multiple of ``world`` and cut into ``world`` contiguous, equal slices; rank ``r`` takes slice ``r``. A
 contiguous slice keeps each rank on its own windows, so each rank reads about ``1/world`` of the blocks.
 
-``BlockCache`` is the read side: an LRU of whole blocks of one large array (spatial maps).
+Views (``block_views``): in each epoch every row of a block uses the same stored view, drawn per
+``(seed, epoch, block)`` so that each run of V epochs (epochs ``cV … cV+V−1``) shows each block each of its
+V views exactly once. A streaming reader then reads one view of a block per epoch, not all V.
+
+``BlockCache`` is the read side: an LRU of whole blocks of one view of one large array (spatial maps).
 """
 
 from __future__ import annotations
@@ -21,6 +25,39 @@ from typing import Any
 
 import numpy as np
 from torch.utils.data import Sampler
+
+
+VIEW_STREAM = 2       # third seed word of the view permutations (the row order uses [seed, e] and [seed, e, 1])
+
+
+def block_views(seed: int, epoch: int, n_blocks: int, n_views: int) -> np.ndarray:
+    """int64 ``[n_blocks]``: the view every row of block ``b`` uses in ``epoch``.
+
+    Epochs come in cycles of ``n_views``; cycle ``c = epoch // n_views`` gives each block its own random
+    permutation of the views (row ``b`` of an argsort of ``default_rng([seed, c, VIEW_STREAM]).random((n_blocks,
+    n_views))``, so a block's permutation does not depend on how many blocks follow it), and epoch ``cV + i``
+    uses entry ``i``: over every cycle each block sees each view exactly once, every view equally often.
+    """
+    if n_views <= 1:
+        return np.zeros(n_blocks, dtype=np.int64)
+    cycle, place = divmod(int(epoch), int(n_views))
+    keys = np.random.default_rng([int(seed), cycle, VIEW_STREAM]).random((int(n_blocks), int(n_views)))
+    return np.argsort(keys, axis=1, kind="stable")[:, place].astype(np.int64)
+
+
+def touched_bytes(array: Any, rows: slice, view: int | None = None) -> int:
+    """Decoded bytes of the inner chunks of ``array [N, V, ...]`` that reading ``array[rows]`` (or one ``view``
+    of them) touches: what the codec pipeline fetches and decompresses (chunks clipped to the array's rows)."""
+    if hasattr(array, "read_bytes"):
+        return int(array.read_bytes(rows, view))
+    chunks, n = tuple(int(c) for c in array.chunks), int(array.shape[0])
+    start, stop, _ = rows.indices(n)
+    if stop <= start:
+        return 0
+    first, end = (start // chunks[0]) * chunks[0], min(n, -(-stop // chunks[0]) * chunks[0])
+    views = int(array.shape[1]) if view is None or len(chunks) < 2 else chunks[1]
+    per_row = views * int(np.prod(chunks[2:], dtype=np.int64)) * np.dtype(array.dtype).itemsize
+    return int((end - first) * per_row)
 
 
 class BlockShuffleSampler(Sampler[int]):
@@ -96,53 +133,67 @@ class BlockShuffleSampler(Sampler[int]):
 
 
 class BlockCache:
-    """LRU of whole row blocks ``array[b*block_rows:(b+1)*block_rows]`` of one large row-chunked array.
+    """LRU of row blocks of one view, ``array[b*block_rows:(b+1)*block_rows, v]``, of one large row-chunked array.
 
     Args:
-        array: a zarr (or any sliceable) array ``[N, V, ...]``.
+        array: a zarr (or any ``[rows, view]``-sliceable) array ``[N, V, ...]``.
         block_rows: rows per block; a divisor of the store's unit rows so a block never spans two shards.
-        capacity: blocks kept in RAM (two sampler windows when reading ahead: the one in use and the next).
+        capacity: (block, view) entries kept in RAM (two sampler windows when reading ahead: the one in use and
+            the next; one view per block and epoch, see ``block_views``).
         executor: a ``concurrent.futures`` executor for ``prefetch`` (read-ahead); None reads on demand only.
+
+    ``reads`` counts the entries read, ``bytes_read`` the decoded bytes of the chunks they touched
+    (``touched_bytes``), both counted in the calling thread when a read starts.
     """
 
     def __init__(self, array: Any, block_rows: int, capacity: int, executor: Any = None) -> None:
         self.array, self.block_rows, self.capacity = array, int(block_rows), max(1, int(capacity))
         self.n_rows = int(array.shape[0])
-        self.blocks: OrderedDict[int, np.ndarray] = OrderedDict()
-        self.pending: dict[int, Any] = {}          # block -> Future of a read ahead (main thread only touches it)
+        self.blocks: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self.pending: dict[tuple[int, int], Any] = {}   # (block, view) -> Future (main thread only touches it)
         self.executor = executor
-        self.reads = 0
+        self.reads = self.bytes_read = 0
 
-    def _read(self, b: int) -> np.ndarray:
-        return np.asarray(self.array[b * self.block_rows:min(self.n_rows, (b + 1) * self.block_rows)])
+    def _rows(self, b: int) -> slice:
+        return slice(b * self.block_rows, min(self.n_rows, (b + 1) * self.block_rows))
 
-    def prefetch(self, blocks: Any) -> None:
-        """Start reading ``blocks`` in the background (those not held or already on their way)."""
+    def _read(self, b: int, v: int) -> np.ndarray:
+        return np.asarray(self.array[self._rows(b), v])
+
+    def _count(self, b: int, v: int) -> None:
+        self.reads += 1
+        self.bytes_read += touched_bytes(self.array, self._rows(b), v)
+
+    def prefetch(self, blocks: Any, views: Any) -> None:
+        """Start reading view ``views[i]`` of block ``blocks[i]`` in the background (unless held or on its way)."""
         if self.executor is None:
             return
-        for b in map(int, blocks):
-            if b not in self.blocks and b not in self.pending:
-                self.pending[b] = self.executor.submit(self._read, b)
+        for key in zip(map(int, blocks), map(int, views)):
+            if key not in self.blocks and key not in self.pending:
+                self._count(*key)
+                self.pending[key] = self.executor.submit(self._read, *key)
 
-    def block(self, b: int) -> np.ndarray:
-        """Block ``b`` (``[rows, V, ...]``): held, read ahead (waited for), or read whole now."""
-        if b in self.blocks:
-            self.blocks.move_to_end(b)
-            return self.blocks[b]
-        future = self.pending.pop(b, None)
-        data = future.result() if future is not None else self._read(b)
-        self.reads += 1
-        self.blocks[b] = data
+    def block(self, b: int, v: int) -> np.ndarray:
+        """View ``v`` of block ``b`` (``[rows, ...]``): held, read ahead (waited for), or read now."""
+        key = (b, v)
+        if key in self.blocks:
+            self.blocks.move_to_end(key)
+            return self.blocks[key]
+        future = self.pending.pop(key, None)
+        if future is None:
+            self._count(b, v)
+        self.blocks[key] = future.result() if future is not None else self._read(b, v)
         while len(self.blocks) > self.capacity:
             self.blocks.popitem(last=False)
-        return data
+        return self.blocks[key]
 
     def gather(self, rows: np.ndarray, views: np.ndarray) -> np.ndarray:
-        """``array[rows, views]``: ``[B, ...]``; blocks visited in order of first use (old window first)."""
+        """``array[rows, views]``: ``[B, ...]``; (block, view) pairs visited in order of first use."""
         blocks = rows // self.block_rows
+        pairs = blocks * int(self.array.shape[1]) + views
         out = np.empty((rows.size, *self.array.shape[2:]), dtype=self.array.dtype)
-        _, first = np.unique(blocks, return_index=True)
-        for b in blocks[np.sort(first)]:
-            sel = blocks == b
-            out[sel] = self.block(int(b))[rows[sel] - b * self.block_rows, views[sel]]
+        _, first = np.unique(pairs, return_index=True)
+        for i in np.sort(first):
+            sel = pairs == pairs[i]
+            out[sel] = self.block(int(blocks[i]), int(views[i]))[rows[sel] - blocks[i] * self.block_rows]
         return out

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ class Run:
     use_labels: bool
     initial: Any | None            # fg: frozen copy of the initial student
     info: dict[str, Any]           # what `ktc eval` needs: classes, centre crop, student files, teachers
+    notes: list[str] = field(default_factory=list)   # the method's start-of-run notices (Method.run_notes)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -119,7 +120,7 @@ def build_run(config: TrainConfig, rank: int = 0, world: int = 1, local_rank: in
     """
     from kt_train.data import CachedTeachers, select_teachers
     from kt_train.methods import METHODS, build_options
-    from kt_train.requirements import check_requirements
+    from kt_train.requirements import check_requirements, run_notes
 
     device = resolve_device(config.device)
     if device.type == "cuda" and world > 1:
@@ -144,7 +145,8 @@ def build_run(config: TrainConfig, rank: int = 0, world: int = 1, local_rank: in
             "cache": str(config.cache), "teachers": teacher_ids,
             "method": config.method, "method_options": options_dict(method),
             "students": [f"student{i if len(students) > 1 else ''}.safetensors" for i in range(len(students))]}
-    return Run(config, reader, teacher_ids, cached, students, method, loader, device, use_labels, initial, info)
+    notes = run_notes(config, reader, teacher_ids, options)
+    return Run(config, reader, teacher_ids, cached, students, method, loader, device, use_labels, initial, info, notes)
 
 
 def options_dict(method: Any) -> dict[str, Any]:

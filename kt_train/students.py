@@ -332,9 +332,19 @@ def _read_state(path: Path, who: str) -> dict[str, Tensor]:
         raise UsageError(f"{who}: checkpoint {path} is not an existing {'/'.join(CHECKPOINT_SUFFIXES)} file. "
                          "Fix: pass the path of a local weights file.")
     try:
-        return read_state_dict(who, path)[0]
+        state = read_state_dict(who, path)[0]
     except KtError as err:
         raise UsageError(str(err).replace(f"teacher {who}", who, 1)) from err
+    return unwrap_student_state(state)
+
+
+def unwrap_student_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A plain student saved by ``save_student`` (a ``Student`` whose timm network is ``.model``: every key
+    ``model.<key>``) -> the network's own keys, so a run's ``student.safetensors`` can start another run
+    (``--student-checkpoint``, e.g. FG's pretrained student); any other state is returned as is."""
+    if state and all(k.startswith("model.") for k in state):
+        return {k[len("model."):]: v for k, v in state.items()}
+    return state
 
 
 def sidecar_path(path: str | Path) -> Path:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from kt_cache.codecs import MISSING_CODE
+from kt_train.sampler import touched_bytes
 
 TOPK = ("logits_topk/values", "logits_topk/index")
 
@@ -106,16 +107,22 @@ class StackedSource:
         self.nbytes = int(sum(int(a.nbytes) for a in self.arrays))
         self.chunks = (max(int(a.chunks[0]) for a in self.arrays),)
 
-    def __getitem__(self, rows: slice) -> np.ndarray:
-        """A row block of every member (each read whole) in one ``[rows, V, T, ...]``, written member by member
-        (so a read holds the block and one member's part of it, not every part twice)."""
-        out = None
+    def __getitem__(self, key: slice | tuple[slice, int]) -> np.ndarray:
+        """``[rows]``: a row block of every member in one ``[rows, V, T, ...]``; ``[rows, view]``: one view of it,
+        ``[rows, T, ...]`` (only that view's chunks are read from a store with per-view chunks). Written member
+        by member, so a read holds the block and one member's part of it, not every part twice."""
+        rows, view = key if isinstance(key, tuple) else (key, None)
+        axis, out = (2 if view is None else 1), None          # the teacher axis: after (rows, view), or rows
         for i, array in enumerate(self.arrays):
-            part = np.asarray(array[rows])
+            part = np.asarray(array[rows] if view is None else array[rows, int(view)])
             if out is None:
-                out = np.empty((part.shape[0], part.shape[1], len(self.arrays), *part.shape[2:]), dtype=self.dtype)
-            out[:, :, i] = part
+                out = np.empty((*part.shape[:axis], len(self.arrays), *part.shape[axis:]), dtype=self.dtype)
+            out[(slice(None),) * axis + (i,)] = part
         return out
+
+    def read_bytes(self, rows: slice, view: int | None = None) -> int:
+        """Decoded chunk bytes a read of ``[rows]`` or ``[rows, view]`` touches, over every member."""
+        return sum(touched_bytes(array, rows, view) for array in self.arrays)
 
 
 def read_stacked(source: StackedSource, unit_rows: int) -> np.ndarray:

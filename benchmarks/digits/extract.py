@@ -58,6 +58,8 @@ def write_manifest(out: Path, entries: list[dict[str, Any]] | None = None, store
 def parse_report(stdout: str, names: set[str]) -> dict[str, Any]:
     """Images, seconds and images/s of ``ktc extract``'s summary, plus its per-teacher table rows."""
     head = re.search(r"(\d+) images processed in ([\d.]+) s \(([\d.]+) images/s", stdout)
+    if head is None and "nothing to do" in stdout:   # a complete store left as it is (fresh=False)
+        return {"images": 0, "seconds": 0.0, "images_per_s": 0.0, "teachers": {}}
     if head is None:
         raise ValueError(f"no summary line in ktc extract output:\n{stdout[-2000:]}")
     teachers = {}

@@ -9,6 +9,7 @@ Tables, in the order they run (cheap and essential first):
 - ``teachers`` / ``teachers20``: kd / avg / uniform / uniform+soft with the first 2, 5, 10 (= ``main``) / 20
   predictive teachers (``teachers20`` first trains and extracts the other 10);
 - ``options``: further UNIFORM options (a stronger pseudo-class weight, a lighter ℓ_rec);
+- ``defaults``: ce / kd / avg / uniform on ``store4`` with no options at all (ktc's defaults as they are);
 - ``crops``: the reference on online random crops (the stored-views comparison for ``main``; the slowest).
 """
 
@@ -46,6 +47,10 @@ OPTION_ARMS = {label: Arm("options", label, "ktc", "uniform", main_teachers("uni
                for label, opts in {**OPTIONS, **MORE_OPTIONS}.items()}
 
 
+# ktc's defaults as committed (no options: uniform's vote_norm is then auto); run with the code under test
+DEFAULTS = {m: Arm("defaults", m, "ktc", m, main_teachers(m), labels=labels(m)) for m in METHODS}
+
+
 def count_arm(method: str, count: int) -> Arm:
     """``method`` is kd, avg, uniform (the paper's vote) or uniform+soft (``vote_norm=soft_coverage``)."""
     if count == 10:
@@ -64,6 +69,7 @@ TABLES = {
     "teachers": lambda: [count_arm(m, n) for n in (2, 5) for m in COUNT_METHODS],
     "teachers20": lambda: [count_arm(m, 20) for m in COUNT_METHODS],   # needs the full zoo (prepare)
     "options": lambda: [OPTION_ARMS[k] for k in MORE_OPTIONS],
+    "defaults": lambda: list(DEFAULTS.values()),
     "crops": lambda: [REF_CROPS["ce"], REF_CROPS["uniform"], REF_CROPS["kd"], REF_CROPS["avg"]],
 }
 

@@ -46,8 +46,25 @@ METHODS: dict[str, type[Method]] = {
 
 __all__ = [
     "METHODS", "Method", "MethodConfigError", "MethodDims", "MethodOptions", "StudentOutput", "TeacherBatch",
-    "TeacherInfo", "build_method", "build_options", "list_methods", "scatter_full_logits", "scatter_topk_logits",
+    "TeacherInfo", "build_method", "build_options", "list_methods", "register_method", "scatter_full_logits",
+    "scatter_topk_logits",
 ]
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Add ``cls`` to ``METHODS`` (in place) under ``cls.name`` once its declaration checks out; usable as a
+    class decorator. ``ktc train``'s ``--method`` choices, help, requirement checks and setup then include it.
+
+    Raises:
+        MethodConfigError: the class attributes a method must set are missing or wrong (each one named).
+    """
+    problems = cls.declaration_problems() if isinstance(cls, type) and issubclass(cls, Method) else ["not a Method"]
+    if problems:
+        raise MethodConfigError(f"cannot register method class {getattr(cls, '__qualname__', cls)!r}: "
+                                f"{'; '.join(problems)}. Fix: set these class attributes (docs/methods.md, "
+                                "'Adding a method').")
+    METHODS[cls.name] = cls
+    return cls
 
 
 def list_methods() -> list[str]:

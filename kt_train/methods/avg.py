@@ -23,3 +23,4 @@ class Avg(Uniform):
     Options = AvgOptions
     summary = "feature and probability averaging over the teachers (UNIFORM without voting)"
     requires = frozenset({"features"})
+    alternatives: dict[str, str] = {}      # no logit_vote option to turn off (Uniform's alternative)

@@ -33,7 +33,9 @@ How a cache reader fills ``TeacherBatch`` (the contract; ``docs/methods.md`` rep
    standardization exact for top-k caches; when absent it is computed over the covered classes of the row.
 5. **Features** ``[B, d_t]`` and **featmaps** ``[B, h, w, d_t]`` (channels last, as stored) in any float
    dtype; methods upcast to fp32.
-6. ``labels``: int64 ``[B]``, ``-1`` where unknown, or ``None`` for unlabelled runs.
+6. ``labels``: int64 ``[B]``, ``-1`` where unknown, or ``None`` for unlabelled runs. ``audit_labels``: the stored
+   labels of a run told to ignore them (``--labels ignore``); methods never train on them, they only score the
+   teachers' target against them (``pseudo_acc``), so a label-free run still reports how good its target is.
 7. ``reference_logits``: ``[B, C]`` raw logits of the *frozen initial student* (Fantastic Gains ``f_st``),
    either read from the cache (it is just another frozen network) or computed by the trainer with a frozen
    copy of the student under ``torch.no_grad()``. Only ``fg`` reads it.
@@ -50,7 +52,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 import torch
@@ -136,6 +138,7 @@ class TeacherBatch:
     logit_mean: Mapping[str, Tensor] = field(default_factory=dict)   # id -> [B] mean over all C_t logits
     logit_std: Mapping[str, Tensor] = field(default_factory=dict)    # id -> [B] unbiased std over all C_t
     labels: Tensor | None = None                                  # [B] int64, -1 unknown
+    audit_labels: Tensor | None = None                            # [B] labels of a --labels ignore run: diagnostics only
     reference_logits: Tensor | None = None                        # [B, C] frozen initial student (FG)
 
     @property
@@ -181,6 +184,27 @@ class TeacherBatch:
                 raise ValueError(f"TeacherBatch.logits[{tid!r}]: expected [B, {num_classes}] and covered[{tid!r}]")
 
 
+@dataclass(frozen=True)
+class RunFacts:
+    """What a run has, known before training, for ``Method.run_notes``.
+
+    Attributes:
+        outputs: selected teacher id -> the outputs it has stored (``features``, ``logits``, ``featmap`` ...).
+        student_checkpoint: the initial student weights (``--student-checkpoint``), ``None`` = random init.
+    """
+
+    outputs: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    student_checkpoint: str | None = None
+
+
+# What a method may declare: ``needs`` are TeacherBatch fields (ids, roles, valid always come; covered comes with
+# logits), ``requires`` what the selected teachers must have stored (kt_train/requirements.py checks each).
+BATCH_FIELDS = frozenset(f.name for f in fields(TeacherBatch)) - {"ids", "roles", "valid", "covered"}
+# ``features_or_featmap`` is per teacher: every selected teacher must have one of the two (KPU).
+REQUIREMENTS = frozenset({"predictive_logits", "all_classes", "features", "featmap", "features_or_featmap"})
+REFUSALS = REQUIREMENTS - {"all_classes"} | {"labels"}     # the refusals whose fix may name an ``alternative``
+
+
 class Method(nn.Module):
     """Base of every method: owned heads are sub-modules, so they are saved with the student.
 
@@ -194,10 +218,15 @@ class Method(nn.Module):
     Class attributes: ``name`` (registry key), ``summary`` (one line for ``ktc train --help``), ``Options``
     (the frozen options dataclass), ``needs`` (the ``TeacherBatch`` fields it reads, so the reader can skip the
     rest), ``requires`` (what the selected teachers must have stored: ``predictive_logits``, ``all_classes``
-    (those logits cover every target class), ``features``, ``featmap``; ``requirements(options)`` may depend on
+    (those logits cover every target class), ``features``, ``featmap`` (some selected teacher has it),
+    ``features_or_featmap`` (every selected teacher has one of them); ``requirements(options)`` may depend on
     options), ``live_students`` (trains several students at once: ``--students``, then ``forward`` takes a
     sequence of ``StudentOutput``), ``reference_student`` (needs a frozen copy of the initial student);
-    ``labels_required(options)``. The CLI's choices, help and requirement checks come from these.
+    ``labels_required(options)``; ``alternatives`` (requirement -> another way out this method offers, added
+    to the refusal's fix), ``note`` (a caveat printed after ``ktc train`` and in ``ktc eval``'s metrics),
+    ``run_notes(options, facts)`` (one-line notices printed when ``ktc train`` starts, from ``RunFacts``),
+    ``sentinel_student`` (meant for a student on a frozen sentinel trunk, ``--sentinel``). The CLI's choices,
+    help, requirement checks and the run's setup come from these (docs/methods.md, "Adding a method").
     """
 
     name: ClassVar[str] = ""
@@ -207,11 +236,37 @@ class Method(nn.Module):
     requires: ClassVar[frozenset[str]] = frozenset()
     live_students: ClassVar[bool] = False
     reference_student: ClassVar[bool] = False
+    alternatives: ClassVar[Mapping[str, str]] = {}      # e.g. {"labels": "--opt label_source=vote for ..."}
+    note: ClassVar[str] = ""
+    sentinel_student: ClassVar[bool] = False
 
     @classmethod
     def requirements(cls, options: MethodOptions) -> frozenset[str]:
         """What the selected teachers must have stored for this method with these options."""
         return cls.requires
+
+    @classmethod
+    def run_notes(cls, options: MethodOptions, facts: RunFacts) -> list[str]:
+        """One-line notices for the start of ``ktc train``: what this run will do differently from what the user
+        may expect, given what it has (e.g. KPU without spatial maps). Empty by default."""
+        return []
+
+    @classmethod
+    def declaration_problems(cls) -> list[str]:
+        """What is wrong with this class's self-description (empty when it can be registered)."""
+        key = cls.name.strip().lower().replace("-", "").replace("_", "")    # how names are looked up
+        problems = [] if cls.name and cls.name == key else [f"name {cls.name!r} must be lower case, no '-' or '_'"]
+        if not cls.summary or "\n" in cls.summary:
+            problems.append(f"summary {cls.summary!r} must be one non-empty line (shown by `ktc train --help`)")
+        if not (isinstance(cls.Options, type) and issubclass(cls.Options, MethodOptions)):
+            return problems + [f"Options {cls.Options!r} must be a MethodOptions dataclass"]
+        declared = (("needs", BATCH_FIELDS), ("requires", REQUIREMENTS), ("alternatives", REFUSALS))
+        for attr, known in declared:
+            if set(getattr(cls, attr)) - known:
+                problems.append(f"{attr} {sorted(getattr(cls, attr))}: expected names among {sorted(known)}")
+        if cls.live_students and "num_students" not in {f.name for f in fields(cls.Options)}:
+            problems.append("live_students methods need a num_students option (set from --students)")
+        return problems
 
     @classmethod
     def labels_required(cls, options: MethodOptions) -> bool:

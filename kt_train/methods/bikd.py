@@ -92,6 +92,7 @@ class BiKD(Method):
     summary = "Bi-KD: per-sample teacher role by confidence, teachers and several live students"
     requires = frozenset({"predictive_logits", "all_classes"})
     live_students = True
+    alternatives = {"labels": "--opt label_source=vote for label-free Bi-KD"}
 
     @classmethod
     def labels_required(cls, options: MethodOptions) -> bool:

@@ -14,6 +14,10 @@ With K > 1 this is the parallel multi-teacher rule (``main_multidist.py``). The 
 logits arrive as ``TeacherBatch.reference_logits [B, C]``: cached like any frozen network, or computed by the
 trainer from a frozen copy of the initial student under ``no_grad``. Rows whose label is unknown (``y < 0``)
 use the unsupervised rule. Shapes: stacked logits ``[B, 1 + K, C]``, student ``z_s [B, C]``.
+
+FG is transfer between two *trained* models: start the student from its weights (``--student-checkpoint``).
+From a random init ``f_st`` is random, the teacher wins nearly every row and this is plain KD (``ktc train``
+prints a note, ``run_notes``); ``transfer_frac`` (share of rows with ``k* > 0``) shows which regime a run is in.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from kt_train.methods.base import Method, MethodDims, StudentOutput, TeacherBatch
+from kt_train.methods.base import Method, MethodDims, RunFacts, StudentOutput, TeacherBatch
 from kt_train.methods.ce import ce_rows
 from kt_train.methods.common import (
     class_logprob,
@@ -78,6 +82,15 @@ class FG(Method):
     @classmethod
     def labels_required(cls, options: MethodOptions) -> bool:
         return getattr(options, "mask", "auto") == "supervised"
+
+    @classmethod
+    def run_notes(cls, options: MethodOptions, facts: RunFacts) -> list[str]:
+        """A random initial student loses almost every row to the teacher, so FG would be plain KD: say so."""
+        if facts.student_checkpoint:
+            return []
+        return ["fg: no --student-checkpoint, so the frozen initial student is random: the teacher wins nearly "
+                "every row (transfer_frac ≈ 1) and fg is plain KD; start from a pretrained student with "
+                "--student-checkpoint."]
 
     def __init__(self, options: FGOptions, dims: MethodDims) -> None:
         super().__init__(options, dims)

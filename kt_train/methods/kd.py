@@ -95,6 +95,9 @@ class KD(Method):
         z_s = standardize_logits(upcast(s.logits)) if o.standardize else s.logits
         kd = masked_mean(kd_rows(z_s, p, logp, o.tau), valid.any(0))
         out = {"kd_loss": kd.detach()}
+        truth = y if y is not None else teachers.audit_labels
+        if truth is not None:   # how often the averaged target names the true class (never trained on)
+            out["pseudo_acc"] = masked_mean((p.argmax(-1) == truth).float(), valid.any(0) & (truth >= 0)).detach()
         loss = alpha * kd
         if alpha < 1.0:
             ce = masked_mean(ce_rows(s.logits, y), y >= 0)  # type: ignore[arg-type]

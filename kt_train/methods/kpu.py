@@ -11,9 +11,13 @@ Huang, Chen, Lyu (Sony AI), "Knowledge Preservation and Unification" (docs/metho
 
 "avg_t" is the mean over valid (sample, teacher) pairs. Heads per teacher and stream are
 ``Linear → LN → GELU → Linear`` with hidden ``max(D, d_t)`` (K3), separate for global/spatial and for
-s2t/t2s/rec (K6). Shapes: student ``x [B, D]``, ``V [B, D, H, W]``; teacher ``x^t [B, d_t]``,
-``V^t [B, h_t, w_t, d'_t]`` (channels last, as cached). The sentinel/adapter half of KPU needs the
-sentinel's weights as the student trunk and lives in the student, not here (docs/methods.md).
+s2t/t2s/rec (K6). A teacher needs ``x^t`` or ``V^t`` (``requires = features_or_featmap``, per teacher); with no
+``V^t`` at all only the λ1 (global) terms train, the student's ``V`` is not read, and ``ktc train`` says so
+(``run_notes``). Diagnostic (the unification effect, ``std_ratios``): ``std_ratio = mean_t σ(h_t2s(x^t)) / σ(x)``
+and ``raw_std_ratio = mean_t σ(x^t) / σ(x)``, σ the population std over valid rows and dims. Shapes: student
+``x [B, D]``, ``V [B, D, H, W]``; teacher ``x^t [B, d_t]``, ``V^t [B, h_t, w_t, d'_t]`` (channels last, as cached).
+The sentinel/adapter half of KPU needs the sentinel's weights as the student trunk and lives in the student, not
+here (docs/methods.md).
 
 Teachers with the same ``d_t`` share one ``heads.GroupedMLP`` per stream (global heads grouped by feature dim,
 spatial heads by map channels): a group's stacked ``x^t [T, B, d_t]`` / ``V^t [T, B, h_t, w_t, d'_t]`` go
@@ -32,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kt_train.methods.base import Method, MethodDims, StudentOutput, TeacherBatch
+from kt_train.methods.base import Method, MethodDims, RunFacts, StudentOutput, TeacherBatch
 from kt_train.methods.common import safe_key, zero_invalid
 from kt_train.methods.heads import GroupedMLP, LegacyParam, group_by, legacy_layout, run_head
 from kt_train.methods.stacks import shape_subsets
@@ -83,6 +87,32 @@ def align_rows(x1: Tensor | None, v1: Tensor | None, x2: Tensor | None, v2: Tens
     return torch.stack(terms, 0).sum(0)
 
 
+def masked_std(values: Tensor, valid: Tensor) -> Tensor:
+    """Population std ``[T]`` of ``values [T, B, d]`` over each teacher's valid rows (``valid [T, B]``) and all
+    ``d`` dims: ``σ_t = sqrt(Σ_{b valid, j} (v_tbj − μ_t)² / (n_t d))``; 0 for a teacher with no valid row."""
+    w = valid[..., None].to(values.dtype)
+    v = torch.where(valid[..., None], values, torch.zeros((), dtype=values.dtype, device=values.device))
+    n = (w.sum((1, 2)) * values.shape[-1]).clamp_min(1.0)
+    mean = v.sum((1, 2)) / n
+    return (((v - mean[:, None, None]) ** 2 * w).sum((1, 2)) / n).sqrt()
+
+
+def std_ratios(stats: Sequence[tuple[Tensor, Tensor, Tensor]], x: Tensor) -> dict[str, Tensor]:
+    """The unification diagnostic, over the teachers ``t`` with a valid row in the batch (no grad)::
+
+        std_ratio     = mean_t σ(h_t2s(x^t)) / σ(x)    teachers mapped into the student space, relative to x
+        raw_std_ratio = mean_t σ(x^t) / σ(x)           the same before mapping (as cached)
+
+    ``stats``: per global group ``(σ(x^t) [T], σ(h_t2s(x^t)) [T], has a valid row [T])`` (``masked_std``);
+    ``σ(x)``: population std of the student's ``x [B, D]`` over all rows and dims. ``std_ratio`` → 1 as t2s
+    brings every teacher to the student's scale, whatever ``raw_std_ratio`` (the spread before) was."""
+    with torch.no_grad():
+        raw, uni, has = (torch.cat(parts) for parts in zip(*stats))
+        n = has.sum().clamp_min(1).to(raw.dtype)
+        sigma = x.detach().float().std(correction=0).clamp_min(1e-12)
+        return {"std_ratio": (uni * has).sum() / n / sigma, "raw_std_ratio": (raw * has).sum() / n / sigma}
+
+
 def _head_set(members: int, d_s: int, d_t: int, hidden: int | None, norm: bool) -> nn.ModuleDict:
     h = hidden or max(d_s, d_t)
     return nn.ModuleDict({name: GroupedMLP(members, d_in, h, d_out, norm, reset=False)
@@ -96,7 +126,18 @@ class KPU(Method):
     Options = KPUOptions
     needs = frozenset({"features", "featmaps"})
     summary = "KPU: unified latent space with reconstruction on global and spatial features (trains features)"
-    requires = frozenset({"featmap"})
+    requires = frozenset({"features_or_featmap"})     # per teacher; without any featmap: the global terms only
+    sentinel_student = True       # its preservation half is a student on a frozen sentinel trunk (--sentinel)
+    note = ("kpu trains the student's features, not its classifier: the head's top-1 is not a measure of the method; "
+            "the linear-probe top-1 (ktc eval --probe) is.")
+
+    @classmethod
+    def run_notes(cls, options: MethodOptions, facts: RunFacts) -> list[str]:
+        """Say so when no teacher has a map: only the λ1 (pooled-feature) terms train, not the spatial ones."""
+        if any("featmap" in outputs for outputs in facts.outputs.values()):
+            return []
+        return ["kpu: no selected teacher has a stored featmap; training the global (pooled-feature) terms only "
+                "— store `featmap` outputs for the spatial terms."]
 
     def __init__(self, options: KPUOptions, dims: MethodDims) -> None:
         super().__init__(options, dims)
@@ -131,21 +172,25 @@ class KPU(Method):
         x = None if s.features is None else s.features.float()
         v = None if s.featmap is None else s.featmap.float().permute(0, 2, 3, 1)        # [B, H, W, D]
         sums: dict[str, list[Tensor]] = {k: [] for k, on in zip(_HEADS, (o.s2t, o.t2s, o.rec)) if on}
+        stats: list[tuple[Tensor, Tensor, Tensor]] = []
         for name, groups in self.groups.items():
             for d, ids in groups.items():
-                for k, total in self._group_sums(name, f"d{d}", ids, x, v, teachers).items():
+                for k, total in self._group_sums(name, f"d{d}", ids, x, v, teachers, stats).items():
                     sums[k].append(total)
         count = teachers.stacked("valid", self.teacher_ids).sum().float().clamp_min(1.0)
         parts = {k: torch.stack(t).sum() / count for k, t in sums.items()}
         total = sum(parts.get(k, torch.zeros((), device=count.device)) * w
                     for k, w in (("s2t", 1.0), ("t2s", 1.0), ("rec", o.rec_weight)))
         out = {f"{k}_loss": p.detach() for k, p in parts.items()}
+        if stats and x is not None:
+            out.update(std_ratios(stats, x))
         out["loss"] = total  # type: ignore[assignment]
         return out
 
     def _group_sums(self, name: str, key: str, ids: tuple[str, ...], x: Tensor | None, v: Tensor | None,
-                    tb: TeacherBatch) -> dict[str, Tensor]:
-        """``{"s2t"|"t2s"|"rec": Σ over valid (sample, teacher) pairs of the group's term}`` (global or spatial)."""
+                    tb: TeacherBatch, stats: list[tuple[Tensor, Tensor, Tensor]]) -> dict[str, Tensor]:
+        """``{"s2t"|"t2s"|"rec": Σ over valid (sample, teacher) pairs of the group's term}`` (global or spatial).
+        Global groups append ``(σ(x^t), σ(h_t2s(x^t)), has a valid row)``, each ``[T]``, to ``stats``."""
         spatial, heads = name == "map_heads", getattr(self, name)[key]
         if (v if spatial else x) is None:
             missing = "featmap [B, D, H, W]" if spatial else "features [B, D]"
@@ -156,20 +201,29 @@ class KPU(Method):
         for sub, members in shape_subsets(getattr(tb, field), ids):   # one subset unless map grids differ
             valid = tb.stacked("valid", sub)                                               # [T, B]
             target = zero_invalid(tb.stacked(field, sub), valid)                           # [T, B, (h, w,) d_t]
-            rows = (self._map_rows if spatial else self._global_rows)(heads, members, target, v if spatial else x)
+            mapped: list[Tensor] = []
+            rows = self._map_rows(heads, members, target, v) if spatial else \
+                self._global_rows(heads, members, target, x, mapped)
+            if mapped:
+                with torch.no_grad():
+                    stats.append((masked_std(target, valid), masked_std(mapped[0], valid), valid.any(1)))
             for k, r in rows.items():
                 part = torch.where(valid, r, torch.zeros_like(r)).sum()
                 sums[k] = part if k not in sums else sums[k] + part
         return sums
 
-    def _global_rows(self, heads: nn.ModuleDict, members: Tensor | None, xt: Tensor, x: Tensor) -> dict[str, Tensor]:
-        """Global ``L_align`` rows ``[T, B]``: ``x^t [T, B, d_t]``, student ``x [B, D]`` (shared by the group)."""
+    def _global_rows(self, heads: nn.ModuleDict, members: Tensor | None, xt: Tensor, x: Tensor,
+                     mapped: list[Tensor] | None = None) -> dict[str, Tensor]:
+        """Global ``L_align`` rows ``[T, B]``: ``x^t [T, B, d_t]``, student ``x [B, D]`` (shared by the group).
+        ``h_t2s(x^t) [T, B, D]`` is appended to ``mapped`` (detached) when given and computed (t2s or rec on)."""
         o, xs = self.options, x.expand(xt.shape[0], *x.shape)
         out: dict[str, Tensor] = {}
         if o.s2t:
             out["s2t"] = align_rows(run_head(heads["s2t"], xs, members), None, xt, None, o.lambdas, o.sl1_beta)
         if o.t2s or o.rec:
             xu = run_head(heads["t2s"], xt, members)
+            if mapped is not None:
+                mapped.append(xu.detach())
             if o.t2s:
                 out["t2s"] = align_rows(xs, None, xu, None, o.lambdas, o.sl1_beta)
             if o.rec:

@@ -40,10 +40,12 @@ from kt_train.methods.heads import LegacyParam, group_by, grouped_head, legacy_l
 from kt_train.methods.options import MethodOptions
 from kt_train.methods.voting import (
     concat_logit_target,
+    coverage_shares,
     mean_prob_target,
     plain_mean,
     pseudo_class,
     sign_vote,
+    soft_votes,
     uniform_logit_rows,
     vote_counts,
 )
@@ -82,6 +84,8 @@ class UniformOptions(AvgOptions):
     tie_break: Literal["literal", "sum"] = "literal"     # sign ties (U3)
     pseudo_tie: Literal["p_hat", "index"] = "p_hat"      # pseudo-class ties (U12)
     p_hat_from: Literal["all", "agreeing"] = "all"       # p̂ from all valid or only ĉ-voters (U4)
+    vote_norm: Literal["auto", "count", "coverage", "soft_coverage"] = "auto"   # ĉ: raw votes (paper), votes or
+    #   probability mass per covering teacher; auto = soft_coverage iff coverages differ (docs/methods.md)
 
 
 def feature_distance_rows(x: Tensor, x_hat: Tensor, dist: str) -> Tensor:
@@ -129,6 +133,7 @@ class Uniform(Method):
     needs = frozenset({"features", "logits"})
     summary = "UNIFORM: feature and logit voting over predictive and descriptive teachers"
     requires = frozenset({"predictive_logits", "features"})
+    alternatives = {"predictive_logits": "turn logit voting off with --opt logit_vote=false"}
 
     @classmethod
     def requirements(cls, options: MethodOptions) -> frozenset[str]:
@@ -144,6 +149,7 @@ class Uniform(Method):
         self.feature_ids = [t.id for t in dims.teachers if t.feature_dim]
         self.logit_ids = [t.id for t in dims.teachers if t.has_logits and t.role == "predictive"]
         self._concat: bool | None = None
+        self._mixed = False
         self.encoders, self.decoders, self.zscores = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
         self._check_teachers(dims)
         self.feature_groups = {f"d{d}": tuple(ids) for d, ids in group_by(
@@ -255,10 +261,11 @@ class Uniform(Method):
         covered = tb.stacked("covered", self.logit_ids)                                     # [P, C]
         q = log_probs(z, o.tau).exp()
         if self._concat is None:   # coverage is static: decide once (one device sync)
-            mixed = bool((covered != covered[:1]).any())
-            self._concat = o.target == "concat_logits" or (o.target == "auto" and mixed)
+            self._mixed = bool((covered != covered[:1]).any())
+            self._concat = o.target == "concat_logits" or (o.target == "auto" and self._mixed)
         concat = self._concat
-        counts = vote_counts(q, valid)
+        votes = vote_counts(q, valid)
+        counts = self._pseudo_scores(votes, q, covered, valid)
         p_hat = self._target(z, q, covered, valid, concat)
         c_hat = pseudo_class(counts, p_hat, getattr(o, "pseudo_tie", "p_hat"))
         if getattr(o, "p_hat_from", "all") == "agreeing":
@@ -267,15 +274,29 @@ class Uniform(Method):
         logq = log_probs(s.logits, o.tau)
         loss = masked_mean(uniform_logit_rows(logq, p_hat, c_hat, *self.alphas), has)
         with torch.no_grad():
-            share = counts / valid.sum(1, keepdim=True).clamp_min(1)
+            share = votes / valid.sum(1, keepdim=True).clamp_min(1)
             out["vote_agreement"] = masked_mean(share.max(-1).values, has)
             if concat:   # log the other Case B target too (U10)
                 alt = mean_prob_target(q, valid)
                 out["alt_target_ce"] = masked_mean(uniform_logit_rows(logq, alt, c_hat, *self.alphas), has)
-            if tb.labels is not None:
-                known = has & (tb.labels >= 0)
-                out["pseudo_acc"] = masked_mean((c_hat == tb.labels).float(), known)
+            truth = tb.labels if tb.labels is not None else tb.audit_labels
+            if truth is not None:   # the class the loss favours: ĉ when voting, else the target's argmax (AVG)
+                picked = c_hat if self.logit_vote else p_hat.argmax(-1)
+                out["pseudo_acc"] = masked_mean((picked == truth).float(), has & (truth >= 0))
         return loss
+
+    def _pseudo_scores(self, votes: Tensor, q: Tensor, covered: Tensor, valid: Tensor) -> Tensor:
+        """Per-class scores ``[B, C]`` whose argmax is ĉ: the paper's vote counts, or (``vote_norm``) the counts
+        or the probability mass divided by the number of valid teachers covering each class. ``auto`` keeps the
+        paper's counts when every teacher covers the same classes (no evidence against them there) and uses the
+        mass shares when coverages differ (+1.5 top-1 over the counts on the hard digits zoo, 3 seeds:
+        docs/results-uniform.md)."""
+        norm = getattr(self.options, "vote_norm", "count")
+        if norm == "auto":
+            norm = "soft_coverage" if self._mixed else "count"
+        if norm == "count":
+            return votes
+        return coverage_shares(soft_votes(q, valid) if norm == "soft_coverage" else votes, covered, valid)
 
     def _target(self, z: Tensor, q: Tensor, covered: Tensor, valid: Tensor, concat: bool) -> Tensor:
         return concat_logit_target(z, covered, valid, self.options.tau) if concat else mean_prob_target(q, valid)

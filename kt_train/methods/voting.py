@@ -58,11 +58,30 @@ def vote_counts(q: Tensor, valid: Tensor) -> Tensor:
 def pseudo_class(counts: Tensor, p_hat: Tensor, tie_rule: str = "p_hat") -> Tensor:
     """``ĉ = argmax_c counts_c`` ``[B]``; ties by larger ``p̂_c`` then lower index (``p_hat``) or lower index.
 
-    ``counts`` are integers and ``0 ≤ 0.5·p̂ < 1``, so adding it only reorders exact count ties.
+    ``counts`` may be integer vote counts or coverage shares (``coverage_shares``); values within 1e-6 of the
+    row's maximum count as tied.
     """
     if tie_rule == "p_hat":
-        return (counts + 0.5 * p_hat).argmax(-1)
+        tied = counts >= counts.max(-1, keepdim=True).values - 1e-6
+        return torch.where(tied, p_hat + 1.0, torch.zeros_like(p_hat)).argmax(-1)
     return counts.argmax(-1)
+
+
+def soft_votes(q: Tensor, valid: Tensor) -> Tensor:
+    """Probability mass per class ``Σ_i v_i q_{i,c}`` ``[B, C]`` (``q [B, P, C]`` zero-padded, ``valid [B, P]``):
+    each teacher votes with its whole distribution instead of its argmax."""
+    return (q * valid[..., None].to(q.dtype)).sum(1)
+
+
+def coverage_shares(counts: Tensor, covered: Tensor, valid: Tensor) -> Tensor:
+    """Votes per class over the teachers able to cast them: ``counts_c / max(1, Σ_i v_i 1[c ∈ cover_i])`` ``[B, C]``.
+
+    With partial coverage a raw count favours classes that many teachers cover: a teacher that cannot name the
+    true class still votes, always for one of its own. The share asks, per class, what fraction of the teachers
+    that know the class chose it (``counts [B, C]``, ``covered [P, C]`` bool, ``valid [B, P]`` bool).
+    """
+    able = valid.to(counts.dtype) @ covered.to(counts.dtype)               # [B, C] teachers covering c
+    return counts / able.clamp_min(1.0)
 
 
 def mean_prob_target(q: Tensor, valid: Tensor) -> Tensor:

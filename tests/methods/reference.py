@@ -75,17 +75,24 @@ def uniform_target(z: list[list[float | None]], valid: list[bool], tau: float, c
 
 
 def uniform_logit(z_s: Vec, z: list[list[float | None]], valid: list[bool], a1: float, a2: float,
-                  tau: float = 1.0, concat: bool = False, tie: str = "p_hat") -> tuple[float, int]:
-    """CE-form ℓ_logit and ĉ for one sample."""
+                  tau: float = 1.0, concat: bool = False, tie: str = "p_hat", norm: str = "count") -> tuple[float, int]:
+    """CE-form ℓ_logit and ĉ for one sample; ``norm``: ĉ by vote counts, or counts / probability mass per
+    valid covering teacher (``coverage`` / ``soft_coverage``)."""
     C = len(z_s)
-    counts = [0] * C
+    counts, able = [0.0] * C, [0] * C
     for i in range(len(z)):
         if valid[i]:
             q = probs(z[i], tau)
-            counts[max(range(C), key=lambda c: (q[c], -c))] += 1
+            for c in range(C):
+                counts[c] += q[c] if norm == "soft_coverage" else 0.0
+                able[c] += z[i][c] is not None
+            if norm != "soft_coverage":
+                counts[max(range(C), key=lambda c: (q[c], -c))] += 1
+    if norm != "count":
+        counts = [counts[c] / max(1, able[c]) for c in range(C)]
     p_hat = uniform_target(z, valid, tau, concat)
     best = max(counts)
-    cands = [c for c in range(C) if counts[c] == best]
+    cands = [c for c in range(C) if counts[c] >= best - 1e-6]
     c_hat = min(cands, key=lambda c: (-p_hat[c], c)) if tie == "p_hat" else cands[0]
     logq = log_softmax(list(z_s), tau)
     loss = -sum((a1 if c == c_hat else a2) * p_hat[c] * logq[c] for c in range(C) if p_hat[c] > 0)  # type: ignore

@@ -49,7 +49,8 @@ def test_sign_vote_matches_loop(seed, rule):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("case", ["A", "B"])
 @pytest.mark.parametrize("tie", ["p_hat", "index"])
-def test_uniform_logit_loss_matches_loop(seed, case, tie):
+@pytest.mark.parametrize("norm", ["count", "coverage", "soft_coverage"])
+def test_uniform_logit_loss_matches_loop(seed, case, tie, norm):
     gen = torch.Generator().manual_seed(seed)
     B, P, C, tau = 6, 2 + seed, 5, 1.0 + 0.5 * seed
     cov = _coverage(gen, P, C, case)
@@ -57,14 +58,14 @@ def test_uniform_logit_loss_matches_loop(seed, case, tie):
     valid = torch.rand(B, P, generator=gen) > 0.25
     ids = [f"t{i}" for i in range(P)]
     tb = batch(ids, logits=dict(zip(ids, z)), valid={i: valid[:, k] for k, i in enumerate(ids)})
-    opts = {"alpha1": 1.0, "alpha2": 0.3, "tau": tau, "pseudo_tie": tie, "zscore": False}
+    opts = {"alpha1": 1.0, "alpha2": 0.3, "tau": tau, "pseudo_tie": tie, "zscore": False, "vote_norm": norm}
     zs = torch.randn(B, C, generator=gen)
     got = build_method("uniform", opts, dims(4, C, tb))(student(zs), tb)["logit_loss"].item()
     rows = []
     for b in range(B):
         if valid[b].any():
             zb = [_logit_lists(zi[b:b + 1])[0] for zi in z]
-            rows.append(ref.uniform_logit(zs[b].tolist(), zb, valid[b].tolist(), 1.0, 0.3, tau, case == "B", tie)[0])
+            rows.append(ref.uniform_logit(zs[b].tolist(), zb, valid[b].tolist(), 1.0, 0.3, tau, case == "B", tie, norm)[0])
     assert got == pytest.approx(ref.mean(rows), abs=1e-5)
 
 

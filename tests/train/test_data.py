@@ -20,7 +20,7 @@ from kt_cache.store import StoreReader
 from kt_cache.views import view_pixels
 from kt_train.data import CachedTeachers, StudentViews, make_loader, select_teachers
 from kt_train.labels import covered_mask, label_map_for
-from kt_train.sampler import BlockShuffleSampler
+from kt_train.sampler import BlockShuffleSampler, block_views
 
 ALL_IDS = ["cnn32", "desc", "extra4", "sub2", "vit48"]
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
@@ -197,7 +197,7 @@ class CountingArray:
         return self.array[key]
 
 
-def test_featmap_block_cache_matches_ram_and_reads_each_block_once(store, cached, monkeypatch):
+def test_featmap_block_cache_matches_ram_and_reads_one_view_of_each_block_once(store, cached, monkeypatch):
     reader = StoreReader(store)
     wrapped = {}
     original = reader.rows
@@ -212,22 +212,27 @@ def test_featmap_block_cache_matches_ram_and_reads_each_block_once(store, cached
                           block_rows=4)
     assert set(lazy.caches) == {("cnn32", "featmap"), ("vit48", "featmap")} and not any(w.reads for w in wrapped.values())
     sampler = BlockShuffleSampler(13, lazy.block_rows, lazy.window_blocks, seed=3, ok=reader.samples()["ok"])
-    per_epoch = []
+    per_epoch, assigned = [], []
     for epoch in range(3):
         sampler.set_epoch(epoch)
-        order = np.array(list(sampler))
+        order, views_of = np.array(list(sampler)), block_views(3, epoch, sampler.n_blocks, 3)
         before = {tid: len(w.reads) for tid, w in wrapped.items()}
+        lazy.plan_epoch(sampler.windows(), views_of)             # reads the first window ahead
         for start in range(0, order.size, 5):
             rows = order[start:start + 5]
-            views = (rows + epoch) % 3
-            got, ram = lazy.gather(rows, views), cached.gather(rows, views)
+            got, ram = lazy.gather(rows, views_of[rows // 4]), cached.gather(rows, views_of[rows // 4])
             for tid in ("cnn32", "vit48"):
                 np.testing.assert_array_equal(got[tid]["featmap"], ram[tid]["featmap"])
-        per_epoch.append({tid: [k.start for k in w.reads[before[tid]:]] for tid, w in wrapped.items()})
+        per_epoch.append({tid: w.reads[before[tid]:] for tid, w in wrapped.items()})
+        assigned.append([(4 * b, int(v)) for b, v in enumerate(views_of)])
+        assert lazy.read_counts()["read_bytes_per_sample_teacher"] > 0
     for tid in wrapped:
-        assert sorted(per_epoch[0][tid]) == [0, 4, 8, 12], "epoch 0 reads each block exactly once"
-        assert all(len(set(e[tid])) == len(e[tid]) for e in per_epoch), "no block is read twice in an epoch"
-        assert all(k.start % 4 == 0 and k.stop - k.start in (4, 1) for k in wrapped[tid].reads), "whole blocks"
+        for reads, want in zip(per_epoch, assigned):
+            assert sorted((rows.start, view) for rows, view in reads[tid]) == want, "each block once, in its view"
+        assert all(r.start % 4 == 0 and r.stop - r.start in (4, 1) for r, _ in wrapped[tid].reads), "whole blocks"
+    rows = good_rows(store)                       # views that ignore the assignment: read per (block, view)
+    got = lazy.gather(rows, rows % 3)
+    np.testing.assert_array_equal(got["vit48"]["featmap"], cached.gather(rows, rows % 3)["vit48"]["featmap"])
     auto = CachedTeachers(reader, ["cnn32"], needs={"featmaps"}, ram_budget_bytes=1)
     assert auto.block_rows == 1 and "featmap" not in auto.tables["cnn32"]
 
@@ -239,20 +244,22 @@ def test_student_views_match_view_pixels_and_normalise(store, arrays):
     data = StudentViews(reader, (24, 20), MEAN, STD, interpolation="bicubic", seed=5)
     data = pickle.loads(pickle.dumps(data))
     ids, boxes, root = arrays("samples/id"), arrays("samples/views"), reader.meta["dataset"]["root"]
-    seen = set()
     for row in good_rows(store)[:6]:
         item = data[row]
         v = item["view"]
-        seen.add(v)
-        assert v == data.view_for(row) == int(np.random.default_rng([5, 0, row]).integers(3))
+        assert v == data.view_for(row) == block_views(5, 0, 4, 3)[row // 4]      # one view per 4-row unit
         box = boxes[row, v]
         expected = view_pixels(decode_image(f"{root}/{ids[row]}"), box[:4], bool(box[4]), (24, 20), "bicubic")
         assert torch.equal(data.pixels(row, v), expected)
         mean, std = torch.tensor(MEAN).view(3, 1, 1) * 255, torch.tensor(STD).view(3, 1, 1) * 255
         torch.testing.assert_close(item["image"], (expected.float() - mean) / std, rtol=0, atol=0)
         assert item["image"].shape == (3, 24, 20) and item["label"] == arrays("samples/label")[row]
-    assert len(seen) > 1
-    assert [data.view_for(r, 1) for r in range(13)] != [data.view_for(r, 0) for r in range(13)]
+    for epochs in (range(0, 3), range(3, 6)):       # each cycle of V = 3 epochs: every block sees every view once
+        by_block = [[data.view_for(r, e) for e in epochs] for r in range(13)]
+        assert all(sorted(views) == [0, 1, 2] for views in by_block)
+        assert all(by_block[r] == by_block[r - r % 4] for r in range(13)), "the rows of a block share its view"
+    assert [data.view_for(r, e) for r in range(13) for e in range(3)] != \
+        [data.view_for(r, e) for r in range(13) for e in range(3, 6)], "cycles draw new permutations"
     center = StudentViews(reader, (16, 16), MEAN, STD, views_mode="center")
     assert {center[r]["view"] for r in good_rows(store)[:4]} == {0}
 
