@@ -113,7 +113,7 @@ def real_weights(out: Path, per_photo: int) -> list[dict]:
         raw = reader.read("lite0", output).astype(np.float32)
         per_row = int(np.prod(raw.shape[2:-1], dtype=np.int64))          # grid cells of a view (1 for features)
         vectors = raw.reshape(-1, raw.shape[-1])
-        unit_rows = np.repeat(np.arange(raw.shape[0]) // reader.meta["unit_rows"], raw.shape[1] * per_row)
+        unit_rows = np.repeat(np.arange(raw.shape[0]) // reader.meta.unit_rows, raw.shape[1] * per_row)
         fp16_stored = folder_bytes(store / "teachers" / "lite0" / output)
         for codec in codecs:
             target = out / f"{output}-{codec.replace(':', '_').replace(',', '_')}.zarr"

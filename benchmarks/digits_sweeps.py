@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from digits import report, sweeps_report  # noqa: E402
-from digits.crowd import CROWD_EPOCHS, CROWD_SIZE, CROWD_TRAIN_FRAC, crowd  # noqa: E402
+from digits.crowd import CROWD_EPOCHS, CROWD_TRAIN_FRAC, crowd  # noqa: E402
 from digits.data import load_split  # noqa: E402
 from digits.extract import extract  # noqa: E402
 from digits.students import TrainSettings  # noqa: E402

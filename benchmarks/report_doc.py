@@ -136,7 +136,7 @@ def summary_memory(me: dict) -> list[tuple]:
 
 
 def extraction(ex: dict) -> str:
-    med, oo, n_img = ex["median"], ex["one_off_parts"], ex["n_images"]
+    med, n_img = ex["median"], ex["n_images"]
     pure, ratio, marginal = med["pure"]["wall_s"], ex["targets"][0]["value"], ex["marginal_ratio"]
     one_key, all_keys = ex["decode_pass_one_key_s"], ex["decode_pass_all_keys_s"]
     text = f"""## Extraction

@@ -180,9 +180,10 @@ def pca_basis(total: np.ndarray, outer: np.ndarray, count: int, k: int) -> tuple
     return {"mean": mean.astype(np.float32), "basis": basis.astype(np.float32)}, kept
 
 
-def codec_record(attrs: dict[str, Any], output: str) -> dict[str, Any] | None:
-    """``attrs["codec"][output]`` of a teacher, or None for an array stored plainly (float16/float32)."""
-    record = (attrs.get("codec") or {}).get(output)
+def codec_record(teacher: Any, output: str) -> dict[str, Any] | None:
+    """The codec record of ``output`` of a teacher (its ``kt_cache.records.TeacherRecord``), or None for an array
+    stored plainly (float16/float32)."""
+    record = (teacher.codec or {}).get(output)
     return record if isinstance(record, dict) else None
 
 

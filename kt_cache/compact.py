@@ -62,7 +62,7 @@ def compact_store(location: str, out: str | Path, features: str | None = None, f
             records.append({"teacher": job.teacher_id, "output": job.output, **encode_job(reader, root, job)})
 
     exclude = tuple(f"teachers/{j.teacher_id}/{j.output}/" for j in jobs)
-    path = write_store([part], [0] * reader.meta["n_units"], Path(out), made_by, exclude=exclude, rewrite=rewrite)
+    path = write_store([part], [0] * reader.meta.n_units, Path(out), made_by, exclude=exclude, rewrite=rewrite)
     return path, records
 
 
@@ -75,14 +75,14 @@ def plan_jobs(reader: fmt.StoreReader, codecs: dict[str, Codec], teachers: Seque
                              f"{did_you_mean(tid, reader.teacher_ids())} Stored: {', '.join(reader.teacher_ids())}.")
     jobs = []
     for tid in wanted or reader.teacher_ids():
-        arrays, attrs = reader.teacher_arrays(tid), reader.teacher_attrs(tid)
+        arrays, teacher = reader.teacher_arrays(tid), reader.teacher_record(tid)
         for output, codec in codecs.items():
             if output not in arrays:
                 if wanted:
                     raise UsageError(f"--{output} {codec.name}: teacher {tid} of {reader.where} stores no {output} "
                                      f"(it has {', '.join(sorted(arrays))}). Fix: leave it out of --teachers.")
                 continue
-            jobs += job_for(reader, tid, output, codec, arrays[output], attrs)
+            jobs += job_for(reader, tid, output, codec, arrays[output], teacher)
     if not jobs:
         raise UsageError(f"ktc compact: nothing to re-encode in {reader.where}: no chosen teacher stores "
                          f"{' or '.join(codecs)} in another form than asked. Fix: pick other teachers or codecs.")
@@ -90,13 +90,13 @@ def plan_jobs(reader: fmt.StoreReader, codecs: dict[str, Codec], teachers: Seque
 
 
 def job_for(reader: fmt.StoreReader, tid: str, output: str, codec: Codec, array: Any,
-            attrs: dict[str, Any]) -> list[Job]:
+            teacher: fmt.TeacherRecord) -> list[Job]:
     done = reader.done(tid)
     if not done.all():
         raise UsageError(f"teacher {tid} of {reader.where} is incomplete ({int(done.sum())}/{done.size} units done); "
                          "compacting it would record an error measured on part of its rows. Fix: finish it with "
                          "`ktc extract` (same manifest), or leave it out with --teachers.")
-    record = codec_record(attrs, output)
+    record = codec_record(teacher, output)
     if record is not None:
         raise UsageError(f"teacher {tid} of {reader.where}: {output} is already compacted ({record.get('name')}); "
                          "re-encoding decoded values would stack two errors. Fix: compact from the original store.")
@@ -110,7 +110,7 @@ def job_for(reader: fmt.StoreReader, tid: str, output: str, codec: Codec, array:
 def vector_blocks(reader: fmt.StoreReader, job: Job) -> Iterator[tuple[int, slice, np.ndarray]]:
     """(unit, rows, float32 block ``[rows, ..., D]``) over the whole array, a unit split into aligned blocks."""
     array = reader.checked_arrays(job.teacher_id)[job.output]
-    n, unit_rows = int(array.shape[0]), int(reader.meta["unit_rows"])
+    n, unit_rows = int(array.shape[0]), reader.meta.unit_rows
     row_bytes = 4 * int(np.prod(array.shape[1:], dtype=np.int64))
     fit = max(1, BLOCK_BYTES // max(1, row_bytes))
     step = min(unit_rows, max(int(array.chunks[0]), 1 << (fit.bit_length() - 1)))
@@ -128,7 +128,7 @@ def finite_vectors(block: np.ndarray) -> np.ndarray:
 
 def fit_params(reader: fmt.StoreReader, job: Job) -> tuple[CodecParams, dict[str, Any]]:
     """The codec's parameters from the stored vectors (PCA moments pass, then the int8 range pass)."""
-    params, info = CodecParams(job.codec, unit_rows=int(reader.meta["unit_rows"])), {}
+    params, info = CodecParams(job.codec, unit_rows=reader.meta.unit_rows), {}
     if job.codec.pca is not None:
         ref, total, outer, count = None, np.zeros(job.dim), np.zeros((job.dim, job.dim)), 0
         for _, _, block in vector_blocks(reader, job):
@@ -144,7 +144,7 @@ def fit_params(reader: fmt.StoreReader, job: Job) -> tuple[CodecParams, dict[str
         params.arrays.update(pca)
         info["variance_kept"] = round(kept, 6)
     if job.codec.int8:                 # each unit's own range: nothing is clipped, one object per unit
-        width, units = job.codec.code_dim(job.dim), int(reader.meta["n_units"])
+        width, units = job.codec.code_dim(job.dim), reader.meta.n_units
         low, high = np.full((units, width), np.inf, np.float32), np.full((units, width), -np.inf, np.float32)
         for unit, _, block in vector_blocks(reader, job):
             code = params.project(finite_vectors(block))
@@ -164,7 +164,7 @@ def encode_job(reader: fmt.StoreReader, root: Any, job: Job) -> dict[str, Any]:
     dims = tuple(source.metadata.dimension_names or ())
     spec = fmt.ArraySpec(job.output, (*source.shape[1:-1], width), job.codec.code_dtype,
                          MISSING_CODE if job.codec.int8 else float("nan"), dims[:-1] + ("code",))
-    target = fmt.create_array(group, spec, meta["n_samples"], meta["unit_rows"], meta.get("chunk_bytes", 2 << 20),
+    target = fmt.create_array(group, spec, meta.n_samples, meta.unit_rows, meta.chunk_bytes,
                               per_view=True)
     meter, pending, current = ErrorMeter(job.dim), [], 0
     for unit, rows, block in vector_blocks(reader, job):
@@ -201,8 +201,8 @@ def write_params(group: Any, job: Job, params: CodecParams) -> None:
 
 
 def update_attrs(group: Any, job: Job, record: dict[str, Any], meter: ErrorMeter) -> None:
-    attrs = dict(group.attrs.get(fmt.TEACHER_ATTR, {}))
-    attrs["codec"] = dict(attrs.get("codec") or {}, **{job.output: record})
+    teacher = fmt.read_teacher_record(group, job.teacher_id, "output store")
+    teacher = teacher.replace(codec={**teacher.codec, job.output: record})
     if job.output == "features":      # methods z-score with the statistics of what they will read
-        attrs["feature_stats"] = fmt.write_feature_stats(group, meter.decoded_stats())
-    group.attrs[fmt.TEACHER_ATTR] = attrs
+        teacher = teacher.replace(feature_stats=fmt.write_feature_stats(group, meter.decoded_stats()))
+    fmt.write_teacher_record(group, teacher)

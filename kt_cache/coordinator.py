@@ -50,20 +50,18 @@ def row_order(n_listed: int, seed: int, limit: int | None) -> np.ndarray:
     return order[:limit] if limit is not None else order
 
 
-def root_attrs(listing: Any, views: Any, storage: Any, order: np.ndarray, limit: int | None) -> dict[str, Any]:
-    """``attrs["ktc"]`` of a new store."""
+def root_meta(listing: Any, views: Any, storage: Any, order: np.ndarray, limit: int | None) -> fmt.StoreMeta:
+    """``attrs["ktc"]`` of a new store, in the form it reads back once stored (tuples become lists)."""
     n = int(order.size)
     dataset = dict(listing.description, fingerprint=listing.fingerprint, n_listed=len(listing.ids),
                    limit=limit, classes=list(listing.class_names))
-    attrs = {
-        "format": fmt.FORMAT_NAME, "version": fmt.FORMAT_VERSION, "n_samples": n, "n_views": views.count,
-        "unit_rows": storage.unit_rows, "n_units": fmt.n_units(n, storage.unit_rows),
-        "chunk_bytes": storage.chunk_bytes, "dataset": dataset, "views": asdict(views),
-        "order": {"seed": storage.order_seed, "sha256": hashlib.sha256(order.tobytes()).hexdigest()},
-        "created_with": library_versions(),
-        "cpu_threads": cpu_threads(),
-    }
-    return json.loads(json.dumps(attrs))   # the form attrs take once stored (tuples become lists)
+    meta = fmt.StoreMeta(
+        version=fmt.FORMAT_VERSION, n_samples=n, n_views=views.count, unit_rows=storage.unit_rows,
+        n_units=fmt.n_units(n, storage.unit_rows), chunk_bytes=storage.chunk_bytes, dataset=dataset,
+        views=asdict(views), order={"seed": storage.order_seed, "sha256": hashlib.sha256(order.tobytes()).hexdigest()},
+        created_with=library_versions(), cpu_threads=cpu_threads(),
+    )
+    return fmt.StoreMeta.from_attrs({fmt.ROOT_ATTR: meta.to_attrs()}, "the new store")
 
 
 def cpu_threads() -> int:
@@ -90,15 +88,15 @@ def open_or_create_store(path: Path, listing: Any, views: Any, storage: Any, lim
 
     check_output_path(path)
     order = row_order(len(listing.ids), storage.order_seed, limit)
-    wanted = root_attrs(listing, views, storage, order, limit)
+    wanted = root_meta(listing, views, storage, order, limit)
     if (path / "zarr.json").is_file():
         root = fmt.open_group(str(path), mode="r+", consolidated=False)
-        check_same_store(fmt.check_root_attrs(dict(root.attrs), str(path)), wanted, path)
+        check_same_store(fmt.read_store_meta(root, str(path)), wanted, path)
         return root
     root = zarr.open_group(str(path), mode="w")
     create_samples(root, listing, order, views.count, storage)
     root.create_group("teachers")
-    root.attrs[fmt.ROOT_ATTR] = wanted   # written last: a store without it is recognisably unfinished
+    fmt.write_store_meta(root, wanted)   # written last: a store without it is recognisably unfinished
     return root
 
 
@@ -113,15 +111,15 @@ def create_samples(root: Any, listing: Any, order: np.ndarray, n_views: int, sto
     group["label"][:] = np.asarray(listing.labels, dtype=np.int32)[order]
 
 
-def check_same_store(stored: dict[str, Any], wanted: dict[str, Any], path: Path) -> None:
+def check_same_store(stored: fmt.StoreMeta, wanted: fmt.StoreMeta, path: Path) -> None:
     """Refuse to resume a store made from another dataset, view policy or row order."""
     checks = [
-        ("dataset fingerprint", stored["dataset"].get("fingerprint"), wanted["dataset"]["fingerprint"]),
-        ("--limit", stored["dataset"].get("limit"), wanted["dataset"]["limit"]),
-        ("target classes", stored["dataset"].get("classes"), wanted["dataset"]["classes"]),
-        ("views policy", stored.get("views"), wanted["views"]),
-        ("row order (storage.order_seed)", stored.get("order"), wanted["order"]),
-        ("storage.unit_rows", stored.get("unit_rows"), wanted["unit_rows"]),
+        ("dataset fingerprint", stored.dataset.get("fingerprint"), wanted.dataset["fingerprint"]),
+        ("--limit", stored.dataset.get("limit"), wanted.dataset["limit"]),
+        ("target classes", stored.dataset.get("classes"), wanted.dataset["classes"]),
+        ("views policy", stored.views, wanted.views),
+        ("row order (storage.order_seed)", stored.order, wanted.order),
+        ("storage.unit_rows", stored.unit_rows, wanted.unit_rows),
     ]
     for what, have, want in checks:
         if have != want:
@@ -136,22 +134,27 @@ def short(value: Any, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def teacher_attrs(plan: Any, weights_sha256: str | None) -> dict[str, Any]:
-    """Provenance of one teacher, written when its group is created (timings/stats added at finalize)."""
+PROVENANCE_KEYS = frozenset({"source", "model", "pretrained", "role", "weights", "weights_sha256", "preprocess",
+                             "outputs", "logits_topk", "featmap_grid", "dtype", "feature_dim", "num_classes",
+                             "featmap_dim", "class_names", "entry", "entry_sha256", "extra", "library_versions"})
+
+
+def teacher_record(plan: Any, weights_sha256: str | None, dataset_classes: list[str]) -> fmt.TeacherRecord:
+    """Provenance of one teacher, written when its group is created (timings/stats added at finalize); every
+    provenance key is written, null included (``ktc verify`` tells a null hash from a missing one)."""
     spec = plan.spec
     entry = spec.fingerprint_entry()
-    return {
-        "source": spec.source, "model": spec.model, "pretrained": spec.pretrained, "role": spec.role,
-        "weights": plan.weights, "weights_sha256": weights_sha256,
-        "preprocess": {"input_size": list(plan.input_size), "mean": list(plan.mean), "std": list(plan.std),
-                       "interpolation": plan.interpolation},
-        "outputs": list(spec.outputs), "logits_topk": stored_topk(spec.logits_topk, plan.num_classes),
-        "featmap_grid": spec.featmap_grid,
-        "dtype": spec.dtype, "feature_dim": plan.feature_dim, "num_classes": plan.num_classes,
-        "featmap_dim": plan.featmap_dim, "class_names": list(plan.class_names) if plan.class_names else None,
-        "entry": entry, "entry_sha256": json_sha256(entry), "extra": plan.extra,
-        "library_versions": library_versions(),
-    }
+    return fmt.TeacherRecord(
+        source=spec.source, model=spec.model, pretrained=spec.pretrained, role=spec.role,
+        weights=plan.weights, weights_sha256=weights_sha256,
+        preprocess={"input_size": list(plan.input_size), "mean": list(plan.mean), "std": list(plan.std),
+                    "interpolation": plan.interpolation},
+        outputs=tuple(spec.outputs), logits_topk=stored_topk(spec.logits_topk, plan.num_classes),
+        featmap_grid=spec.featmap_grid, dtype=spec.dtype, feature_dim=plan.feature_dim, num_classes=plan.num_classes,
+        featmap_dim=plan.featmap_dim, class_names=fmt.class_names_attr(plan.class_names, dataset_classes),
+        entry=entry, entry_sha256=json_sha256(entry), extra=plan.extra, library_versions=library_versions(),
+        keys=PROVENANCE_KEYS,
+    )
 
 
 def stored_topk(topk: int | None, num_classes: int | None) -> int | None:
@@ -167,15 +170,15 @@ def weights_file_sha256(plan: Any) -> str | None:
 
 def prepare_teacher(root: Any, plan: Any, overwrite: bool) -> str:
     """Create or reuse ``teachers/<id>``. Returns "created", "resumed" or "recreated"."""
-    meta = fmt.check_root_attrs(dict(root.attrs), "store")
+    meta = fmt.read_store_meta(root, "store")
     teachers = root["teachers"]
     entry_sha = json_sha256(plan.spec.fingerprint_entry())
     status = "created"
     weights_sha = weights_file_sha256(plan)
     if plan.id in teachers:
-        stored = dict(teachers[plan.id].attrs.get(fmt.TEACHER_ATTR, {}))
+        stored = fmt.read_teacher_record(teachers[plan.id], plan.id, "store")
         # A local weights file is compared by content; hub weights are hashed only once loaded (finalize).
-        same = stored.get("entry_sha256") == entry_sha and weights_sha in (None, stored.get("weights_sha256"))
+        same = stored.entry_sha256 == entry_sha and weights_sha in (None, stored.weights_sha256)
         if not overwrite and same and stored_arrays_match(teachers[plan.id], plan, meta):
             return "resumed"
         if not overwrite and any_unit_done(teachers[plan.id]):
@@ -183,13 +186,11 @@ def prepare_teacher(root: Any, plan: Any, overwrite: bool) -> str:
         del teachers[plan.id]   # --overwrite, or an earlier run that failed before any unit: nothing is lost
         status = "recreated"
     group = teachers.create_group(plan.id)
-    for spec in fmt.teacher_array_specs(plan, meta["n_views"]):
-        fmt.create_array(group, spec, meta["n_samples"], meta["unit_rows"], meta["chunk_bytes"], per_view=True)
-    fmt.create_done_array(group, meta["n_units"])
-    attrs = teacher_attrs(plan, weights_sha)
-    attrs["class_names"] = fmt.class_names_attr(attrs["class_names"], meta["dataset"].get("classes"))
-    codecs = fmt.create_codec_arrays(group, plan, meta["n_units"])
-    group.attrs[fmt.TEACHER_ATTR] = dict(attrs, codec=codecs) if codecs else attrs
+    for spec in fmt.teacher_array_specs(plan, meta.n_views):
+        fmt.create_array(group, spec, meta.n_samples, meta.unit_rows, meta.chunk_bytes, per_view=True)
+    fmt.create_done_array(group, meta.n_units)
+    codecs = fmt.create_codec_arrays(group, plan, meta.n_units)
+    fmt.write_teacher_record(group, teacher_record(plan, weights_sha, meta.classes).replace(codec=codecs))
     return status
 
 
@@ -198,17 +199,17 @@ def any_unit_done(group: Any) -> bool:
     return "done" not in group or bool(np.asarray(group["done"][:], dtype=bool).any())
 
 
-def stored_arrays_match(group: Any, plan: Any, meta: dict[str, Any]) -> bool:
+def stored_arrays_match(group: Any, plan: Any, meta: fmt.StoreMeta) -> bool:
     """True when the stored arrays have the shapes this plan would create (same model, same outputs)."""
-    for spec in fmt.teacher_array_specs(plan, meta["n_views"]):
+    for spec in fmt.teacher_array_specs(plan, meta.n_views):
         if spec.path not in group or tuple(group[spec.path].shape[1:]) != spec.row_shape:
             return False
     return "done" in group
 
 
-def changed_teacher_message(plan: Any, stored: dict[str, Any], weights_sha: str | None) -> str:
-    old, new = dict(stored.get("entry", {})), plan.spec.fingerprint_entry()
-    old["weights sha256"], new["weights sha256"] = stored.get("weights_sha256"), weights_sha
+def changed_teacher_message(plan: Any, stored: fmt.TeacherRecord, weights_sha: str | None) -> str:
+    old, new = dict(stored.entry), plan.spec.fingerprint_entry()
+    old["weights sha256"], new["weights sha256"] = stored.weights_sha256, weights_sha
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)) or ["(stored arrays differ)"]
     diffs = "; ".join(f"{k}: stored {short(old.get(k), 60)}, now {short(new.get(k), 60)}" for k in keys[:5])
     return (f"teacher '{plan.id}' already exists in the store with a different manifest entry ({diffs}). "

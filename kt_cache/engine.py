@@ -134,8 +134,8 @@ def make_wave_teacher(plan: Any, root: Any, device: torch.device, target_classes
     state.timings.setdefault(plan.id, TeacherTiming()).load_s += time.perf_counter() - start
     if getattr(model, "weights_sha256", None):
         state.weights_sha256[plan.id] = model.weights_sha256
-    meta = fmt.check_root_attrs(dict(root.attrs), "store")
-    specs = fmt.teacher_array_specs(plan, meta["n_views"], coded=False)   # a unit is computed in floats
+    meta = fmt.read_store_meta(root, "store")
+    specs = fmt.teacher_array_specs(plan, meta.n_views, coded=False)   # a unit is computed in floats
     cmap = label_map(tuple(target_classes), plan.class_names) if plan.num_classes else None
     return WaveTeacher(
         plan=plan, model=model,
@@ -166,8 +166,8 @@ def teacher_forward(wt: WaveTeacher, pixels: torch.Tensor, device: torch.device,
 
 def load_wave(root: Any, wave: Sequence[Any], device: torch.device, state: RunState) -> list[WaveTeacher]:
     """Load a wave's teachers once; a dask worker keeps them across the units it is given."""
-    meta = fmt.check_root_attrs(dict(root.attrs), "store")
-    return [make_wave_teacher(p, root, device, meta["dataset"]["classes"], state) for p in wave]
+    meta = fmt.read_store_meta(root, "store")
+    return [make_wave_teacher(p, root, device, meta.classes, state) for p in wave]
 
 
 def run_wave(root: Any, wave: Sequence[Any], options: Any, state: RunState, progress: Any = None,
@@ -178,9 +178,9 @@ def run_wave(root: Any, wave: Sequence[Any], options: Any, state: RunState, prog
         units: restrict the pass to these units (a dask task is one unit); default every pending unit.
         teachers: already loaded teachers of this wave (kept by the caller); default load and release here.
     """
-    meta = fmt.check_root_attrs(dict(root.attrs), "store")
+    meta = fmt.read_store_meta(root, "store")
     device = torch.device(options.device)
-    allowed = units if units is not None else set(range(meta["n_units"]))
+    allowed = units if units is not None else set(range(meta.n_units))
     pending = {p.id: pending_units(root, p.id) & allowed for p in wave}
     todo = sorted(set().union(*pending.values()))
     if not todo:
@@ -190,13 +190,13 @@ def run_wave(root: Any, wave: Sequence[Any], options: Any, state: RunState, prog
 
 
 def compute_wave(root: Any, wave: Sequence[Any], options: Any, state: RunState, progress: Any, todo: list[int],
-                 pending: dict[str, set[int]], teachers: list[WaveTeacher] | None, meta: dict, device: torch.device) -> None:
+                 pending: dict[str, set[int]], teachers: list[WaveTeacher] | None, meta: fmt.StoreMeta, device: torch.device) -> None:
     loaded = teachers if teachers is not None else load_wave(root, wave, device, state)
     for wt in loaded:
         wt.pending = pending[wt.plan.id]
     try:
         samples = {name: np.asarray(root[f"samples/{name}"][:]) for name in ("id", "label")}
-        ranges = [fmt.unit_slice(u, meta["n_samples"], meta["unit_rows"]) for u in todo]
+        ranges = [fmt.unit_slice(u, meta.n_samples, meta.unit_rows) for u in todo]
         loader = make_loader(root, options, samples["id"], wave, ranges, meta)
         writer = UnitWriter()
         try:
@@ -210,10 +210,10 @@ def compute_wave(root: Any, wave: Sequence[Any], options: Any, state: RunState, 
 
 
 @contextmanager
-def recorded_threads(meta: dict, device: torch.device) -> Iterator[None]:
+def recorded_threads(meta: fmt.StoreMeta, device: torch.device) -> Iterator[None]:
     """Compute with the store's recorded CPU thread count (``cpu_threads``), whatever process runs the unit
     (single process, dask worker, a resumed run), so a unit's bytes do not depend on how units were scheduled."""
-    wanted = meta.get("cpu_threads")
+    wanted = meta.cpu_threads
     if device.type != "cpu" or not isinstance(wanted, int) or wanted < 1:
         yield
         return
@@ -225,13 +225,13 @@ def recorded_threads(meta: dict, device: torch.device) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def make_loader(root: Any, options: Any, sample_ids: np.ndarray, wave: Sequence[Any], ranges: Sequence[slice], meta: dict) -> Any:
+def make_loader(root: Any, options: Any, sample_ids: np.ndarray, wave: Sequence[Any], ranges: Sequence[slice], meta: fmt.StoreMeta) -> Any:
     from kt_cache.image_source import open_images
     from kt_cache.manifest_types import ViewsSpec
 
-    policy = ViewsSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["views"].items()})
+    policy = ViewsSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta.views.items()})
     keys = sorted({p.resize_key for p in wave})
-    images = open_images(meta["dataset"], sample_ids, options.data_root)
+    images = open_images(meta.dataset, sample_ids, options.data_root)
     dataset = ViewDecodeDataset(images, policy, keys)
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=UnitBatchSampler(ranges, options.batch_size), num_workers=options.workers,

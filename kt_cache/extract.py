@@ -205,9 +205,9 @@ def wave_progress(root: Any, wave: list[Any], number: int, total: int, options: 
 
     from kt_cache.engine import pending_units
 
-    meta = fmt.check_root_attrs(dict(root.attrs), "store")
+    meta = fmt.read_store_meta(root, "store")
     units = set().union(*(pending_units(root, p.id) for p in wave))
-    rows = sum(len(range(*fmt.unit_slice(u, meta["n_samples"], meta["unit_rows"]).indices(meta["n_samples"]))) for u in units)
+    rows = sum(len(range(*fmt.unit_slice(u, meta.n_samples, meta.unit_rows).indices(meta.n_samples))) for u in units)
     if not options.progress or rows == 0:         # a finished wave shows no empty bar
         return nullcontext(None)
     names = ", ".join(p.id for p in wave)

@@ -40,54 +40,51 @@ def feature_stats(group: Any, ok: np.ndarray, unit_rows: int) -> dict[str, Any] 
 
 
 def update_teacher_attrs(group: Any, timing: Any, ok: np.ndarray, unit_rows: int, weights_sha256: str | None) -> None:
-    attrs = dict(group.attrs.get(fmt.TEACHER_ATTR, {}))
-    if weights_sha256 and not attrs.get("weights_sha256"):    # hub weights: known only once loaded
-        attrs["weights_sha256"] = weights_sha256
+    teacher = fmt.read_teacher_record(group, group.basename, "store")
+    if weights_sha256 and not teacher.weights_sha256:    # hub weights: known only once loaded
+        teacher = teacher.replace(weights_sha256=weights_sha256)
     done = np.asarray(group["done"][:], dtype=bool)
     if timing is not None:
-        before = attrs.get("timing") or {}
-        now = timing.as_dict()
+        before, now = teacher.timing or {}, timing.as_dict()
         merged = {k: round(before.get(k, 0) + now[k], 4) for k in ("load_s", "forward_s", "images")}
         merged["images_per_s"] = round(merged["images"] / merged["forward_s"], 2) if merged["forward_s"] else 0.0
-        attrs["timing"] = merged
-        attrs["seconds"] = round(merged["load_s"] + merged["forward_s"], 4)
-        if "features" not in (attrs.get("codec") or {}):    # int8 codes: the statistics come from each unit's sums
-            attrs["feature_stats"] = fmt.write_feature_stats(group, feature_stats(group, ok, unit_rows))
-        record_codec_errors(group, attrs, done)
-    attrs["units_done"] = int(done.sum())
-    attrs["complete"] = bool(done.all())
-    group.attrs[fmt.TEACHER_ATTR] = attrs
+        teacher = teacher.replace(timing=merged, seconds=round(merged["load_s"] + merged["forward_s"], 4))
+        if "features" not in teacher.codec:    # int8 codes: the statistics come from each unit's sums
+            teacher = teacher.replace(feature_stats=fmt.write_feature_stats(group, feature_stats(group, ok, unit_rows)))
+        teacher = record_codec_errors(group, teacher, done)
+    fmt.write_teacher_record(group, teacher.replace(units_done=int(done.sum()), complete=bool(done.all())))
 
 
-def record_codec_errors(group: Any, attrs: dict[str, Any], done: np.ndarray) -> None:
+def record_codec_errors(group: Any, teacher: fmt.TeacherRecord, done: np.ndarray) -> fmt.TeacherRecord:
     """An extraction-time codec: each done unit's error sums (``codec/<output>/moments``) added up into the
     record's ``error``, and the decoded features' statistics as ``feature_stats``."""
     from kt_cache.codecs import ErrorMeter
 
-    for output, record in (attrs.get("codec") or {}).items():
+    for output, record in teacher.codec.items():
         path = f"codec/{output}/moments"
         if path not in group:
             continue
         meter, moments = ErrorMeter(int(record["dim"])), np.asarray(group[path][:], dtype=np.float64)
         for unit in np.flatnonzero(done):
             meter.add_vector(moments[unit])
-        attrs["codec"] = dict(attrs["codec"], **{output: dict(record, error=meter.error())})
+        teacher = teacher.replace(codec={**teacher.codec, output: dict(record, error=meter.error())})
         if output == "features":
-            attrs["feature_stats"] = fmt.write_feature_stats(group, meter.decoded_stats() if meter.count else None)
+            teacher = teacher.replace(feature_stats=fmt.write_feature_stats(group, meter.decoded_stats() if meter.count else None))
+    return teacher
 
 
 def finalize_store(path: Path, timings: dict[str, Any], ids: np.ndarray,
                    weights_sha256: dict[str, str] | None = None) -> None:
     """Record stats/timings of the teachers of this run, consolidate, and write the object manifest."""
     root = fmt.open_group(str(path), mode="r+", consolidated=False)
-    meta = fmt.check_root_attrs(dict(root.attrs), str(path))
+    meta = fmt.read_store_meta(root, str(path))
     ok = np.asarray(root["samples/ok"][:], dtype=bool)
     for teacher_id, timing in timings.items():
-        update_teacher_attrs(root[f"teachers/{teacher_id}"], timing, ok, meta["unit_rows"],
+        update_teacher_attrs(root[f"teachers/{teacher_id}"], timing, ok, meta.unit_rows,
                              (weights_sha256 or {}).get(teacher_id))
     failed = failed_rows(root, ok, meta)     # the whole store's, not this run's: a resumed run decodes a part
-    meta = dict(meta, failed_samples=[str(ids[row]) for row in failed[:1000]], n_failed_samples=int(failed.size))
-    root.attrs[fmt.ROOT_ATTR] = meta
+    meta = meta.replace(failed_samples=tuple(str(ids[row]) for row in failed[:1000]), n_failed_samples=int(failed.size))
+    fmt.write_store_meta(root, meta)
     consolidate(Path(path))
     write_object_manifest(Path(path))
 
@@ -107,12 +104,12 @@ def consolidate(path: Path) -> None:
     os.replace(tmp, document)
 
 
-def failed_rows(root: Any, ok: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
+def failed_rows(root: Any, ok: np.ndarray, meta: fmt.StoreMeta) -> np.ndarray:
     """Rows of units some teacher finished (so their images were decoded) whose image could not be decoded."""
     teachers = root["teachers"]
     done = [np.asarray(teachers[f"{t}/done"][:], dtype=bool) for t in sorted(teachers.group_keys())]
-    processed = np.any(np.stack(done), axis=0) if done else np.zeros(meta["n_units"], dtype=bool)
-    decoded = np.repeat(processed, meta["unit_rows"])[: ok.size]
+    processed = np.any(np.stack(done), axis=0) if done else np.zeros(meta.n_units, dtype=bool)
+    decoded = np.repeat(processed, meta.unit_rows)[: ok.size]
     return np.flatnonzero(decoded & ~ok)
 
 

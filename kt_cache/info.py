@@ -34,30 +34,30 @@ def store_bytes(reader: fmt.StoreReader, prefix: str = "") -> int | None:
 
 
 def teacher_summary(reader: fmt.StoreReader, teacher_id: str) -> dict[str, Any]:
-    attrs = reader.teacher_attrs(teacher_id)
+    teacher = reader.teacher_record(teacher_id)
     done = reader.done(teacher_id)
     arrays = {name: {"shape": list(a.shape), "dtype": str(a.dtype), "chunks": list(a.chunks),
                      "shards": list(a.shards) if a.shards else None}
               for name, a in reader.teacher_arrays(teacher_id).items()}
     return {
-        "id": teacher_id, "source": attrs.get("source"), "model": attrs.get("model"), "role": attrs.get("role"),
-        "weights": attrs.get("weights"), "weights_sha256": attrs.get("weights_sha256"),
-        "preprocess": attrs.get("preprocess"), "outputs": attrs.get("outputs"), "arrays": arrays,
+        "id": teacher_id, "source": teacher.source, "model": teacher.model, "role": teacher.role,
+        "weights": teacher.weights, "weights_sha256": teacher.weights_sha256,
+        "preprocess": teacher.preprocess, "outputs": list(teacher.outputs), "arrays": arrays,
         "units_done": int(done.sum()), "units": int(done.size), "complete": bool(done.all()),
-        "bytes": store_bytes(reader, f"teachers/{teacher_id}/"), "timing": attrs.get("timing"),
-        "coverage": class_coverage(reader.class_names, attrs),
-        "codecs": attrs.get("codec") or {}, "vectors": feature_vectors(reader, teacher_id, attrs),
+        "bytes": store_bytes(reader, f"teachers/{teacher_id}/"), "timing": teacher.timing,
+        "coverage": class_coverage(reader.class_names, teacher),
+        "codecs": teacher.codec, "vectors": feature_vectors(reader, teacher_id, teacher),
     }
 
 
-def feature_vectors(reader: fmt.StoreReader, teacher_id: str, attrs: dict[str, Any]) -> dict[str, list[int]]:
+def feature_vectors(reader: fmt.StoreReader, teacher_id: str, teacher: fmt.TeacherRecord) -> dict[str, list[int]]:
     """``features``/``featmap`` -> [number of vectors, decoded width]: what a codec's size depends on."""
     from kt_cache.codecs import codec_record
 
     found = {}
     for path, array in reader.teacher_arrays(teacher_id).items():
         if path in ("features", "featmap"):
-            record = codec_record(attrs, path)
+            record = codec_record(teacher, path)
             found[path] = [int(np.prod(array.shape[:-1], dtype=np.int64)),
                            int(record["dim"]) if record else int(array.shape[-1])]
     return found
@@ -70,13 +70,13 @@ def codec_sizes(teachers: list[dict[str, Any]]) -> dict[str, int]:
     return size_table({f"{t['id']}/{p}": tuple(v) for t in teachers for p, v in t["vectors"].items()})
 
 
-def class_coverage(target: list[str], attrs: dict[str, Any]) -> dict[str, Any] | None:
+def class_coverage(target: list[str], teacher: fmt.TeacherRecord) -> dict[str, Any] | None:
     """How many target classes a teacher's logits cover, and the first uncovered ones (None: no logits)."""
     from kt_cache.classes import coverage
 
-    if not target or "logits" not in (attrs.get("outputs") or []):
+    if not target or "logits" not in teacher.outputs:
         return None
-    names = attrs.get("class_names")
+    names = teacher.class_names
     covered, missing = coverage(target, list(names) if names else None)
     return {"covered": covered, "classes": len(target), "missing": missing[:20], "n_missing": len(missing)}
 
@@ -86,11 +86,11 @@ def store_summary(store: str) -> dict[str, Any]:
     meta = reader.meta
     samples = reader.samples()
     summary = {
-        "store": store, "format": meta["format"], "version": meta["version"],
-        "n_samples": meta["n_samples"], "n_views": meta["n_views"], "unit_rows": meta["unit_rows"],
-        "n_units": meta["n_units"], "views": meta.get("views"),
-        "dataset": {k: v for k, v in meta["dataset"].items() if k != "classes"},
-        "n_classes": len(meta["dataset"].get("classes", [])),
+        "store": store, "format": fmt.FORMAT_NAME, "version": meta.version,
+        "n_samples": meta.n_samples, "n_views": meta.n_views, "unit_rows": meta.unit_rows,
+        "n_units": meta.n_units, "views": meta.views,
+        "dataset": {k: v for k, v in meta.dataset.items() if k != "classes"},
+        "n_classes": len(meta.classes),
         "samples_ok": int(np.asarray(samples["ok"]).sum()),
         "labelled": int((np.asarray(samples["label"]) >= 0).sum()),
         "bytes": store_bytes(reader), "remote": reader.location is None or reader.location.local_folder is None,

@@ -60,7 +60,7 @@ def subset_store(location: str, teachers: Sequence[str], out: str | Path) -> Pat
     part = Part(reader, {t: t for t in dict.fromkeys(wanted)})
     validate_part(part)
     made_by = f"ktc subset {location} --teachers {','.join(part.teachers)} --out {out}"
-    return write_store([part], [0] * reader.meta["n_units"], Path(out), made_by)
+    return write_store([part], [0] * reader.meta.n_units, Path(out), made_by)
 
 
 def merge_stores(locations: Sequence[str], out: str | Path, renames: Sequence[str] = ()) -> Path:
@@ -106,7 +106,7 @@ def validate_part(part: Part) -> None:
     """Everything copied from a source is checked first: samples (ids included) and the chosen teachers."""
     part.samples()
     for teacher_id in part.teachers:
-        part.reader.teacher_attrs(teacher_id)
+        part.reader.teacher_record(teacher_id)
     if part.reader.object_manifest() is None:
         raise StoreError(f"{part.reader.where}: has no {fmt.OBJECT_MANIFEST}, so its objects cannot be checked while "
                          "they are copied. Fix: rerun `ktc extract` with the store's manifest (it finalizes), then retry.")
@@ -123,7 +123,7 @@ def check_compatible(parts: list[Part]) -> None:
     first = parts[0].reader
     for other in (p.reader for p in parts[1:]):
         for what, path in SAME:
-            mine, theirs = meta_value(first.meta, path), meta_value(other.meta, path)
+            mine, theirs = meta_value(first.meta.to_attrs(), path), meta_value(other.meta.to_attrs(), path)
             if mine != theirs:
                 raise StoreMismatchError(
                     f"cannot merge {first.where} and {other.where}: they differ in {what} ({fmt_value(mine)} vs "
@@ -204,7 +204,7 @@ def parse_rename(spec: str, n_inputs: int) -> tuple[int | None, str, str]:
 def processed_units(reader: fmt.StoreReader, teacher_ids: Sequence[str]) -> np.ndarray:
     """Units that some of ``teacher_ids`` completed (their samples/ok and samples/views were written)."""
     done = [reader.done(t) for t in teacher_ids]
-    return np.any(np.stack(done), axis=0) if done else np.zeros(reader.meta["n_units"], dtype=bool)
+    return np.any(np.stack(done), axis=0) if done else np.zeros(reader.meta.n_units, dtype=bool)
 
 
 def sample_owners(parts: list[Part]) -> list[int]:
@@ -214,8 +214,8 @@ def sample_owners(parts: list[Part]) -> list[int]:
     processed = [processed_units(p.reader, list(p.teachers)) for p in parts]
     values = [(s["ok"], s["views"]) for s in (p.samples() for p in parts)]
     owners = []
-    for unit in range(meta["n_units"]):
-        rows = fmt.unit_slice(unit, meta["n_samples"], meta["unit_rows"])
+    for unit in range(meta.n_units):
+        rows = fmt.unit_slice(unit, meta.n_samples, meta.unit_rows)
         holders = [i for i, done in enumerate(processed) if done[unit]] or [0]
         for other in holders[1:]:
             a, b = values[holders[0]], values[other]
@@ -348,8 +348,8 @@ def write_store(parts: list[Part], owners: list[int], out: Path, made_by: str, e
         record_renames(root, parts)
         if rewrite is not None:
             rewrite(root)
-        version = max(int(p.reader.meta["version"]) for p in parts)       # v1 and v2 teachers read alike
-        root.attrs[fmt.ROOT_ATTR] = dict(parts[0].reader.meta, version=version)   # last: unfinished until set
+        version = max(p.reader.meta.version for p in parts)       # v1 and v2 teachers read alike
+        fmt.write_store_meta(root, parts[0].reader.meta.replace(version=version))   # last: unfinished until set
         consolidate(Path(staging))
         write_object_manifest(staging, made_by=made_by)
     return out
@@ -361,5 +361,5 @@ def record_renames(root: Any, parts: list[Part]) -> None:
         for old, new in part.teachers.items():
             if old != new:
                 group = root[f"teachers/{new}"]
-                attrs = dict(group.attrs.get(fmt.TEACHER_ATTR, {}))
-                group.attrs[fmt.TEACHER_ATTR] = dict(attrs, renamed_from=old)
+                record = fmt.read_teacher_record(group, new, part.reader.where)
+                fmt.write_teacher_record(group, record.replace(renamed_from=old))

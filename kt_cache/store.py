@@ -23,7 +23,9 @@ Layout (docs/store-format.md is the user-facing description of exactly this)::
 v2 (this ktc writes it; v1 stays readable): feature statistics are the array ``stats/features`` (v1: JSON
 lists in ``attrs["ktc_teacher"]["feature_stats"]``), and a teacher whose logits are the dataset's classes
 records ``class_names: "dataset"`` instead of repeating the list, so consolidated metadata stays small at
-hundreds of teachers. ``StoreReader.teacher_attrs`` and ``StoreReader.feature_stats`` read both versions.
+hundreds of teachers. ``StoreReader.teacher_record`` and ``StoreReader.feature_stats`` read both versions.
+The attributes themselves are typed records (``kt_cache.records``: ``StoreMeta``, ``TeacherRecord``), the only
+code that parses or writes them.
 
 Rules: arrays are chunked along N, teacher outputs also along V (one view per inner chunk, so a reader
 of one view reads only its chunks; stores written before that hold every view in a chunk and stay
@@ -45,11 +47,12 @@ import numpy as np
 from kt_cache import store_checks as checks
 from kt_cache.codecs import MISSING_CODE
 from kt_cache.errors import StoreError
+from kt_cache.records import (  # the attribute records and their names are part of the format (re-exported)
+    DATASET_CLASSES, FORMAT_NAME, FORMAT_VERSION, ROOT_ATTR, TEACHER_ATTR, StoreMeta, TeacherRecord, read_store_meta,
+    read_teacher_record, write_store_meta, write_teacher_record,
+)
 
-FORMAT_NAME = "ktc"
-FORMAT_VERSION = 2
 FEATURE_STATS = "stats/features"          # v2: [2, D] float32, rows mean and std
-DATASET_CLASSES = "dataset"               # v2: ``class_names`` equal to the dataset's target classes
 PARAMETER_PREFIXES = checks.PARAMETER_PREFIXES
 
 
@@ -76,8 +79,6 @@ def write_feature_stats(group: Any, stats: dict[str, Any] | None) -> dict[str, A
     group.create_array(FEATURE_STATS, data=values, chunks=values.shape, compressors=ZstdCodec(level=1),
                        dimension_names=("stat", "feature"), overwrite=True)
     return {"array": FEATURE_STATS, "count": int(stats["count"])}
-ROOT_ATTR = "ktc"
-TEACHER_ATTR = "ktc_teacher"
 OBJECT_MANIFEST = "ktc-objects.json"
 
 
@@ -236,24 +237,6 @@ def create_done_array(group: Any, units: int) -> Any:
                               dimension_names=("unit",))
 
 
-def check_root_attrs(attrs: dict[str, Any], where: str) -> dict[str, Any]:
-    """Validate ``attrs["ktc"]`` of a store: present, our format, a version we can read."""
-    meta = attrs.get(ROOT_ATTR)
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-        raise StoreError(f"{where} is a Zarr group but not a ktc store (no attrs['{ROOT_ATTR}'] with format "
-                         f"'{FORMAT_NAME}'). Fix: point at a store written by `ktc extract`.")
-    version = meta.get("version")
-    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
-        raise StoreError(f"{where} has ktc store format version {version!r}; this ktc reads versions 1..{FORMAT_VERSION}. "
-                         "Fix: upgrade ktc (pip install -U ktc) or ask for a store in a format this version reads.")
-    for key, kind in (("n_samples", int), ("n_views", int), ("unit_rows", int), ("n_units", int)):
-        value = meta.get(key)
-        if not isinstance(value, kind) or isinstance(value, bool) or value < 0:
-            raise StoreError(f"{where}: attrs['{ROOT_ATTR}']['{key}'] must be a non-negative integer, got {value!r}. "
-                             "The store metadata is damaged; Fix: re-create the store with `ktc extract`.")
-    return meta
-
-
 def write_unit(teacher_group: Any, unit: int, rows: slice, arrays: dict[str, np.ndarray]) -> None:
     """Write one unit's rows of every array of a teacher, then (and only then) its ``done`` flag.
 
@@ -348,3 +331,13 @@ def root_document(target: Any) -> bytes | None:
 from kt_cache.store_reader import (  # noqa: E402,F401
     CheckedRows, StoreReader, bad_objects, missing_objects_error, object_key, read_rows,
 )
+
+# Re-exported: the format, its records and its reader are one public module (``kt_cache.store``).
+__all__ = [
+    "DATASET_CLASSES", "FEATURE_STATS", "FORMAT_NAME", "FORMAT_VERSION", "OBJECT_MANIFEST", "ROOT_ATTR", "TEACHER_ATTR",
+    "ArraySpec", "CheckedRows", "StoreMeta", "StoreReader", "TeacherRecord", "bad_objects", "chunk_layout",
+    "class_names_attr", "create_array", "create_codec_arrays", "create_done_array", "encode_unit_arrays", "index_dtype",
+    "is_parameter", "missing_objects_error", "n_units", "object_key", "open_group", "open_root", "read_rows",
+    "read_store_meta", "read_teacher_record", "sample_array_specs", "teacher_array_specs", "unit_slice", "write_feature_stats",
+    "write_samples_unit", "write_store_meta", "write_teacher_record", "write_unit",
+]

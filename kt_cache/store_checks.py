@@ -103,7 +103,7 @@ def object_rows(array: Any) -> int:
     return int(array.shards[0] if array.shards else array.chunks[0])
 
 
-def check_array(array: Any, path: str, name: str, meta: dict[str, Any], where: str) -> None:
+def check_array(array: Any, path: str, name: str, meta: Any, where: str) -> None:
     """Shape, dtype, chunking and codecs of one array against the format.
 
     Args:
@@ -120,19 +120,19 @@ def check_array(array: Any, path: str, name: str, meta: dict[str, Any], where: s
             raise damaged(at, f"expected {ndim} dimension(s) of dtype {'/'.join(dtypes)}, got shape {list(shape)} "
                               f"of dtype {dtype_name(array)}")
     is_done = known is TEACHER_ARRAYS and name == "done"
-    rows, what = (meta["n_units"], "n_units") if is_done else (meta["n_samples"], "n_samples")
+    rows, what = (meta.n_units, "n_units") if is_done else (meta.n_samples, "n_samples")
     if not shape or shape[0] != rows:
         raise damaged(at, f"has shape {list(shape)}; its first dimension must be {what} = {rows}")
     per_view = not is_done and name not in ("id", "index", "label", "ok", "digest")
-    if per_view and (len(shape) < 2 or shape[1] != meta["n_views"]):
-        raise damaged(at, f"has shape {list(shape)}; its second dimension must be n_views = {meta['n_views']}")
+    if per_view and (len(shape) < 2 or shape[1] != meta.n_views):
+        raise damaged(at, f"has shape {list(shape)}; its second dimension must be n_views = {meta.n_views}")
     if name == "digest" and known is SAMPLE_ARRAYS and shape[1:] != (DIGEST_BYTES,):
         raise damaged(at, f"has shape {list(shape)}; expected [n_samples, {DIGEST_BYTES}]")
     if name == "views" and known is SAMPLE_ARRAYS and shape[2:] != (5,):
         raise damaged(at, f"has shape {list(shape)}; expected [n_samples, n_views, 5]")
     if float(np.prod(shape[1:], dtype=np.float64)) > MAX_ROW_ELEMENTS:
         raise damaged(at, f"has shape {list(shape)}: more than {MAX_ROW_ELEMENTS} values per row")
-    check_chunking(array, shape, at, 1 if is_done else meta["unit_rows"])
+    check_chunking(array, shape, at, 1 if is_done else meta.unit_rows)
     bad = sorted(set(codec_names(array.metadata.to_dict().get("codecs", []))) - CODECS)
     if bad:
         raise damaged(at, f"uses codec(s) {bad}; a ktc store uses only Zarr v3 core codecs ({', '.join(sorted(CODECS))})")
@@ -201,48 +201,33 @@ def sample_id_problem(value: str) -> str | None:
     return None
 
 
-def check_teacher_attrs(attrs: Any, arrays: dict[str, Any], teacher_id: str, where: str) -> None:
-    """Types of the attributes readers use, and their agreement with the array shapes."""
+def check_teacher_arrays(record: Any, arrays: dict[str, Any], teacher_id: str, where: str) -> None:
+    """A ``TeacherRecord`` (types checked by ``from_attrs``) agrees with the teacher's array shapes."""
     at, attr = f"{where}: teacher {teacher_id}", "attrs['ktc_teacher']"
-    if not isinstance(attrs, dict):
-        raise damaged(at, f"{attr} must be an object, got {short(attrs)}")
-    for key in ("num_classes", "feature_dim", "featmap_dim", "featmap_grid", "logits_topk"):
-        value = attrs.get(key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_ROW_ELEMENTS):
-            raise damaged(at, f"{attr}['{key}'] must be a non-negative integer or null, got {short(value)}")
-    names = attrs.get("class_names")
-    listed = isinstance(names, list) and all(isinstance(n, str) for n in names)
-    if names is not None and names != "dataset" and not listed:
-        raise damaged(at, f"{attr}['class_names'] must be a list of names, 'dataset' or null, got {short(names)}")
-    stats = attrs.get("feature_stats")
+    stats = record.feature_stats
     if isinstance(stats, dict) and "array" in stats and stats["array"] not in arrays:
         raise damaged(at, f"{attr}['feature_stats'] refers to the array {short(stats['array'])}, which is missing")
-    for key in ("role", "source", "model"):
-        if attrs.get(key) is not None and not isinstance(attrs[key], str):
-            raise damaged(at, f"{attr}['{key}'] must be a string, got {short(attrs[key])}")
     expect = {"features": ("feature_dim", 2), "logits": ("num_classes", 2), "featmap": ("featmap_dim", 4)}
     for path, (key, axis) in expect.items():
         if path not in arrays:
             continue
-        coded = check_codec(attrs, arrays, path, at) if path != "logits" else None
+        coded = check_codec(record, arrays, path, at) if path != "logits" else None
         width = coded if coded is not None else arrays[path].shape[axis]   # a codec's vectors decode to its dim
-        if attrs.get(key) is not None and width != attrs[key]:
-            raise damaged(at, f"{attr}['{key}'] = {attrs[key]} but {path} has shape {list(arrays[path].shape)}"
+        if getattr(record, key) is not None and width != getattr(record, key):
+            raise damaged(at, f"{attr}['{key}'] = {getattr(record, key)} but {path} has shape {list(arrays[path].shape)}"
                               + (f" and decodes to {coded} values" if coded is not None else ""))
-    if listed and attrs.get("num_classes") is not None and len(names) != attrs["num_classes"]:
-        raise damaged(at, f"{attr} lists {len(names)} class_names for num_classes = {attrs['num_classes']}")
     pair = [arrays.get("logits_topk/values"), arrays.get("logits_topk/index")]
     if any(a is not None for a in pair) and (None in pair or pair[0].shape != pair[1].shape):
         raise damaged(at, "logits_topk/values and logits_topk/index must both exist with the same shape")
 
 
-def check_codec(attrs: dict[str, Any], arrays: dict[str, Any], path: str, at: str) -> int | None:
+def check_codec(teacher: Any, arrays: dict[str, Any], path: str, at: str) -> int | None:
     """A compacted array agrees with its codec record (name, widths, dtype, parameter shapes); returns the
     stored code width, or None for an array stored plainly (float16/float32, no record)."""
     from kt_cache.codecs import codec_record, parse_codec
     from kt_cache.errors import UsageError
 
-    record = codec_record(attrs, path)
+    record = codec_record(teacher, path)
     where = f"attrs['ktc_teacher']['codec']['{path}']"
     if record is None:
         if dtype_name(arrays[path]) not in FLOATS:

@@ -15,7 +15,8 @@ import numpy as np
 
 from kt_cache import store_checks as checks
 from kt_cache.errors import StoreError
-from kt_cache.store import DATASET_CLASSES, OBJECT_MANIFEST, TEACHER_ATTR, check_root_attrs, open_root
+from kt_cache.records import StoreMeta, TeacherRecord, read_teacher_record
+from kt_cache.store import OBJECT_MANIFEST, open_root
 
 
 def read_rows(array: Any, path: str, where: str, rows: slice = slice(None), view: int | None = None) -> np.ndarray:
@@ -94,8 +95,7 @@ class StoreReader:
         self.location = parse_location(store) if isinstance(store, (str, Path)) else None
         self.store = open_store(self.location, storage_options) if self.location else store
         self.root = open_root(self.store, self.where, "r", consolidated)
-        self.meta = check_root_attrs(dict(self.root.attrs), self.where)
-        checks.check_root_meta(self.meta, self.where)
+        self.meta: StoreMeta = StoreMeta.from_attrs(dict(self.root.attrs), self.where)
         self.consolidated = self.root.metadata.consolidated_metadata is not None
         if self.location is not None and not self.location.listable and not self.consolidated:
             raise StoreError(f"{self.where}: this store has no consolidated metadata, and {self.location.protocol}:// "
@@ -104,6 +104,7 @@ class StoreReader:
                              "consolidation) or to publish it packed (`ktc pack`), or download it and open it locally.")
         self._ids: list[str] | None = None
         self._checked: dict[str, dict[str, Any]] = {}
+        self._records: dict[str, TeacherRecord] = {}
         self._listed: dict[str, dict[str, Any]] | None = None
         self._present: set[str] = set()
         self._members: dict[str, Any] | None = None
@@ -122,15 +123,15 @@ class StoreReader:
 
     @property
     def n_samples(self) -> int:
-        return int(self.meta["n_samples"])
+        return self.meta.n_samples
 
     @property
     def n_views(self) -> int:
-        return int(self.meta["n_views"])
+        return self.meta.n_views
 
     @property
     def class_names(self) -> list[str]:
-        return list(self.meta["dataset"].get("classes", []))
+        return self.meta.classes
 
     def teacher_ids(self) -> list[str]:
         if self._ids is None:
@@ -160,25 +161,28 @@ class StoreReader:
                     self._nodes.setdefault(owner, []).append((name, node))
         return self._members
 
+    def teacher_record(self, teacher_id: str) -> TeacherRecord:
+        """The teacher's ``TeacherRecord``, its types and its agreement with the arrays checked (read once);
+        ``class_names`` resolved (v2 stores ``"dataset"`` for the target classes)."""
+        if teacher_id not in self._records:
+            record = read_teacher_record(self.teacher(teacher_id), teacher_id, self.where)
+            checks.check_teacher_arrays(record, self.checked_arrays(teacher_id), teacher_id, self.where)
+            names = record.names(self.class_names, teacher_id, self.where)
+            self._records[teacher_id] = record.replace(class_names=tuple(names) if names is not None else None)
+        return self._records[teacher_id]
+
     def teacher_attrs(self, teacher_id: str) -> dict[str, Any]:
-        """The teacher's checked attributes, ``class_names`` resolved (v2 stores ``"dataset"`` for the target list)."""
-        attrs = self.teacher(teacher_id).attrs.get(TEACHER_ATTR, {})
-        checks.check_teacher_attrs(attrs, self.checked_arrays(teacher_id), teacher_id, self.where)
-        attrs = dict(attrs)
-        if attrs.get("class_names") == DATASET_CLASSES:
-            attrs["class_names"] = list(self.class_names)
-            if attrs.get("num_classes") is not None and len(self.class_names) != attrs["num_classes"]:
-                raise checks.damaged(self.where, f"teacher {teacher_id}: its logits are the dataset's classes, but it has "
-                                                 f"num_classes = {attrs['num_classes']} and the dataset {len(self.class_names)}")
-        return attrs
+        """The teacher's checked attributes as stored (JSON), ``class_names`` resolved: for display and export;
+        code that uses a value reads ``teacher_record``."""
+        return self.teacher_record(teacher_id).to_attrs()
 
     def feature_stats(self, teacher_id: str) -> dict[str, Any] | None:
         """``{"mean": float32 [D], "std": float32 [D], "count": int}`` of the teacher's (decoded) features, or None.
 
         v2 keeps them in the array ``stats/features`` (rows mean, std); v1 as JSON lists in the attributes.
         """
-        record = self.teacher_attrs(teacher_id).get("feature_stats")
-        if not isinstance(record, dict):
+        record = self.teacher_record(teacher_id).feature_stats
+        if record is None:
             return None
         if "array" not in record:
             return {"mean": np.asarray(record["mean"], np.float32), "std": np.asarray(record["std"], np.float32),
@@ -207,7 +211,7 @@ class StoreReader:
     def teacher_arrays(self, teacher_id: str) -> dict[str, Any]:
         """Array path (``features``, ``logits_topk/values`` …) -> zarr array, ``done`` excluded."""
         arrays = self.checked_arrays(teacher_id)
-        checks.check_teacher_attrs(self.teacher(teacher_id).attrs.get(TEACHER_ATTR, {}), arrays, teacher_id, self.where)
+        self.teacher_record(teacher_id)
         return {name: array for name, array in arrays.items() if name != "done"}
 
     def read(self, teacher_id: str, path: str, rows: slice = slice(None), view: int | None = None) -> np.ndarray:
@@ -250,12 +254,12 @@ class StoreReader:
         teacher, or None when the array holds plain float values."""
         from kt_cache.codecs import CodecParams, codec_record, parse_codec
 
-        record = codec_record(self.teacher_attrs(teacher_id), output)
+        record = codec_record(self.teacher_record(teacher_id), output)
         if record is None:
             return None
         codec = parse_codec(record["name"])
         return CodecParams(codec, {name: self.read(teacher_id, f"codec/{output}/{name}").astype(np.float32)
-                                   for name in codec.param_names()}, int(self.meta["unit_rows"]))
+                                   for name in codec.param_names()}, self.meta.unit_rows)
 
     def done(self, teacher_id: str) -> np.ndarray:
         return np.asarray(self.read(teacher_id, "done"), dtype=bool)

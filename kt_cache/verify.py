@@ -176,12 +176,12 @@ def check_layout(reader: fmt.StoreReader, report: VerifyReport) -> dict[str, Any
     for teacher_id in reader.teacher_ids():
         try:
             found = reader.checked_arrays(teacher_id)
-            attrs = reader.teacher_attrs(teacher_id)
+            teacher = reader.teacher_record(teacher_id)
         except StoreError as err:
             report.add(f"teachers/{teacher_id}", None, str(err))
             continue
         arrays.update({f"teachers/{teacher_id}/{name}": array for name, array in found.items()})
-        report.warnings += provenance_gaps(teacher_id, attrs)
+        report.warnings += provenance_gaps(teacher_id, teacher)
     return arrays
 
 
@@ -189,11 +189,12 @@ PROVENANCE = ("source", "model", "pretrained", "weights", "weights_sha256", "pre
               "seconds", "timing", "class_names")
 
 
-def provenance_gaps(teacher_id: str, attrs: dict[str, Any]) -> list[str]:
-    gaps = [key for key in PROVENANCE if key not in attrs]
-    if attrs.get("weights_sha256") is None and attrs.get("weights") not in (None, "random") and "weights_sha256" in attrs:
+def provenance_gaps(teacher_id: str, teacher: fmt.TeacherRecord) -> list[str]:
+    """Provenance keys the producer did not record (``keys``: those the stored attributes hold)."""
+    gaps = [key for key in PROVENANCE if key not in teacher.keys]
+    if teacher.weights_sha256 is None and teacher.weights not in (None, "random") and "weights_sha256" in teacher.keys:
         gaps.append("weights_sha256 (null: hub weights whose file was not hashed)")
-    if "features" in (attrs.get("outputs") or []) and not attrs.get("feature_stats"):
+    if "features" in teacher.outputs and not teacher.feature_stats:
         gaps.append("feature_stats")
     return [f"teacher {teacher_id}: provenance lacks {', '.join(gaps)}"] if gaps else []
 
@@ -230,7 +231,7 @@ def check_keys(reader: fmt.StoreReader, manifest: dict[str, Any], report: Verify
     """Listed objects exist and nothing unlisted is stored (on stores that can be listed)."""
     if reader.location is not None and not reader.location.listable:
         return
-    unit_rows = int(reader.meta["unit_rows"])
+    unit_rows = reader.meta.unit_rows
     stored = set(list_keys(reader.store)) - {fmt.OBJECT_MANIFEST}
     for key in sorted(set(manifest) - stored):
         array, where = describe_key(key, unit_rows)
@@ -254,7 +255,7 @@ def check_sizes(reader: fmt.StoreReader, manifest: dict[str, Any], keys: set[str
     """--quick: each listed object's size (a stat per file, the zip's directory): catches truncation
     and most damage without reading a chunk; a same-size rewrite needs the full verify's hashes."""
     sizes = stored_sizes(reader)
-    unit_rows = int(reader.meta["unit_rows"])
+    unit_rows = reader.meta.unit_rows
     for key in sorted(keys & set(sizes)):
         if sizes[key] != manifest[key]["size"]:
             array, where = describe_key(key, unit_rows)
@@ -278,7 +279,7 @@ def stored_sizes(reader: fmt.StoreReader) -> dict[str, int]:
 
 def check_digests(reader: fmt.StoreReader, expected: dict[str, dict[str, Any]], report: VerifyReport) -> None:
     """Size and sha256 of each object against the manifest, fetched in batches of ~BATCH_BYTES."""
-    unit_rows, keys = int(reader.meta["unit_rows"]), sorted(expected)
+    unit_rows, keys = reader.meta.unit_rows, sorted(expected)
     batch: list[str] = []
     size = 0
     for index, key in enumerate(keys):
@@ -306,7 +307,7 @@ def fetch_batch(reader: fmt.StoreReader, keys: list[str], report: VerifyReport) 
             try:
                 found.append(get_bytes(reader.store, key))
             except zipfile.BadZipFile as err:
-                array, where = describe_key(key, int(reader.meta["unit_rows"]))
+                array, where = describe_key(key, reader.meta.unit_rows)
                 report.add(array, key, f"{where}: the zip member is damaged ({err}). Fix: {report.repair}.")
                 found.append(BAD_MEMBER)
         return found
@@ -332,15 +333,15 @@ def check_values(reader: fmt.StoreReader, arrays: dict[str, Any], report: Verify
     ok = np.zeros(reader.n_samples, dtype=bool) if ok is None else ok.astype(bool)
     done = {tid: scan_array(reader, f"teachers/{tid}/done", arrays.get(f"teachers/{tid}/done"), report, {})
             for tid in reader.teacher_ids()}
-    done = {tid: (d.astype(bool) if d is not None else np.zeros(meta["n_units"], bool)) for tid, d in done.items()}
-    any_done = np.any(np.stack(list(done.values())), axis=0) if done else np.zeros(meta["n_units"], bool)
+    done = {tid: (d.astype(bool) if d is not None else np.zeros(meta.n_units, bool)) for tid, d in done.items()}
+    any_done = np.any(np.stack(list(done.values())), axis=0) if done else np.zeros(meta.n_units, bool)
     context = {"ok": ok, "n_classes": len(reader.class_names)}
     for path, array in arrays.items():
         if path in ("samples/ok",) or path.endswith("/done"):
             continue
         teacher_id = path.split("/")[1] if path.startswith("teachers/") else None
         units_done = done.get(teacher_id, any_done) if teacher_id else any_done
-        num_classes = reader.teacher_attrs(teacher_id).get("num_classes") if teacher_id else None
+        num_classes = reader.teacher_record(teacher_id).num_classes if teacher_id else None
         scan_array(reader, path, array, report, dict(context, done=units_done, num_classes=num_classes))
 
 

@@ -34,7 +34,7 @@ def open_datatree(store: str | Path) -> Any:
     coords = {"sample": np.array([str(i) for i in samples["id"].tolist()]), "view": np.arange(reader.n_views)}
     root = open_group(xr, reader.store, "samples", ("id",)).assign_coords(
         {**coords, "target_class": np.array(reader.class_names, dtype=str)})
-    root.attrs = {"ktc": reader.meta}
+    root.attrs = {"ktc": reader.meta.to_attrs()}
     nodes = {"/": root}
     for tid in reader.teacher_ids():
         nodes[f"/teachers/{tid}"] = teacher_dataset(xr, reader, tid).assign_coords(coords)

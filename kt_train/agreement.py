@@ -16,8 +16,7 @@ from kt_cache.store import StoreReader
 
 def predictive_teachers(reader: StoreReader, wanted: list[str]) -> list[str]:
     ids = [t for t in wanted if t in reader.teacher_ids()] or reader.teacher_ids()
-    return [t for t in ids if reader.teacher_attrs(t).get("role", "predictive") == "predictive"
-            and "logits" in (reader.teacher_attrs(t).get("outputs") or [])]
+    return [t for t in ids if reader.teacher_record(t).role == "predictive" and "logits" in reader.teacher_record(t).outputs]
 
 
 def votes(tb: Any) -> tuple[dict[str, np.ndarray], np.ndarray]:

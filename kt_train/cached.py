@@ -69,10 +69,10 @@ class CachedTeachers:
         self.ids = tuple(teacher_ids)
         self.wanted = ALL_FIELDS if needs is None else frozenset("featmaps" if n == "featmap" else n for n in needs)
         self.num_classes = len(reader.class_names)
-        self.window_blocks, self.block_rows = int(window_blocks), int(reader.meta["unit_rows"])
-        self.attrs = {tid: reader.teacher_attrs(tid) for tid in self.ids}
+        self.window_blocks, self.block_rows = int(window_blocks), reader.meta.unit_rows
+        self.records = {tid: reader.teacher_record(tid) for tid in self.ids}
         self.stats = {tid: reader.feature_stats(tid) for tid in self.ids}     # v1 attrs or v2 stats/features
-        self.roles = {tid: str(self.attrs[tid].get("role", "predictive")) for tid in self.ids}
+        self.roles = {tid: self.records[tid].role for tid in self.ids}
         self.label_maps: dict[str, np.ndarray] = {}
         paths: dict[str, list[str]] = {}
         arrays: dict[tuple[str, str], Any] = {}
@@ -85,7 +85,7 @@ class CachedTeachers:
         self.codecs = {(tid, path): params for (tid, path) in arrays if path in ("features", "featmap")
                        and (params := reader.codec_params(tid, path)) is not None}
         width = {"features": "feature_dim", "featmap": "featmap_dim"}          # decoded width: part of the key
-        decoded = {(tid, path): f"{p.codec.name}->{self.attrs[tid][width[path]]}"
+        decoded = {(tid, path): f"{p.codec.name}->{getattr(self.records[tid], width[path])}"
                    for (tid, path), p in self.codecs.items()}
         self.groups = plan_groups(self.ids, paths, arrays, decoded)
         self._where = places(self.ids, self.groups)
@@ -216,8 +216,9 @@ class CachedTeachers:
         return paths
 
     def _label_map(self, tid: str, reader: StoreReader) -> np.ndarray:
-        names, count = self.attrs[tid].get("class_names"), self.attrs[tid].get("num_classes")
-        label_map = label_map_for(reader.class_names, names, count)
+        record = self.records[tid]
+        names = list(record.class_names) if record.class_names is not None else None
+        label_map = label_map_for(reader.class_names, names, record.num_classes)
         if not (label_map >= 0).any():
             raise UsageError(
                 f"teacher '{tid}' in the store {reader.where} has {label_map.size} logits, but none of its class "
@@ -230,15 +231,15 @@ class CachedTeachers:
         """``TeacherInfo`` per teacher, describing exactly what ``to_teacher_batch`` will provide."""
         infos = []
         for tid in self.ids:
-            attrs = self.attrs[tid]
+            record = self.records[tid]
             stats = self.stats[tid] or {}
             has_feat = self.holds(tid, "features")
             mean, std = (torch.tensor(stats[k], dtype=torch.float32) if has_feat and stats.get(k) is not None
                          else None for k in ("mean", "std"))
             infos.append(TeacherInfo(
                 id=tid, role=self.roles[tid],
-                feature_dim=int(attrs["feature_dim"]) if has_feat else None,
-                featmap_dim=int(attrs["featmap_dim"]) if self.holds(tid, "featmap") else None,
+                feature_dim=int(record.feature_dim) if has_feat else None,
+                featmap_dim=int(record.featmap_dim) if self.holds(tid, "featmap") else None,
                 has_logits=tid in self.label_maps and "logits" in self.wanted, feature_mean=mean, feature_std=std))
         return tuple(infos)
 

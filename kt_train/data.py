@@ -50,7 +50,7 @@ def select_teachers(reader: StoreReader, spec: Iterable[str]) -> list[str]:
         UsageError: an unknown id/role (with a did-you-mean), nothing selected, or an incomplete teacher.
     """
     stored = reader.teacher_ids()
-    roles = {tid: str(reader.teacher_attrs(tid).get("role", "predictive")) for tid in stored}
+    roles = {tid: reader.teacher_record(tid).role for tid in stored}
     items = [part.strip() for item in spec for part in str(item).split(",") if part.strip()] or ["all"]
     chosen: list[str] = []
     for item in items:
@@ -113,7 +113,7 @@ class StudentViews(Dataset):
         self.views = np.asarray(samples["views"], dtype=np.float32)
         self.labels = np.asarray(samples["label"], dtype=np.int64)
         self.ok = np.asarray(samples["ok"], dtype=bool)
-        dataset = reader.meta.get("dataset", {})
+        dataset = reader.meta.dataset
         recorded = str(dataset.get("root", ""))
         self.data_root = str(data_root if data_root is not None else recorded)
         self.images = open_images(dataset, self.ids, self.data_root)     # a folder, or tar shards by offset
@@ -121,7 +121,7 @@ class StudentViews(Dataset):
         self.mean = np.asarray(mean, dtype=np.float32) * 255.0
         self.std = np.asarray(std, dtype=np.float32) * 255.0
         self.interpolation, self.seed, self.views_mode, self.epoch = interpolation, int(seed), views_mode, 0
-        self.set_view_blocks(int(reader.meta["unit_rows"]))
+        self.set_view_blocks(reader.meta.unit_rows)
         check_images_exist(self.images, np.flatnonzero(self.ok), reader.where, recorded)
 
     def set_epoch(self, epoch: int) -> None:

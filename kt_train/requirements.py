@@ -15,10 +15,10 @@ def teacher_outputs(reader: StoreReader, teacher_ids: list[str]) -> dict[str, di
     target = list(reader.class_names)
     found = {}
     for tid in teacher_ids:
-        attrs = reader.teacher_attrs(tid)
-        names = attrs.get("class_names")
+        record = reader.teacher_record(tid)
+        names = record.class_names
         covered = coverage(target, list(names) if names else None)[0] if target else 0
-        found[tid] = {"role": attrs.get("role", "predictive"), "outputs": set(attrs.get("outputs") or []),
+        found[tid] = {"role": record.role, "outputs": set(record.outputs),
                       "covered": covered, "covers_all": bool(target) and covered == len(target)}
     return found
 

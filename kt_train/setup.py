@@ -50,18 +50,18 @@ def sentinel_spec(reader: StoreReader, teacher_id: str | None) -> Any:
         return None
     from kt_train.students import SentinelSpec
 
-    attrs = reader.teacher_attrs(teacher_id)
-    if attrs.get("source") != "timm":
-        raise UsageError(f"--sentinel {teacher_id}: its source is {attrs.get('source')}; the sentinel trunk must be a "
+    record = reader.teacher_record(teacher_id)
+    if record.source != "timm":
+        raise UsageError(f"--sentinel {teacher_id}: its source is {record.source}; the sentinel trunk must be a "
                          "timm ViT. Fix: name a timm ViT teacher of the store (role: sentinel).")
-    weights = str(attrs.get("weights"))
+    weights = str(record.weights)
     if weights != "random" and not Path(weights).is_file():
         raise UsageError(f"--sentinel {teacher_id}: its weights ({weights}) are not a local file on this machine, so "
                          "the frozen trunk cannot be built from them. Fix: extract the sentinel teacher from a local "
                          "`checkpoint:` (the store records its path), or copy that file to the recorded path.")
     checkpoint = None if weights == "random" else weights
-    model_args = {k: v for k, v in (attrs.get("entry", {}).get("model_args") or {}).items() if k != "num_classes"}
-    return SentinelSpec(model=str(attrs["model"]).split(".")[0], checkpoint=checkpoint, model_args=model_args)
+    model_args = {k: v for k, v in (record.entry.get("model_args") or {}).items() if k != "num_classes"}
+    return SentinelSpec(model=str(record.model).split(".")[0], checkpoint=checkpoint, model_args=model_args)
 
 
 def build_students(config: TrainConfig, reader: StoreReader, num_classes: int, device: torch.device) -> list[Any]:
@@ -140,7 +140,7 @@ def build_run(config: TrainConfig, rank: int = 0, world: int = 1, local_rank: in
     initial = None
     if METHODS[config.method].reference_student:
         initial = copy.deepcopy(students[0]).eval().requires_grad_(False)
-    info = {"classes": reader.class_names, "center_crop": reader.meta["views"].get("center_crop", 0.875),
+    info = {"classes": reader.class_names, "center_crop": reader.meta.views.get("center_crop", 0.875),
             "data_root": loader.dataset.data_root, "data_kind": loader.dataset.images.kind,
             "cache": str(config.cache), "teachers": teacher_ids,
             "method": config.method, "method_options": options_dict(method),

@@ -28,7 +28,7 @@ def test_codes_decode_to_the_plain_store_with_the_recorded_error(projects):
         original = plain.read("cnn32", output).astype(np.float64)
         codes, params = coded.read("cnn32", output), coded.codec_params("cnn32", output)
         assert codes.dtype == np.int8 and codes.shape == original.shape
-        assert params.arrays["scale"].shape == (coded.meta["n_units"], original.shape[-1])   # one row per unit
+        assert params.arrays["scale"].shape == (coded.meta.n_units, original.shape[-1])   # one row per unit
         decoded = params.decode(codes).astype(np.float64)
         x, xh = original.reshape(-1, original.shape[-1]), decoded.reshape(-1, original.shape[-1])
         cos = (x * xh).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(xh, axis=1))

@@ -30,6 +30,7 @@ class Arm:
         kind: ``ktc`` (from ``store``) or ``ref`` (uncached; ``pixels`` full | rrc).
         method, teachers, opts: ``ktc train --method/--teachers/--opt``; ``labels``: use | ignore.
         extra: further ``ktc train`` flags (e.g. ``("--lr", "0.004")``).
+        probe: also score the student by a linear probe on its frozen features (``digits.probe``).
     """
 
     table: str
@@ -42,6 +43,7 @@ class Arm:
     labels: str = "ignore"
     opts: tuple[str, ...] = ()
     extra: tuple[str, ...] = ()
+    probe: bool = False
 
     @property
     def key(self) -> str:
@@ -70,6 +72,7 @@ class CellResult:
     pseudo_acc: float | None           # the teachers' vote (the method's target) vs the true label, last epoch
     seconds: float
     losses: dict[str, float] = field(default_factory=dict)
+    probe: float | None = None         # linear-probe top-1 on the frozen student features (arms with ``probe``)
 
 
 def ktc_train_args(arm: Arm, out: Path, seed: int, recipe: Recipe, run: Path) -> list[str]:
@@ -91,7 +94,8 @@ def last_epoch_means(run: Path) -> dict[str, float]:
     return {k: sum(r[k] for r in last if k in r) / max(1, sum(k in r for r in last)) for k in sorted(keys)}
 
 
-def run_ktc_cell(arm: Arm, out: Path, seed: int, recipe: Recipe, val: Split) -> CellResult:
+def run_ktc_cell(arm: Arm, out: Path, seed: int, recipe: Recipe, splits: tuple[Split, Split]) -> CellResult:
+    from digits.probe import linear_probe
     from digits.reference import val_top1
     from kt_train.evaluate import load_run_info
     from kt_train.students import load_student
@@ -103,8 +107,9 @@ def run_ktc_cell(arm: Arm, out: Path, seed: int, recipe: Recipe, val: Split) -> 
     top1 = json.loads(evaluated.stdout.strip().splitlines()[-1])["top1"]
     student = load_student(run / load_run_info(run)["students"][0], "cpu").eval()
     losses = last_epoch_means(run)
-    return CellResult(arm.key, arm.table, arm.label, seed, top1, val_top1(student, val, 1.0),
-                      losses.get("pseudo_acc"), time.perf_counter() - start, losses)
+    probe = linear_probe(run, splits[0], splits[1], seed) if arm.probe else None
+    return CellResult(arm.key, arm.table, arm.label, seed, top1, val_top1(student, splits[1], 1.0),
+                      losses.get("pseudo_acc"), time.perf_counter() - start, losses, probe)
 
 
 def run_ref_cell(arm: Arm, out: Path, seed: int, recipe: Recipe, splits: tuple[Split, Split]) -> CellResult:
@@ -143,7 +148,7 @@ def run_cells(arms: list[Arm], seeds: tuple[int, ...], out: Path, recipe: Recipe
     for index, (seed, arm) in enumerate(todo):
         if (arm.key, seed) in done or index % shard[1] != shard[0]:
             continue
-        result = run_ktc_cell(arm, out, seed, recipe, splits[1]) if arm.kind == "ktc" else \
+        result = run_ktc_cell(arm, out, seed, recipe, splits) if arm.kind == "ktc" else \
             run_ref_cell(arm, out, seed, recipe, splits)
         with sink.open("a") as f:   # one short line per append: concurrent shards do not interleave
             f.write(json.dumps(asdict(result)) + "\n")

@@ -15,12 +15,16 @@ from digits.uniform_tables import (
     COUNT_METHODS,
     COUNTS,
     DEFAULTS,
+    KPU_ARMS,
     METHODS,
     OPTION_ARMS,
     REF_CROPS,
     REF_FULL,
     STORE1,
     STORE4,
+    SWEEP,
+    SWEEP_ARMS,
+    SWEEP_METHODS,
     count_arm,
 )
 
@@ -74,6 +78,31 @@ def defaults_table(cells: list[dict], n: int) -> str:
     lines = ["| method (store4, main zoo, no options) | top-1 % | target top-1 % |", "|---|---|---|"]
     lines += [f"| {METHOD_LABEL[m]} | {fmt(values(cells, a.key), n)} | {fmt(values(cells, a.key, 'pseudo_acc'), n)} |"
               for m, a in DEFAULTS.items()]
+    return "\n".join(lines)
+
+
+def sweep_table(cells: list[dict], n: int) -> str:
+    """One training default changed at a time, against the shipped defaults (the ``defaults`` rows)."""
+    lines = ["| change from the defaults | " + " | ".join(f"`{m}` top-1 %" for m in SWEEP_METHODS) + " |",
+             "|---|" + "---|" * len(SWEEP_METHODS)]
+    base = {m: values(cells, DEFAULTS[m].key) for m in SWEEP_METHODS}
+    lines.append("| none (lr 1e-3, no warm-up, batch 64) | " + " | ".join(fmt(base[m], n) for m in SWEEP_METHODS) + " |")
+    for label in SWEEP:
+        xs = {m: values(cells, SWEEP_ARMS[(m, label)].key) for m in SWEEP_METHODS}
+        lines.append(f"| {label} | " + " | ".join(f"{fmt(xs[m], n)} ({delta(xs[m], base[m])})" if xs[m] else "—"
+                                                  for m in SWEEP_METHODS) + " |")
+    return "\n".join(lines)
+
+
+def kpu_table(cells: list[dict], n: int) -> str:
+    """Student head vs linear probe per method; KPU's std ratios of the teachers' features (last epoch)."""
+    lines = ["| method (store4, main zoo, defaults) | student's head top-1 % | linear probe top-1 % | `raw_std_ratio` | "
+             "`std_ratio` |", "|---|---|---|---|---|"]
+    for m, a in KPU_ARMS.items():
+        ratios = [fmt([c["losses"][k] for c in cells if c["key"] == a.key and k in c.get("losses", {})], n)
+                  for k in ("raw_std_ratio", "std_ratio")]
+        lines.append(f"| {METHOD_LABEL.get(m, m + ', label-free')} | {fmt(values(cells, a.key), n)} | "
+                     f"{fmt(values(cells, a.key, 'probe'), n)} | {ratios[0]} | {ratios[1]} |")
     return "\n".join(lines)
 
 
@@ -133,6 +162,8 @@ def render(cells: list[dict], ready: dict[str, Any], recipe: Any, args: Any, sec
              "### Parity: caching loses nothing", parity_table(cells, n),
              "### UNIFORM vs AVG vs KD (label-free, 4 stored views)", main_table(cells, n),
              "### ktc's defaults as shipped", defaults_table(cells, n),
+             "### Training defaults: one change at a time", sweep_table(cells, n),
+             "### KPU, scored by a linear probe", kpu_table(cells, n),
              "### Vote ablation", ablation_table(cells, n),
              "### Teacher count", teachers_table(cells, n)]
     return "\n\n".join([BEGIN, *parts, END])

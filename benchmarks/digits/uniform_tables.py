@@ -10,6 +10,10 @@ Tables, in the order they run (cheap and essential first):
   predictive teachers (``teachers20`` first trains and extracts the other 10);
 - ``options``: further UNIFORM options (a stronger pseudo-class weight, a lighter ℓ_rec);
 - ``defaults``: ce / kd / avg / uniform on ``store4`` with no options at all (ktc's defaults as they are);
+- ``kpu``: KPU (global terms: the stores hold no featmaps) against ce / avg / uniform, every student also scored by
+  a linear probe on its frozen features (KPU trains no classifier head), with KPU's feature std ratios;
+- ``sweep``: kd and uniform (defaults) with one training default changed at a time (``SWEEP``): does another
+  lr, a warm-up or another batch size beat the shipped defaults (lr 1e-3, no warm-up, batch 64)?
 - ``crops``: the reference on online random crops (the stored-views comparison for ``main``; the slowest).
 """
 
@@ -51,6 +55,17 @@ OPTION_ARMS = {label: Arm("options", label, "ktc", "uniform", main_teachers("uni
 DEFAULTS = {m: Arm("defaults", m, "ktc", m, main_teachers(m), labels=labels(m)) for m in METHODS}
 
 
+SWEEP = {"lr 5e-4": ("--lr", "0.0005"), "lr 2e-3": ("--lr", "0.002"), "lr 4e-3": ("--lr", "0.004"),
+         "warm-up 0.5 epoch": ("--warmup-epochs", "0.5"), "batch 128": ("--batch-size", "128")}
+SWEEP_METHODS = ("kd", "uniform")
+SWEEP_ARMS = {(m, label): Arm("sweep", f"{m} {label}", "ktc", m, main_teachers(m), labels=labels(m), extra=flags)
+              for m in SWEEP_METHODS for label, flags in SWEEP.items()}
+
+
+KPU_METHODS = ("ce", "avg", "uniform", "kpu")
+KPU_ARMS = {m: Arm("kpu", m, "ktc", m, main_teachers(m), labels=labels(m), probe=True) for m in KPU_METHODS}
+
+
 def count_arm(method: str, count: int) -> Arm:
     """``method`` is kd, avg, uniform (the paper's vote) or uniform+soft (``vote_norm=soft_coverage``)."""
     if count == 10:
@@ -70,6 +85,8 @@ TABLES = {
     "teachers20": lambda: [count_arm(m, 20) for m in COUNT_METHODS],   # needs the full zoo (prepare)
     "options": lambda: [OPTION_ARMS[k] for k in MORE_OPTIONS],
     "defaults": lambda: list(DEFAULTS.values()),
+    "sweep": lambda: list(SWEEP_ARMS.values()),
+    "kpu": lambda: list(KPU_ARMS.values()),
     "crops": lambda: [REF_CROPS["ce"], REF_CROPS["uniform"], REF_CROPS["kd"], REF_CROPS["avg"]],
 }
 

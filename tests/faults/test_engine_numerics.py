@@ -30,7 +30,7 @@ def test_cluster_store_equals_single_process_store_without_thread_pinning(tmp_pa
     cluster = write_manifest(tmp_path / "cluster.yaml", teachers, unit_rows=2, store="cluster.zarr")
     extract(single)
     extract(cluster, "--cluster", "local:2")
-    assert StoreReader(str(tmp_path / "cluster.zarr")).meta["cpu_threads"] == torch.get_num_threads()
+    assert StoreReader(str(tmp_path / "cluster.zarr")).meta.cpu_threads == torch.get_num_threads()
     assert store_files(tmp_path / "cluster.zarr") == store_files(tmp_path / "single.zarr")
     fault_log(16, "concurrency", "--cluster local:2 (workers with another thread count) vs one process",
               "ktc extract --cluster local:2", 0, "bit-identical stores: every unit computed with the recorded "

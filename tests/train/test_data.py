@@ -243,7 +243,7 @@ def test_student_views_match_view_pixels_and_normalise(store, arrays):
     reader = StoreReader(store)
     data = StudentViews(reader, (24, 20), MEAN, STD, interpolation="bicubic", seed=5)
     data = pickle.loads(pickle.dumps(data))
-    ids, boxes, root = arrays("samples/id"), arrays("samples/views"), reader.meta["dataset"]["root"]
+    ids, boxes, root = arrays("samples/id"), arrays("samples/views"), reader.meta.dataset["root"]
     for row in good_rows(store)[:6]:
         item = data[row]
         v = item["view"]
@@ -267,7 +267,7 @@ def test_student_views_match_view_pixels_and_normalise(store, arrays):
 def test_missing_images_are_reported_with_count_and_fix(store, tmp_path):
     reader = StoreReader(store)
     moved = tmp_path / "moved"
-    shutil.copytree(reader.meta["dataset"]["root"], moved)
+    shutil.copytree(reader.meta.dataset["root"], moved)
     for name in ("ant/img000.jpg", "bee/img001.png"):
         (moved / name).unlink()
     with pytest.raises(UsageError) as err:
