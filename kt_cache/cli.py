@@ -27,6 +27,7 @@ COMMANDS = {
     "subset": ("kt_cache.cli_share", "subset", "Copy some teachers of a store into a new store."),
     "pack": ("kt_cache.cli_share", "pack", "Pack a store into one .zip that ktc and zarr read."),
     "compact": ("kt_cache.cli_share", "compact", "Re-encode features/featmaps with a lossy codec; error measured."),
+    "upgrade": ("kt_cache.cli_share", "upgrade", "Convert an older store to this ktc's format in place (no re-encoding)."),
 }
 
 

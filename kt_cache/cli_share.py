@@ -1,4 +1,5 @@
-"""``ktc verify``, ``ktc merge``, ``ktc subset``, ``ktc pack``, ``ktc compact``: trust, combine and ship stores between labs."""
+"""``ktc verify``, ``ktc merge``, ``ktc subset``, ``ktc pack``, ``ktc compact``, ``ktc upgrade``: trust, combine and
+ship stores between labs."""
 
 from __future__ import annotations
 
@@ -106,3 +107,19 @@ def compact(store: str, out: str, features: str | None, featmap: str | None, tea
                    f"values), mean cosine {e['mean_cosine']:.4f}, worst decile {e['worst_decile_cosine']:.4f}, "
                    f"relative MSE {e['rel_mse']:.4f} over {e['vectors']} vectors")
     click.echo(f"wrote {path} ({folder_bytes(path)} bytes)")
+
+
+@click.command()
+@click.argument("store")
+def upgrade(store: str) -> None:
+    """Convert the store folder STORE, written by an older ktc (format v1), to the format this ktc writes (v2),
+    in place. Only metadata changes (docs/store-format.md, "Versions"): no chunk is re-encoded, and the integrity
+    record keeps every chunk's entry. A store already in this format is left as it is."""
+    from kt_cache.upgrade import upgrade_store
+
+    result = upgrade_store(store)
+    if result["from"] == result["to"]:
+        click.echo(f"{result['store']}: already format v{result['to']}; nothing to do.")
+        return
+    click.echo(f"{result['store']}: upgraded format v{result['from']} -> v{result['to']} "
+               f"({len(result['teachers'])} teacher(s) rewritten: {', '.join(result['teachers']) or 'none'}).")

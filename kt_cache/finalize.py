@@ -124,13 +124,21 @@ def object_digest(path: Path) -> dict[str, Any]:
 def write_object_manifest(path: Path, made_by: str = "ktc extract") -> dict[str, Any]:
     """``ktc-objects.json``: size and sha256 of every stored object (key = path relative to the store),
     and ``made_by``, the command that rebuilds the store (verify's advice for damage names it)."""
-    objects = {}
+    return save_object_manifest(path, {key: object_digest(path / key) for key in object_keys(path)}, made_by)
+
+
+def object_keys(path: Path) -> list[str]:
+    """Every stored object of the store folder ``path`` (the manifest itself and temp files excluded)."""
+    keys = []
     for folder, _, files in os.walk(path):
         for name in files:
-            full = Path(folder) / name
-            key = full.relative_to(path).as_posix()
+            key = (Path(folder) / name).relative_to(path).as_posix()
             if key != fmt.OBJECT_MANIFEST and not name.endswith(".partial"):
-                objects[key] = object_digest(full)
+                keys.append(key)
+    return keys
+
+
+def save_object_manifest(path: Path, objects: dict[str, Any], made_by: str) -> dict[str, Any]:
     manifest = {"format": fmt.FORMAT_NAME, "version": fmt.FORMAT_VERSION, "made_by": made_by,
                 "objects": dict(sorted(objects.items()))}
     tmp = path / (fmt.OBJECT_MANIFEST + ".partial")

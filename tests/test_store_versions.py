@@ -18,7 +18,6 @@ import zarr
 from click.testing import CliRunner
 from extract_helpers import cnn_teacher, extract, make_image_folder, write_manifest
 
-from kt_cache import store as fmt
 from kt_cache.cli import cli
 from kt_cache.store import StoreReader
 
@@ -30,19 +29,11 @@ TRAIN = ("--method", "kd", "--student", "resnet10t", "--img-size", "32", "--epoc
 FP16 = {"rtol": 2.0**-9, "atol": 1e-6}        # one float16 rounding step, either way
 
 
-def as_v2(v1: Path, out: Path) -> Path:
-    """A v2 store holding exactly the arrays of the v1 store ``v1``: statistics moved into ``stats/features``,
-    class lists equal to the target classes referenced, version 2 (what a v2 extraction writes)."""
+def upgraded_copy(v1: Path, out: Path) -> Path:
+    """``ktc upgrade`` of a copy of the v1 store: the same arrays, v2 metadata."""
     shutil.copytree(v1, out)
-    root = zarr.open_group(str(out), mode="r+", use_consolidated=False)
-    meta = fmt.read_store_meta(root, str(out))
-    for tid, group in root["teachers"].groups():
-        record = fmt.read_teacher_record(group, tid, str(out))
-        stats = fmt.write_feature_stats(group, record.feature_stats)
-        fmt.write_teacher_record(group, record.replace(
-            feature_stats=stats, class_names=fmt.class_names_attr(record.class_names, meta.classes)))
-    fmt.write_store_meta(root, meta.replace(version=2))
-    zarr.consolidate_metadata(str(out))
+    result = CliRunner().invoke(cli, ["upgrade", str(out)])
+    assert result.exit_code == 0 and "upgraded format v1 -> v2 (1 teacher(s) rewritten: cnn32)" in result.output, result.output
     return out
 
 
@@ -81,7 +72,7 @@ def test_every_command_reads_a_v1_store_and_trains_the_same_student(both):
     info = runner.invoke(cli, ["info", str(both["v1"])])
     assert info.exit_code == 0 and "ktc store v1" in info.output, info.output
     assert runner.invoke(cli, ["verify", str(both["v1"])]).exit_code == 0
-    same = as_v2(both["v1"], base / "v1-as-v2.zarr")
+    same = upgraded_copy(both["v1"], base / "v1-upgraded.zarr")
     assert StoreReader(str(same)).meta.version == 2
     for name, store in (("v1", both["v1"]), ("v2", same)):
         result = runner.invoke(cli, ["train", "--cache", str(store), "--out", str(base / f"run-{name}"),
@@ -106,3 +97,63 @@ def test_a_newer_version_is_refused_with_the_fix(tmp_path):
     result = CliRunner().invoke(cli, ["info", str(store)])
     assert result.exit_code != 0 and "version 3" in result.output and "reads versions 1..2" in result.output
     assert "upgrade ktc" in result.output and "Traceback" not in result.output
+
+
+def test_upgrade_rewrites_metadata_only_and_keeps_every_chunk_entry(tmp_path):
+    store = upgraded_copy(V1, tmp_path / "up.zarr")
+    old, new = StoreReader(str(V1)), StoreReader(str(store))
+    assert (old.meta.version, new.meta.version) == (1, 2)
+    raw = zarr.open_group(str(store), mode="r")["teachers/cnn32"].attrs["ktc_teacher"]
+    assert raw["class_names"] == "dataset" and raw["feature_stats"] == {"array": "stats/features", "count": 12}
+    for path in ("features", "featmap", "logits_topk/values", "logits_topk/index", "logits_lse"):
+        np.testing.assert_array_equal(old.read("cnn32", path), new.read("cnn32", path))
+    a, b = old.feature_stats("cnn32"), new.feature_stats("cnn32")
+    np.testing.assert_array_equal(a["mean"], b["mean"])
+    assert new.teacher_record("cnn32").class_names == ("ant", "bee", "cat")
+    before, after = (json.loads((s / "ktc-objects.json").read_text())["objects"] for s in (V1, store))
+    chunks = [k for k in before if "/c/" in k]
+    assert chunks and all(after[k] == before[k] for k in chunks)
+    assert "teachers/cnn32/stats/features/c/0/0" in after
+    assert CliRunner().invoke(cli, ["verify", str(store)]).exit_code == 0
+    again = CliRunner().invoke(cli, ["upgrade", str(store)])
+    assert again.exit_code == 0 and "already format v2; nothing to do" in again.output
+
+
+def test_upgrade_never_vouches_for_damage(tmp_path):
+    chunk = tmp_path / "chunk.zarr"
+    shutil.copytree(V1, chunk)
+    target = next(p for p in sorted((chunk / "teachers/cnn32/features").rglob("*")) if p.is_file() and "/c/" in str(p))
+    target.write_bytes(target.read_bytes()[:-7] + b"\x00" * 7)
+    assert CliRunner().invoke(cli, ["upgrade", str(chunk)]).exit_code == 0      # metadata only: chunks are not read
+    failed = CliRunner().invoke(cli, ["verify", str(chunk)])
+    assert failed.exit_code == 1 and str(target.relative_to(chunk)) in failed.output
+    meta = tmp_path / "meta.zarr"
+    shutil.copytree(V1, meta)
+    document = meta / "teachers/cnn32/zarr.json"
+    document.write_text(document.read_text().replace('"predictive"', '"descriptive"'))
+    refused = CliRunner().invoke(cli, ["upgrade", str(meta)])
+    assert refused.exit_code == 1 and "teachers/cnn32/zarr.json differs from its entry" in refused.output
+    assert "ktc verify" in refused.output and StoreReader(str(meta)).meta.version == 1
+    url = CliRunner().invoke(cli, ["upgrade", "http://127.0.0.1:9/store.zarr"])
+    assert url.exit_code == 2 and "only a store folder on this machine" in url.output
+
+
+def test_an_interrupted_upgrade_is_finished_by_a_rerun(tmp_path, monkeypatch):
+    import kt_cache.upgrade as upgrade
+
+    store = tmp_path / "up.zarr"
+    shutil.copytree(V1, store)
+
+    def killed(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(upgrade, "rewrite_manifest", killed)     # after every rewrite, before the integrity record
+    with pytest.raises(KeyboardInterrupt):
+        upgrade.upgrade_store(str(store))
+    assert upgrade.journal_path(store).is_file() and StoreReader(str(store)).meta.version == 2
+    assert CliRunner().invoke(cli, ["verify", str(store)]).exit_code == 1       # the record is stale: not done yet
+    monkeypatch.undo()
+    result = CliRunner().invoke(cli, ["upgrade", str(store)])
+    assert result.exit_code == 0 and "upgraded" in result.output, result.output
+    assert not upgrade.journal_path(store).exists()
+    assert CliRunner().invoke(cli, ["verify", str(store)]).exit_code == 0
