@@ -160,3 +160,29 @@ def test_one_epoch_train_from_a_packed_zip(remote_source: Path, tmp_path: Path) 
     assert [r["step"] for r in steps if r["kind"] == "step"] == [1, 2, 3]
     assert all(np.isfinite(r["loss"]) for r in steps if r["kind"] == "step")
     assert (out / "student.safetensors").is_file() and packed.stat().st_size > 0
+
+
+def test_a_run_streamed_over_http_and_from_a_zip_trains_the_student_of_the_local_folder(served, remote_source: Path,
+                                                                                         tmp_path: Path) -> None:
+    """Under a budget far below the teacher arrays, every array is streamed in row blocks, read ahead, from
+    wherever the store is: a local folder, an HTTP server, a packed zip. Same blocks, same batches, same student."""
+    from safetensors.torch import load_file
+
+    _, _, url = served
+    packed = tmp_path / "store.zip"
+    assert run("pack", remote_source, packed).exit_code == 0
+    students = {}
+    for name, cache in (("local", remote_source), ("http", url), ("zip", f"zip://{packed}")):
+        out = tmp_path / name
+        result = run("train", "--cache", cache, "--data", remote_source.parent / "images", "--method", "uniform",
+                     "--student", "resnet10t", "--img-size", "32", "--epochs", "2", "--batch-size", "4",
+                     "--workers", "0", "--no-progress", "--ram-budget-gb", "0.00001", "--window-blocks", "1",
+                     "--out", out)
+        assert result.exit_code == 0, result.output
+        epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+                  if json.loads(line)["kind"] == "epoch"]
+        assert len(epochs) == 2 and all(r["read_bytes_per_sample_teacher"] > 0 for r in epochs), epochs
+        students[name] = load_file(str(out / "student.safetensors"))
+    for name in ("http", "zip"):
+        assert students[name].keys() == students["local"].keys()
+        assert all(np.array_equal(students[name][k].numpy(), students["local"][k].numpy()) for k in students["local"])
