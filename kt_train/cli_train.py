@@ -83,6 +83,9 @@ def method_help() -> str:
 @click.option("--resume", is_flag=True, default=None, help="Continue the run in --out from its last finished epoch.")
 @click.option("--log-every", type=int, help="Log a metrics record every N steps (short runs log more often, so their "
               "curves keep about 100 points).")
+@click.option("--ddp-split", type=click.Choice(["blocks", "strided"]), help="Under torchrun, how ranks share an "
+              "epoch: blocks = contiguous slices, each rank reads its own blocks (default); strided = the steps of one "
+              "process with world x the batch, every rank reads every block.")
 @click.option("--window-blocks", type=int, help="Block-shuffle window in store units.")
 @click.option("--ram-budget-gb", type=float, help="GiB of cached teacher arrays (features, logits, maps) held in "
               "RAM; beyond it they are streamed from the store in row blocks (default: a quarter of this machine's memory).")

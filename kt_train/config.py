@@ -44,6 +44,7 @@ class TrainConfig:
     resume: bool = False
     log_every: int = 10
     window_blocks: int = 4                  # block-shuffle window, in store units
+    ddp_split: str = "blocks"               # torchrun ranks: contiguous slices (disjoint blocks) | strided
     ram_budget_gb: float | None = None      # cached teacher arrays held in RAM (GiB); the rest streamed; None: 1/4 of RAM
 
     def check(self) -> "TrainConfig":
@@ -57,6 +58,8 @@ class TrainConfig:
                              f"Fix: use one of {', '.join(METHODS)}.")
         if self.labels not in ("use", "ignore"):
             raise UsageError(f"--labels {self.labels}: expected 'use' or 'ignore'.")
+        if self.ddp_split not in ("blocks", "strided"):
+            raise UsageError(f"--ddp-split {self.ddp_split}: expected 'blocks' or 'strided'.")
         for name in ("epochs", "batch_size", "log_every", "window_blocks"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1.")

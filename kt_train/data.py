@@ -203,20 +203,21 @@ class StudentLoader:
 
 
 def make_loader(dataset: StudentViews, batch_size: int, block_rows: int, window_blocks: int, seed: int = 0,
-                mask: np.ndarray | None = None, rank: int = 0, world: int = 1, num_workers: int = 0,
+                mask: np.ndarray | None = None, rank: int = 0, world: int = 1, split: str = "blocks", num_workers: int = 0,
                 drop_last: bool = True, multiprocessing_context: str | None = None,
                 pin_memory: bool = False) -> StudentLoader:
     """Build the block-shuffled loader (``block_rows``/``window_blocks``: those of ``CachedTeachers``).
 
     Args:
         mask: optional bool ``[N]`` rows to use (a split); always combined with ``samples/ok``.
+        split: how DDP ranks share an epoch (``BlockShuffleSampler``): ``blocks`` or ``strided``.
 
     Workers are not persistent, so each epoch's workers see ``set_epoch``; use
     ``multiprocessing_context="spawn"`` (or "forkserver") with remote stores.
     """
     ok = dataset.ok if mask is None else dataset.ok & np.asarray(mask, dtype=bool)
     dataset.set_view_blocks(block_rows)       # a block's rows share a view, so a streamed block reads one
-    sampler = BlockShuffleSampler(len(dataset), block_rows, window_blocks, seed, rank, world, ok)
+    sampler = BlockShuffleSampler(len(dataset), block_rows, window_blocks, seed, rank, world, ok, split)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                         collate_fn=collate, drop_last=drop_last, pin_memory=pin_memory,
                         multiprocessing_context=multiprocessing_context if num_workers > 0 else None)

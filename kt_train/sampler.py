@@ -7,8 +7,15 @@ blocks of the current window in RAM (``kt_train.data.CachedTeachers``' shard cac
 block exactly once per epoch, instead of decoding a whole shard for each random row.
 
 DDP: the epoch's global order is padded by repeating its start (like ``DistributedSampler``) to a
-multiple of ``world`` and cut into ``world`` contiguous, equal slices; rank ``r`` takes slice ``r``. A
-contiguous slice keeps each rank on its own windows, so each rank reads about ``1/world`` of the blocks.
+multiple of ``world`` and split between the ranks, one of two ways (``split``):
+
+- ``blocks`` (the default): ``world`` contiguous, equal slices; rank ``r`` takes slice ``r``. The global order
+  goes window by window, so a slice holds whole windows but for the two at its ends: each rank reads about
+  ``1/world`` of the blocks (disjoint but for at most one boundary block shared with each neighbour), which is
+  what keeps a streamed store's reads from growing with the number of ranks.
+- ``strided``: rank ``r`` takes rows ``r, r + world, …`` (``DistributedSampler``'s split), so the ranks' i-th
+  batches together are the i-th batch of one process with ``world`` x the batch: DDP takes exactly that
+  process's steps. Every rank then reads every block.
 
 Views (``block_views``): in each epoch every row of a block uses the same stored view, drawn per
 ``(seed, epoch, block)`` so that each run of V epochs (epochs ``cV … cV+V−1``) shows each block each of its
@@ -27,6 +34,7 @@ import numpy as np
 from torch.utils.data import Sampler
 
 
+SPLITS = ("blocks", "strided")   # how DDP ranks share an epoch (BlockShuffleSampler)
 VIEW_STREAM = 2       # third seed word of the view permutations (the row order uses [seed, e] and [seed, e, 1])
 
 
@@ -71,15 +79,19 @@ class BlockShuffleSampler(Sampler[int]):
         rank: this process's DDP rank.
         world: DDP world size.
         ok: optional bool ``[N]``; rows where it is False are never yielded (failed images, other splits).
+        split: how the ranks share an epoch: ``blocks`` or ``strided`` (see the module docstring).
     """
 
     def __init__(self, n_rows: int, block_rows: int, window_blocks: int, seed: int = 0, rank: int = 0,
-                 world: int = 1, ok: np.ndarray | None = None) -> None:
+                 world: int = 1, ok: np.ndarray | None = None, split: str = "blocks") -> None:
         if n_rows < 0 or block_rows < 1 or window_blocks < 1:
             raise ValueError(f"BlockShuffleSampler: need n_rows >= 0, block_rows >= 1, window_blocks >= 1; got "
                              f"n_rows={n_rows}, block_rows={block_rows}, window_blocks={window_blocks}")
         if world < 1 or not 0 <= rank < world:
             raise ValueError(f"BlockShuffleSampler: need 0 <= rank < world, got rank={rank}, world={world}")
+        if split not in SPLITS:
+            raise ValueError(f"BlockShuffleSampler: split must be one of {', '.join(SPLITS)}, got {split!r}")
+        self.split = split
         self.ok = np.ones(n_rows, dtype=bool) if ok is None else np.asarray(ok, dtype=bool)
         if self.ok.shape != (n_rows,):
             raise ValueError(f"BlockShuffleSampler: ok mask has shape {self.ok.shape}, expected ({n_rows},)")
@@ -93,18 +105,27 @@ class BlockShuffleSampler(Sampler[int]):
         """Select the order of ``epoch`` (call before each epoch, as with ``DistributedSampler``)."""
         self.epoch = int(epoch)
 
-    def windows(self, epoch: int | None = None) -> list[np.ndarray]:
-        """Block ids of each window of ``epoch`` (default: the current one), in visiting order."""
+    def global_windows(self, epoch: int | None = None) -> list[np.ndarray]:
+        """Block ids of each window of ``epoch`` (default: the current one) for all ranks, in visiting order."""
         rng = np.random.default_rng([self.seed, self.epoch if epoch is None else int(epoch)])
         order = rng.permutation(self.n_blocks)
         return [order[i:i + self.window_blocks] for i in range(0, self.n_blocks, self.window_blocks)]
+
+    def windows(self, epoch: int | None = None) -> list[np.ndarray]:
+        """The blocks this rank reads in ``epoch``, per window in visiting order (what a reader reads ahead)."""
+        every = self.global_windows(epoch)
+        if self.world == 1 or self.split == "strided":
+            return every
+        touched = np.unique(self.rank_order(epoch) // self.block_rows)
+        mine = [w[np.isin(w, touched)] for w in every]
+        return [w for w in mine if w.size]
 
     def global_order(self, epoch: int | None = None) -> np.ndarray:
         """All ok rows of ``epoch`` for every rank, before padding and splitting: int64 ``[n_ok]``."""
         epoch = self.epoch if epoch is None else int(epoch)
         rng = np.random.default_rng([self.seed, epoch, 1])
         parts = []
-        for blocks in self.windows(epoch):
+        for blocks in self.global_windows(epoch):
             rows = np.concatenate([np.arange(b * self.block_rows, min(self.n_rows, (b + 1) * self.block_rows))
                                    for b in blocks])
             rows = rows[self.ok[rows]]
@@ -113,17 +134,16 @@ class BlockShuffleSampler(Sampler[int]):
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
 
     def rank_order(self, epoch: int | None = None) -> np.ndarray:
-        """This rank's rows of ``epoch``: int64 ``[len(self)]`` (padded by repeating the global start).
-
-        Strided like ``DistributedSampler``: rank r takes rows r, r+world, … of the global order, so the
-        union of the ranks' i-th batches is the i-th batch of a single process with ``world``× the batch
-        size (DDP then computes the same steps as one process with the same global batch).
-        """
+        """This rank's rows of ``epoch``: int64 ``[len(self)]`` (padded by repeating the global start): slice
+        ``rank`` of ``world`` contiguous ones (``split="blocks"``), or rows ``rank, rank + world, …``
+        (``split="strided"``)."""
         order = self.global_order(epoch)
         total = len(self) * self.world
         if total > order.size and order.size:
             order = np.concatenate([order, np.resize(order, total - order.size)])
-        return order[self.rank:total:self.world]
+        if self.split == "strided":
+            return order[self.rank:total:self.world]
+        return order[self.rank * len(self):(self.rank + 1) * len(self)]
 
     def __len__(self) -> int:
         return -(-self.n_ok // self.world)

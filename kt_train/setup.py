@@ -99,7 +99,7 @@ def build_loader(config: TrainConfig, reader: StoreReader, student: Any, cached:
     usable = int(dataset.ok.sum()) // world
     remote = "://" in str(config.cache)
     return make_loader(dataset, config.batch_size, cached.block_rows, config.window_blocks, config.seed, rank=rank,
-                       world=world, num_workers=config.workers, drop_last=usable >= 2 * config.batch_size,
+                       world=world, split=config.ddp_split, num_workers=config.workers, drop_last=usable >= 2 * config.batch_size,
                        multiprocessing_context="spawn" if remote and config.workers else None,
                        pin_memory=torch.cuda.is_available())
 

@@ -321,21 +321,33 @@ def test_sampler_permutes_ok_rows_deterministically_by_window():
     assert not np.array_equal(np.array(list(other)), orders[0])
 
 
-def test_sampler_ddp_split_is_disjoint_equal_and_covering():
+@pytest.mark.parametrize("split", ["blocks", "strided"])
+def test_sampler_ddp_split_is_disjoint_equal_and_covering(split):
     world = 3
-    parts = [BlockShuffleSampler(47, 8, 2, seed=1, rank=r, world=world) for r in range(world)]
+    parts = [BlockShuffleSampler(47, 8, 2, seed=1, rank=r, world=world, split=split) for r in range(world)]
     for s in parts:
         s.set_epoch(2)
     orders = [list(s) for s in parts]
     assert {len(o) for o in orders} == {16} == {len(s) for s in parts}
     flat = [r for o in orders for r in o]
     assert set(flat) == set(range(47)) and len(flat) == 48
-    interleaved = [orders[i % world][i // world] for i in range(48)]      # strided, like DistributedSampler
-    assert interleaved[:47] == parts[0].global_order().tolist() and interleaved[47] == interleaved[0], \
-        "rank r takes rows r, r+world, ... of the global order; padding repeats the start"
     assert len(set(orders[0]) & set(orders[1])) == 0 and len(set(orders[1]) & set(orders[2])) == 0
+    full = parts[0].global_order().tolist()
+    if split == "strided":
+        interleaved = [orders[i % world][i // world] for i in range(48)]      # like DistributedSampler
+        assert interleaved[:47] == full and interleaved[47] == interleaved[0], \
+            "rank r takes rows r, r+world, ... of the global order; padding repeats the start"
+        return
+    assert flat[:47] == full and flat[47] == full[0], "rank r takes the r-th contiguous slice; padding repeats the start"
+    blocks = [set(np.asarray(o) // 8) for o in orders]
+    for r in range(world):     # disjoint blocks but for one shared at each end of a slice
+        others = set().union(*(blocks[q] for q in range(world) if q != r))
+        assert len(blocks[r] & others) <= 2 and blocks[r] == {int(b) for w in parts[r].windows() for b in w}
+    assert sum(map(len, blocks)) <= 6 + 2 * (world - 1), "about 1/world of the blocks each, not all of them"
     with pytest.raises(ValueError, match="rank"):
         BlockShuffleSampler(10, 4, 1, rank=3, world=3)
+    with pytest.raises(ValueError, match="split must be one of blocks, strided"):
+        BlockShuffleSampler(10, 4, 1, split="rows")
 
 
 def test_stacked_batch_equals_the_per_teacher_construction(store, cached):
