@@ -156,7 +156,8 @@ def render(cells: list[dict], ready: dict[str, Any], recipe: Any, args: Any, sec
              f"lr {recipe.lr} (AdamW, cosine, weight decay 0.05); seeds {', '.join(map(str, args.seeds))}; scored on "
              f"the 540 val images by `ktc eval` (centre view of the store's policy: the whole image for store1, "
              f"a 0.875 centre crop for store4). {os.cpu_count()} CPU cores, Python {platform.python_version()}, torch "
-             f"{torch.__version__}, timm {timm.__version__}. This run: {seconds / 60:.0f} min.")
+             f"{torch.__version__}, timm {timm.__version__}. The {len(cells)} student runs took "
+             f"{sum(c['seconds'] for c in cells) / 60:.0f} min in all (their own timings; zoo and stores not included).")
     parts = ["### Setup", setup, "### The zoo", zoo_table(ready["zoo"]),
              "### The targets the logit methods build (no student trained)", targets_text(args.out),
              "### Parity: caching loses nothing", parity_table(cells, n),
