@@ -29,10 +29,10 @@ from kt_train.methods.ce import ce_rows
 from kt_train.methods.common import (
     class_logprob,
     full_cover_ids,
-    label_logprob,
     log_probs,
     masked_mean,
-    teacher_logits,
+    stacked_label_logprob,
+    stacked_teacher_logits,
 )
 from kt_train.methods.options import MethodOptions
 from kt_train.methods.voting import mean_prob_target, pseudo_class, vote_counts
@@ -109,32 +109,37 @@ class BiKD(Method):
         if len(students) != o.num_students:
             raise ValueError(f"method {self.name!r}: num_students={o.num_students} but got {len(students)} outputs")
         tids = full_cover_ids(teachers, self._full_cover)
-        y, usable = self._labels(teachers, tids)
+        zt = stacked_teacher_logits(teachers, tids) if tids else None                    # [T, B, C]
+        y, usable = self._labels(teachers, tids, zt)
         yc = y.clamp_min(0)
         with torch.no_grad():
-            g_s = [class_logprob(s.logits, yc) for s in students]
-            g_t = [label_logprob(teachers, t, yc, o.label_source == "labels") for t in tids]
-            kstar, ok = bikd_roles(torch.stack(g_s + g_t, 1), o.tie_rule)
-        z = [s.logits for s in students] + [teacher_logits(teachers, t) for t in tids]
-        logp = torch.stack([log_probs(zk, o.tau) for zk in z], 1)
-        learners = torch.arange(len(z), device=yc.device) < len(students)
+            g = torch.stack([class_logprob(s.logits, yc) for s in students], 1)          # [B, M]
+            if zt is not None:
+                g_t = stacked_label_logprob(teachers, tids, yc, o.label_source == "labels", zt)
+                g = torch.cat([g, g_t.T], 1)                                             # [B, M + T]
+            kstar, ok = bikd_roles(g, o.tie_rule)
+        logp = torch.stack([log_probs(s.logits, o.tau) for s in students], 1)
+        if zt is not None:
+            logp = torch.cat([logp, log_probs(zt, o.tau).transpose(0, 1)], 1)            # [B, M + T, C]
+        learners = torch.arange(logp.shape[1], device=yc.device) < len(students)
         kd = o.tau**2 * masked_mean(bikd_kd_rows(logp, kstar, ok & usable, learners, o.teacher_grad), usable)
         ce = sum(masked_mean(ce_rows(s.logits, y), usable) for s in students)
         out = {"loss": o.ce_weight * ce + o.kd_weight * kd, "ce_loss": ce.detach(), "kd_loss": kd.detach()}
         out.update(self._shares(kstar, ok & usable, usable, len(students), tids))
         return out  # type: ignore[return-value]
 
-    def _labels(self, tb: TeacherBatch, tids: list[str]) -> tuple[Tensor, Tensor]:
-        """``y [B]`` (true labels, or the teachers' voted pseudo-label) and ``usable [B]``."""
+    def _labels(self, tb: TeacherBatch, tids: list[str], zt: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``y [B]`` (true labels, or the teachers' voted pseudo-label from their logits ``zt [T, B, C]``) and
+        ``usable [B]``."""
         if self.options.label_source == "labels":
             if tb.labels is None:
                 raise ValueError(f"method {self.name!r} needs labels; the batch has none. "
                                  "Fix: set label_source: vote for label-free Bi-KD.")
             return tb.labels, tb.labels >= 0
-        if not tids:
+        if zt is None:
             raise ValueError(f"method {self.name!r}: label_source='vote' needs cached predictive teachers")
-        q = torch.stack([log_probs(teacher_logits(tb, t)).exp() for t in tids], 1)
-        valid = torch.stack([tb.valid[t] for t in tids], 1)
+        q = log_probs(zt).exp().transpose(0, 1)                                          # [B, T, C]
+        valid = tb.stacked("valid", tids).T
         y = pseudo_class(vote_counts(q, valid), mean_prob_target(q, valid))
         usable = valid.any(1)
         return torch.where(usable, y, torch.full_like(y, -1)), usable
@@ -143,6 +148,8 @@ class BiKD(Method):
     def _shares(kstar: Tensor, ok: Tensor, usable: Tensor, m: int, tids: list[str]) -> dict[str, Tensor]:
         """Detached teaching share per participant and the no-teacher (tie) fraction."""
         names = [f"student{i}" for i in range(m)] + list(tids)
-        out = {f"teach_share/{n}": masked_mean(((kstar == k) & ok).float(), usable) for k, n in enumerate(names)}
+        teaches = (kstar[:, None] == torch.arange(len(names), device=kstar.device)) & (ok & usable)[:, None]
+        shares = teaches.float().sum(0) / usable.float().sum().clamp_min(1.0)        # one op for all participants
+        out = dict(zip((f"teach_share/{n}" for n in names), shares.unbind()))
         out["no_teacher_frac"] = masked_mean((~ok).float(), usable)
         return out

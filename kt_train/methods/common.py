@@ -129,14 +129,30 @@ def label_logprob(tb: TeacherBatch, tid: str, y: Tensor, true_labels: bool = Tru
     return g.masked_fill(~tb.valid[tid], NEG_INF)
 
 
+def stacked_label_logprob(tb: TeacherBatch, ids: list[str], y: Tensor, true_labels: bool = True,
+                          z: Tensor | None = None) -> Tensor:
+    """``label_logprob`` of every teacher of ``ids`` at once: fp64 ``[T, B]``, the same math row for row
+    (``z``: their ``stacked_teacher_logits``, when already built). A mix of teachers with and without the cached
+    ``label_logit``/``lse`` falls back to one call per teacher."""
+    cached = [sum(t in table for t in ids) for table in (tb.label_logit, tb.lse)]
+    if true_labels and cached == [len(ids)] * 2:
+        g = tb.stacked("label_logit", ids).detach().double() - tb.stacked("lse", ids).detach().double()
+    elif not true_labels or cached[0] * cached[1] == 0:
+        g = class_logprob(stacked_teacher_logits(tb, ids) if z is None else z, y)
+    else:
+        return torch.stack([label_logprob(tb, t, y, true_labels) for t in ids])
+    return g.masked_fill(~tb.stacked("valid", ids), NEG_INF)
+
+
 def class_logprob(z: Tensor, y: Tensor) -> Tensor:
-    """fp64 ``log σ(z)_y = z_y − logsumexp(z)`` ``[B]`` (no grad), computed exactly as ``label_logit − lse``.
+    """fp64 ``log σ(z)_y = z_y − logsumexp(z)`` ``[B]`` of ``z [B, C]`` (or ``[T, B]`` of stacked ``[T, B, C]``; no
+    grad), computed exactly as ``label_logit − lse``.
 
     Every role comparison uses this one formula for live and cached participants alike, so equal logits
     give bit-equal confidences and exact ties stay ties (``log_softmax`` differs from it by an ulp).
     """
     z = z.detach().double()
-    return z.gather(1, y[:, None])[:, 0] - torch.logsumexp(z, -1)
+    return z.gather(-1, y.expand(z.shape[:-1])[..., None])[..., 0] - torch.logsumexp(z, -1)
 
 
 def full_cover_ids(tb: TeacherBatch, cache: dict[str, bool]) -> list[str]:

@@ -34,10 +34,10 @@ from kt_train.methods.ce import ce_rows
 from kt_train.methods.common import (
     class_logprob,
     full_cover_ids,
-    label_logprob,
     masked_mean,
+    stacked_label_logprob,
+    stacked_teacher_logits,
     target_probs,
-    teacher_logits,
 )
 from kt_train.methods.kd import kd_rows
 from kt_train.methods.options import MethodOptions
@@ -55,7 +55,8 @@ class FGOptions(MethodOptions):
 
 
 def fg_confidence(z: Tensor, y: Tensor | None) -> Tensor:
-    """fp64 confidence ``[B]`` of logits ``z [B, C]``: ``log σ(z)_y`` where ``y ≥ 0``, else ``max_c log σ(z)_c``."""
+    """fp64 confidence ``[B]`` of logits ``z [B, C]`` (``[T, B]`` of stacked ``[T, B, C]``): ``log σ(z)_y`` where
+    ``y ≥ 0``, else ``max_c log σ(z)_c``."""
     z = z.detach().double()
     top = z.max(-1).values - torch.logsumexp(z, -1)
     if y is None:
@@ -63,10 +64,14 @@ def fg_confidence(z: Tensor, y: Tensor | None) -> Tensor:
     return torch.where(y >= 0, class_logprob(z, y.clamp_min(0)), top)
 
 
-def select_targets(z: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-    """``z_tgt [B, C]`` = row ``argmax_k g[b, k]`` of ``z [B, K, C]`` (first index on ties), and ``k* [B]``."""
+def select_targets(ref: Tensor, zt: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """``z_tgt [B, C]``: per row, the logits of participant ``k* = argmax_k g[b, k]`` (first index on ties) among
+    the reference (``k = 0``, ``ref [B, C]``) and the teachers (``k = 1 + t``, ``zt [T, B, C]``); and ``k* [B]``."""
     kstar = g.argmax(1)
-    return z.gather(1, kstar[:, None, None].expand(-1, 1, z.shape[2]))[:, 0], kstar
+    if zt.shape[0] == 0:
+        return ref, kstar
+    picked = zt[(kstar - 1).clamp_min(0), torch.arange(ref.shape[0], device=ref.device)]      # [B, C], no [B, T, C]
+    return torch.where((kstar == 0)[:, None], ref, picked), kstar
 
 
 class FG(Method):
@@ -104,14 +109,15 @@ class FG(Method):
         y = self._mask_labels(teachers)
         tids = full_cover_ids(teachers, self._full_cover)
         ref = teachers.reference_logits.detach().float()
-        z = torch.stack([ref] + [teacher_logits(teachers, t) for t in tids], 1)
+        zt = stacked_teacher_logits(teachers, tids) if tids else ref.new_zeros((0, *ref.shape))     # [T, B, C]
         with torch.no_grad():
-            g = torch.stack([fg_confidence(ref, y)] + [self._teacher_conf(teachers, t, y) for t in tids], 1)
-            z_tgt, kstar = select_targets(z, g)
+            g = torch.cat([fg_confidence(ref, y)[:, None], self._teacher_conf(teachers, tids, zt, y).T], 1)
+            z_tgt, kstar = select_targets(ref, zt, g)
         p, logp = target_probs(z_tgt, o.tau)
         kl = kd_rows(s.logits, p, logp, o.tau).mean()
         out = {"kl_loss": kl.detach(), "transfer_frac": (kstar > 0).float().mean()}
-        out.update({f"teach_share/{t}": (kstar == i + 1).float().mean() for i, t in enumerate(tids)})
+        shares = (kstar[:, None] == torch.arange(1, len(tids) + 1, device=kstar.device)).float().mean(0)
+        out.update(zip((f"teach_share/{t}" for t in tids), shares.unbind()))
         loss = o.alpha * kl
         if o.alpha < 1.0:
             if teachers.labels is None:
@@ -129,9 +135,13 @@ class FG(Method):
             raise ValueError(f"method {self.name!r}: mask='supervised' needs labels. Fix: mask: unsupervised")
         return None if mode == "unsupervised" else tb.labels
 
-    def _teacher_conf(self, tb: TeacherBatch, tid: str, y: Tensor | None) -> Tensor:
-        """fp64 teacher confidence; exact ``label_logit − lse`` for top-k caches when supervised."""
-        g = fg_confidence(teacher_logits(tb, tid), y)
-        if y is not None and tid in tb.label_logit and tid in tb.lse:
-            g = torch.where(y >= 0, label_logprob(tb, tid, y.clamp_min(0)), g)
-        return g.masked_fill(~tb.valid[tid], float("-inf"))
+    def _teacher_conf(self, tb: TeacherBatch, tids: list[str], zt: Tensor, y: Tensor | None) -> Tensor:
+        """fp64 confidences ``[T, B]`` of the teachers (logits ``zt [T, B, C]``); exact ``label_logit − lse`` for
+        top-k caches when supervised."""
+        if not tids:
+            return zt.new_zeros(zt.shape[:2], dtype=torch.float64)
+        z = zt.detach()
+        g = z.max(-1).values.double() - torch.logsumexp(z.double(), -1)           # fg_confidence without labels
+        if y is not None:          # one pass over [T, B, C]: the labelled rows come from the cache where it is
+            g = torch.where(y >= 0, stacked_label_logprob(tb, tids, y.clamp_min(0), True, zt), g)
+        return g.masked_fill(~tb.stacked("valid", tids), float("-inf"))
