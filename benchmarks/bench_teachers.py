@@ -18,6 +18,7 @@ round), the first `--warmup` rounds untimed; a ratio is the median over rounds o
 the same round). Results: `benchmarks/results/teachers.json`, rendered into docs/benchmarks.md by `run_all.py`.
 
 Usage: python benchmarks/bench_teachers.py [--steps 8] [--warmup 1] [--threads 1] [--counts 10,100,1000]
+       [--hidden 128,64 --save-as teachers_hidden]   # also UNIFORM with narrower heads, saved apart
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def uniform_train_bytes(store: Path, dim: int = STUDENT_DIM, hidden: int = STUDE
     return 4 * 4 * params
 
 
-def build_loops(counts: list[int], memory_cap: int) -> tuple[dict[str, Callable], dict[str, dict[str, Any]]]:
+def build_loops(counts: list[int], memory_cap: int, widths: tuple[int, ...] = ()
+                ) -> tuple[dict[str, Callable], dict[str, dict[str, Any]]]:
     loops: dict[str, Callable] = {"plain CE (no teachers)": PlainCE()}
     skipped: dict[str, dict[str, Any]] = {}
     for n in counts:
@@ -83,6 +85,11 @@ def build_loops(counts: list[int], memory_cap: int) -> tuple[dict[str, Callable]
                         continue
             print(f"building {name} ...", flush=True)
             loops[name] = CachedLoop(store, method, f"teachers-{method}{n}", options)
+        for width in widths:          # --hidden: UNIFORM with narrower heads, timed beside the default
+            name = f"uniform (hidden {width}), {n} cached"
+            if name not in loops and uniform_train_bytes(store, hidden=width) <= memory_cap:
+                print(f"building {name} ...", flush=True)
+                loops[name] = CachedLoop(store, "uniform", f"teachers-uniform{n}-h{width}", {"hidden": width})
     return loops, skipped
 
 
@@ -149,12 +156,17 @@ def main() -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: stable on a shared CPU)")
     parser.add_argument("--counts", default="10,100,1000", help="teacher counts")
     parser.add_argument("--label", default="", help="a note saved with the results (e.g. the code version)")
+    parser.add_argument("--hidden", default="", help="also time UNIFORM with MLP heads of these widths "
+                        "(comma-separated, e.g. 128,64)")
+    parser.add_argument("--save-as", default="teachers", help="results name (benchmarks/results/NAME.json); the "
+                        "docs render 'teachers'")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     counts = [int(c) for c in args.counts.split(",")]
     load_before, cap = common.load_average(), available_bytes() // 2
-    loops, skipped = build_loops(counts, cap)
+    widths = tuple(int(w) for w in args.hidden.split(",") if w.strip())
+    loops, skipped = build_loops(counts, cap, widths)
     first = next(loop for loop in loops.values() if isinstance(loop, CachedLoop))
     batches = collect_batches(first.run, 3)
     times = time_rounds(loops, batches, args.warmup, args.steps)
@@ -167,7 +179,7 @@ def main() -> dict[str, Any]:
     data = {"results": results, "skipped": skipped, "targets": checks, "parts": parts, "batch_size": BATCH,
             "threads": args.threads, "steps": args.steps, "warmup": args.warmup, "counts": counts,
             "label": args.label, "load_before": load_before, "load_after": common.load_average()}
-    common.save_result("teachers", data)
+    common.save_result(args.save_as, data)
     return data
 
 

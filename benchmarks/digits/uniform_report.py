@@ -15,6 +15,7 @@ from digits.uniform_tables import (
     COUNT_METHODS,
     COUNTS,
     DEFAULTS,
+    HEAD_ARMS,
     KPU_ARMS,
     METHODS,
     OPTION_ARMS,
@@ -106,6 +107,16 @@ def kpu_table(cells: list[dict], n: int) -> str:
     return "\n".join(lines)
 
 
+def heads_table(cells: list[dict], n: int) -> str:
+    """UNIFORM's MLP width (``hidden``; default: the student's D = 512 here) against the default run."""
+    base = values(cells, DEFAULTS["uniform"].key)
+    lines = ["| UNIFORM heads (store4, main zoo, defaults otherwise) | top-1 % | Δ vs default width |", "|---|---|---|",
+             f"| hidden = D (default) | {fmt(base, n)} | — |"]
+    lines += [f"| {label.split(', ')[1]} | {fmt(values(cells, a.key), n)} | {delta(values(cells, a.key), base)} |"
+              for label, a in HEAD_ARMS.items()]
+    return "\n".join(lines)
+
+
 def ablation_table(cells: list[dict], n: int) -> str:
     rows = {"no voting (= avg)": STORE4["avg"], **ABLATION_ARMS, "both votes (= uniform)": STORE4["uniform"]}
     lines = ["| votes (the paper's counts) | top-1 % |", "|---|---|"]
@@ -165,6 +176,7 @@ def render(cells: list[dict], ready: dict[str, Any], recipe: Any, args: Any, sec
              "### ktc's defaults as shipped", defaults_table(cells, n),
              "### Training defaults: one change at a time", sweep_table(cells, n),
              "### KPU, scored by a linear probe", kpu_table(cells, n),
+             "### UNIFORM's head width", heads_table(cells, n),
              "### Vote ablation", ablation_table(cells, n),
              "### Teacher count", teachers_table(cells, n)]
     return "\n\n".join([BEGIN, *parts, END])

@@ -12,6 +12,7 @@ Tables, in the order they run (cheap and essential first):
 - ``defaults``: ce / kd / avg / uniform on ``store4`` with no options at all (ktc's defaults as they are);
 - ``kpu``: KPU (global terms: the stores hold no featmaps) against ce / avg / uniform, every student also scored by
   a linear probe on its frozen features (KPU trains no classifier head), with KPU's feature std ratios;
+- ``heads``: UNIFORM (defaults) with narrower MLP heads (``hidden``), the lever for its step time at 100+ teachers;
 - ``sweep``: kd and uniform (defaults) with one training default changed at a time (``SWEEP``): does another
   lr, a warm-up or another batch size beat the shipped defaults (lr 1e-3, no warm-up, batch 64)?
 - ``crops``: the reference on online random crops (the stored-views comparison for ``main``; the slowest).
@@ -62,6 +63,9 @@ SWEEP_ARMS = {(m, label): Arm("sweep", f"{m} {label}", "ktc", m, main_teachers(m
               for m in SWEEP_METHODS for label, flags in SWEEP.items()}
 
 
+HEADS = {f"uniform, hidden={h}": (f"hidden={h}",) for h in (128, 64)}
+HEAD_ARMS = {label: Arm("heads", label, "ktc", "uniform", main_teachers("uniform"), opts=opts)
+             for label, opts in HEADS.items()}
 KPU_METHODS = ("ce", "avg", "uniform", "kpu")
 KPU_ARMS = {m: Arm("kpu", m, "ktc", m, main_teachers(m), labels=labels(m), probe=True) for m in KPU_METHODS}
 
@@ -87,6 +91,7 @@ TABLES = {
     "defaults": lambda: list(DEFAULTS.values()),
     "sweep": lambda: list(SWEEP_ARMS.values()),
     "kpu": lambda: list(KPU_ARMS.values()),
+    "heads": lambda: list(HEAD_ARMS.values()),
     "crops": lambda: [REF_CROPS["ce"], REF_CROPS["uniform"], REF_CROPS["kd"], REF_CROPS["avg"]],
 }
 
