@@ -21,6 +21,7 @@ from digits.uniform_tables import (
     OPTION_ARMS,
     REF_CROPS,
     REF_FULL,
+    SOFT_ABLATION_ARMS,
     STORE1,
     STORE4,
     SWEEP,
@@ -118,9 +119,15 @@ def heads_table(cells: list[dict], n: int) -> str:
 
 
 def ablation_table(cells: list[dict], n: int) -> str:
-    rows = {"no voting (= avg)": STORE4["avg"], **ABLATION_ARMS, "both votes (= uniform)": STORE4["uniform"]}
-    lines = ["| votes (the paper's counts) | top-1 % |", "|---|---|"]
-    lines += [f"| {label} | {fmt(values(cells, a.key), n)} |" for label, a in rows.items()]
+    """Each vote on and off, with the paper's counts and with soft coverage electing ĉ."""
+    soft = OPTION_ARMS["uniform, vote_norm=soft_coverage"]
+    rows = {"no voting (= avg)": (STORE4["avg"], STORE4["avg"]),
+            "logit vote only": (ABLATION_ARMS["logit vote only"], SOFT_ABLATION_ARMS["logit vote only"]),
+            "feature vote only (ĉ unused)": (ABLATION_ARMS["feature vote only"], ABLATION_ARMS["feature vote only"]),
+            "both votes (= uniform)": (STORE4["uniform"], soft)}
+    lines = ["| votes | top-1 %, the paper's counts | top-1 %, `vote_norm=soft_coverage` |", "|---|---|---|"]
+    lines += [f"| {label} | {fmt(values(cells, a.key), n)} | {fmt(values(cells, b.key), n)} |"
+              for label, (a, b) in rows.items()]
     return "\n".join(lines)
 
 

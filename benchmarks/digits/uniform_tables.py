@@ -48,6 +48,9 @@ REF_FULL = {m: arm("ref_full", m, "ref") for m in METHODS}
 REF_CROPS = {m: arm("ref_rrc", m, "ref", pixels="rrc") for m in METHODS}
 ABLATION_ARMS = {label: Arm("ablation", label, "ktc", "uniform", main_teachers("uniform"), opts=PAPER + opts)
                  for label, opts in ABLATION.items()}
+# with soft coverage: only the logit vote elects ĉ (logit_vote=false never uses it: that row is the paper's)
+SOFT_ABLATION_ARMS = {"logit vote only": Arm("ablation", "logit vote only, soft_coverage", "ktc", "uniform",
+                                             main_teachers("uniform"), opts=("vote_norm=soft_coverage", "feature_vote=false"))}
 OPTION_ARMS = {label: Arm("options", label, "ktc", "uniform", main_teachers("uniform"), opts=opts)
                for label, opts in {**OPTIONS, **MORE_OPTIONS}.items()}
 
@@ -84,7 +87,7 @@ COUNT_METHODS = ("kd", "avg", "uniform", "uniform+soft")
 TABLES = {
     "main": lambda: list(STORE4.values()) + [OPTION_ARMS[k] for k in OPTIONS],
     "parity": lambda: [*STORE1.values(), *REF_FULL.values()],
-    "ablation": lambda: list(ABLATION_ARMS.values()),
+    "ablation": lambda: [*ABLATION_ARMS.values(), *SOFT_ABLATION_ARMS.values()],
     "teachers": lambda: [count_arm(m, n) for n in (2, 5) for m in COUNT_METHODS],
     "teachers20": lambda: [count_arm(m, 20) for m in COUNT_METHODS],   # needs the full zoo (prepare)
     "options": lambda: [OPTION_ARMS[k] for k in MORE_OPTIONS],
