@@ -101,7 +101,6 @@ TEACHER_TYPES: dict[str, tuple[type, ...]] = {
     "seconds": (int, float), "feature_stats": (dict,), "complete": (bool,), "codec": (dict,), "renamed_from": (str,),
 }
 TEACHER_SIZES = ("num_classes", "feature_dim", "featmap_dim", "featmap_grid", "logits_topk", "units_done")
-ROLES = ("predictive", "descriptive", "sentinel")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import numpy as np
 
 from kt_cache import store_checks as checks
 from kt_cache.errors import StoreError
-from kt_cache.records import StoreMeta, TeacherRecord, read_teacher_record
+from kt_cache.records import StoreMeta, TeacherRecord, read_store_meta, read_teacher_record
 from kt_cache.store import OBJECT_MANIFEST, open_root
 
 
@@ -95,7 +95,7 @@ class StoreReader:
         self.location = parse_location(store) if isinstance(store, (str, Path)) else None
         self.store = open_store(self.location, storage_options) if self.location else store
         self.root = open_root(self.store, self.where, "r", consolidated)
-        self.meta: StoreMeta = StoreMeta.from_attrs(dict(self.root.attrs), self.where)
+        self.meta: StoreMeta = read_store_meta(self.root, self.where)
         self.consolidated = self.root.metadata.consolidated_metadata is not None
         if self.location is not None and not self.location.listable and not self.consolidated:
             raise StoreError(f"{self.where}: this store has no consolidated metadata, and {self.location.protocol}:// "

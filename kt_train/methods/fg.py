@@ -140,8 +140,7 @@ class FG(Method):
         top-k caches when supervised."""
         if not tids:
             return zt.new_zeros(zt.shape[:2], dtype=torch.float64)
-        z = zt.detach()
-        g = z.max(-1).values.double() - torch.logsumexp(z.double(), -1)           # fg_confidence without labels
+        g = fg_confidence(zt, None)
         if y is not None:          # one pass over [T, B, C]: the labelled rows come from the cache where it is
             g = torch.where(y >= 0, stacked_label_logprob(tb, tids, y.clamp_min(0), True, zt), g)
         return g.masked_fill(~tb.stacked("valid", tids), float("-inf"))
