@@ -59,7 +59,8 @@ class TrainConfig:
         if self.labels not in ("use", "ignore"):
             raise UsageError(f"--labels {self.labels}: expected 'use' or 'ignore'.")
         if self.ddp_split not in ("blocks", "strided"):
-            raise UsageError(f"--ddp-split {self.ddp_split}: expected 'blocks' or 'strided'.")
+            raise UsageError(f"--ddp-split {self.ddp_split}: expected 'blocks' or 'strided'. Fix: use blocks (each "
+                             "torchrun rank reads its own blocks) or strided (the steps of one process).")
         for name in ("epochs", "batch_size", "log_every", "window_blocks"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1.")

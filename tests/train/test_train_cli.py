@@ -180,6 +180,16 @@ def test_bad_training_input_exits_2_with_the_fix(store, tmp_path, extra, needle)
     assert needle in result.output and "Fix" in result.output and "Traceback" not in result.output
 
 
+def test_a_bad_ddp_split_is_refused_from_the_flag_and_from_a_config_file(store, tmp_path):
+    flag = invoke("train", "--cache", store / "out.zarr", "--out", tmp_path / "a", *COMMON, "--ddp-split", "rows")
+    assert flag.exit_code == 2 and "'rows' is not one of 'blocks', 'strided'" in flag.output
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({"ddp_split": "rows"}))
+    result = invoke("train", "--cache", store / "out.zarr", "--out", tmp_path / "b", *COMMON, "--config", config)
+    assert result.exit_code == 2 and "--ddp-split rows: expected 'blocks' or 'strided'" in result.output
+    assert "Fix:" in result.output and "Traceback" not in result.output
+
+
 def test_store_without_needed_outputs_is_refused(tmp_path):
     make_image_folder(tmp_path / "images", per_class=2)
     teachers = [cnn_teacher(outputs=["features"], logits=None, featmap=None, role="descriptive")]
