@@ -75,7 +75,8 @@ def record_codec_errors(group: Any, teacher: fmt.TeacherRecord, done: np.ndarray
 
 def finalize_store(path: Path, timings: dict[str, Any], ids: np.ndarray,
                    weights_sha256: dict[str, str] | None = None) -> None:
-    """Record stats/timings of the teachers of this run, consolidate, and write the object manifest."""
+    """Record stats/timings of the teachers of this run, consolidate, remove killed writers' temp files, and
+    write the object manifest."""
     root = fmt.open_group(str(path), mode="r+", consolidated=False)
     meta = fmt.read_store_meta(root, str(path))
     ok = np.asarray(root["samples/ok"][:], dtype=bool)
@@ -86,7 +87,23 @@ def finalize_store(path: Path, timings: dict[str, Any], ids: np.ndarray,
     meta = meta.replace(failed_samples=tuple(str(ids[row]) for row in failed[:1000]), n_failed_samples=int(failed.size))
     fmt.write_store_meta(root, meta)
     consolidate(Path(path))
+    remove_orphan_temps(Path(path))
     write_object_manifest(Path(path))
+
+
+def remove_orphan_temps(path: Path) -> list[str]:
+    """Remove the temp files killed writers left (zarr's ``<key>.<32 hex>.partial``, a killed finalize's
+    ``*.json.partial``). Finalize runs under the store's lock after every writer of the run has ended (a cluster
+    worker killed mid-write included), so none of them can still be written; returns their keys."""
+    from kt_cache.remote import TEMP_FILE
+
+    removed = []
+    for folder, _, files in os.walk(path):
+        for name in files:
+            if TEMP_FILE.search(name):
+                (Path(folder) / name).unlink()
+                removed.append((Path(folder) / name).relative_to(path).as_posix())
+    return removed
 
 
 def consolidate(path: Path) -> None:

@@ -64,3 +64,30 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path):
         x = zarr.open_group(str(tmp_path / "clean.zarr"), mode="r")[path][:]
         y = zarr.open_group(str(killed), mode="r")[path][:]
         np.testing.assert_array_equal(x, y)
+
+
+def test_a_rerun_removes_the_temp_files_killed_writers_left(tmp_path):
+    """A writer killed mid-write (a process, or a cluster worker) leaves zarr's ``<key>.<hex>.partial``; the next
+    run's finalize, which holds the store's lock after all its writers ended, removes them: the store then holds
+    exactly what an uninterrupted run writes."""
+    from click.testing import CliRunner
+
+    from extract_helpers import extract
+    from kt_cache.cli import cli
+
+    make_image_folder(tmp_path / "images", per_class=2)
+    manifest = write_manifest(tmp_path / "teachers.yaml", [cnn_teacher()], unit_rows=2)
+    assert extract(manifest).exit_code == 0
+    store = tmp_path / "out.zarr"
+    before = store_files(store)
+    orphans = [store / "teachers/cnn32/features/c/0/0.0123456789abcdef0123456789abcdef.partial",
+               store / "samples/ok/c/0.fedcba9876543210fedcba9876543210.partial"]
+    for orphan in orphans:
+        orphan.write_bytes(b"half an object")
+    rerun = extract(manifest)
+    assert rerun.exit_code == 0 and "nothing to do" in rerun.output, rerun.output
+    assert not any(orphan.exists() for orphan in orphans)
+    after = store_files(store)
+    assert sorted(after) == sorted(before) and all(after[k] == before[k] for k in before if k != "ktc-objects.json")
+    verified = CliRunner().invoke(cli, ["verify", str(store)])
+    assert verified.exit_code == 0 and "orphan" not in verified.output, verified.output
