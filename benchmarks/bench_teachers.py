@@ -1,6 +1,7 @@
 """Step time at 10, 100 and 1000 cached teachers: `kd` and `uniform` vs a plain CE step, side by side.
 
-Every loop trains the same student (resnet18, 64 px, 1000 ImageNet classes, identical initial weights) on the
+Every loop trains the same student (resnet18 at 64 px by default; `--student resnet50 --img-size 224` is the design
+point's student; 1000 ImageNet classes, identical initial weights) on the
 same pre-loaded batches (32 images with their store rows and views, from the trainer's own loader), with AdamW
 built as `kt_train.loop.make_optimizer` builds it:
 
@@ -19,6 +20,7 @@ the same round). Results: `benchmarks/results/teachers.json`, rendered into docs
 
 Usage: python benchmarks/bench_teachers.py [--steps 8] [--warmup 1] [--threads 1] [--counts 10,100,1000]
        [--hidden 128,64 --save-as teachers_hidden]   # also UNIFORM with narrower heads, saved apart
+       [--student resnet50 --img-size 224 --save-as teachers_r50]   # the design point's student
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from bench_train import BATCH, PARTS, CachedLoop, PlainCE, collect_batches  # no
 
 TARGETS = {10: 1.2, 100: 1.5, 1000: 3.0}
 METHODS = ("kd", "uniform")
-STUDENT_DIM = 512                     # resnet18's pooled feature: UNIFORM's latent D and MLP width
+STUDENT_DIMS = {"resnet18": 512, "resnet50": 2048}   # pooled feature: UNIFORM's latent D and default MLP width
 SMALL_HIDDEN = 64                     # UNIFORM's MLP width where the default (D) does not fit in memory
 
 
@@ -52,13 +54,18 @@ def available_bytes() -> int:
     return 0
 
 
-def uniform_train_bytes(store: Path, dim: int = STUDENT_DIM, hidden: int = STUDENT_DIM) -> int:
+def student_dim() -> int:
+    return STUDENT_DIMS[common.STUDENT]
+
+
+def uniform_train_bytes(store: Path, hidden: int | None = None) -> int:
     """Bytes of UNIFORM's heads (MLP encoder d_t -> h -> D and decoder D -> h -> d_t per teacher) with their
     gradients and AdamW's two moments: 4 fp32 copies of every parameter."""
     from kt_cache.store import StoreReader
 
     reader = StoreReader(store)
-    params, h = 0, hidden
+    dim = student_dim()
+    params, h = 0, hidden or dim
     for tid in reader.teacher_ids():
         d = int(reader.teacher_attrs(tid)["feature_dim"])
         params += (d * h + h + h * dim + dim) + (dim * h + h + h * d + d)   # encoder + decoder
@@ -129,7 +136,7 @@ def summarize(loops: dict[str, Callable], times: dict[str, list[float]], parts: 
         results[name] = entry
         rows.append((name, f"{entry['step_s']:.3f}", f"{ratio:.2f}x", f"{entry.get('gather_s', 0) * 1000:.1f}",
                      *[f"{parts[name][k]:.3f}" for k in PARTS]))
-    common.print_table(f"step time (median of {args.steps}, batch {BATCH}, resnet18 @ 64 px, CPU, "
+    common.print_table(f"step time (median of {args.steps}, batch {BATCH}, {common.STUDENT} @ {common.STUDENT_SIZE} px, CPU, "
                        f"{args.threads} thread)", rows, ("loop", "step s", "vs plain CE", "gather ms", *PARTS))
     return results
 
@@ -158,11 +165,15 @@ def main() -> dict[str, Any]:
     parser.add_argument("--label", default="", help="a note saved with the results (e.g. the code version)")
     parser.add_argument("--hidden", default="", help="also time UNIFORM with MLP heads of these widths "
                         "(comma-separated, e.g. 128,64)")
+    parser.add_argument("--student", default="resnet18", choices=sorted(STUDENT_DIMS),
+                        help="the student of every loop (resnet50: the design point's)")
+    parser.add_argument("--img-size", type=int, default=common.TRAIN_SIZE, help="the student's input size (px)")
     parser.add_argument("--save-as", default="teachers", help="results name (benchmarks/results/NAME.json); the "
                         "docs render 'teachers'")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    common.STUDENT, common.STUDENT_SIZE = args.student, args.img_size
     counts = [int(c) for c in args.counts.split(",")]
     load_before, cap = common.load_average(), available_bytes() // 2
     widths = tuple(int(w) for w in args.hidden.split(",") if w.strip())
@@ -177,7 +188,8 @@ def main() -> dict[str, Any]:
     results = summarize(loops, times, parts, args)
     checks = verdicts(results, counts)
     data = {"results": results, "skipped": skipped, "targets": checks, "parts": parts, "batch_size": BATCH,
-            "threads": args.threads, "steps": args.steps, "warmup": args.warmup, "counts": counts,
+            "threads": args.threads, "steps": args.steps,
+            "student": args.student, "img_size": args.img_size, "warmup": args.warmup, "counts": counts,
             "label": args.label, "load_before": load_before, "load_after": common.load_average()}
     common.save_result(args.save_as, data)
     return data

@@ -108,7 +108,7 @@ def make_student(seed: int = 0) -> Any:
     from kt_train.students import build_student
 
     torch.manual_seed(seed)
-    return build_student("resnet18", 1000, img_size=common.TRAIN_SIZE)
+    return build_student(common.STUDENT, 1000, img_size=common.STUDENT_SIZE)
 
 
 def adamw(params: list[torch.nn.Parameter]) -> torch.optim.AdamW:

@@ -217,6 +217,7 @@ def dir_bytes(path: Path, data_only: bool = True) -> int:
 # no model hub here), 64 px inputs like the student, 1000 ImageNet logits (top-20 + LSE) and features.
 # Sizes span that manifest from tiny to base (it is dominated by base/large models; these are smaller).
 TRAIN_SIZE = 64
+STUDENT, STUDENT_SIZE = "resnet18", TRAIN_SIZE   # the trained student; bench_teachers --student/--img-size change it
 TRAIN_TEACHERS = [
     ("resnet50", {}), ("convnext_tiny", {}), ("vit_base_patch16_224", {"img_size": TRAIN_SIZE}),
     ("regnety_016", {}), ("mobilenetv3_large_100", {}), ("vit_small_patch16_224", {"img_size": TRAIN_SIZE}),
@@ -247,7 +248,7 @@ def train_store(n_teachers: int) -> Path:
 def train_config(store: Path, method: str, out: Path, **extra: Any):
     from kt_train.config import build_config
 
-    values = {"cache": str(store), "student": "resnet18", "img_size": TRAIN_SIZE, "method": method,
+    values = {"cache": str(store), "student": STUDENT, "img_size": STUDENT_SIZE, "method": method,
               "batch_size": 16, "workers": 0, "device": "cpu", "out": str(out), "log_every": 1}
     values.update(extra)
     return build_config({}, values)

@@ -91,7 +91,8 @@ class CachedTeachers:
         self._where = places(self.ids, self.groups)
         sources = {(g, path): StackedSource([arrays[(tid, path)] for tid in group.ids])
                    for g, group in enumerate(self.groups) for path in group.paths}
-        self._place(sources, int(ram_budget_bytes), block_rows)
+        self.ram_budget_bytes = int(ram_budget_bytes)
+        self._place(sources, self.ram_budget_bytes, block_rows)
         self._prepare()
 
     def holds(self, tid: str, path: str) -> bool:
@@ -185,6 +186,27 @@ class CachedTeachers:
             for cache in self.group_caches.values():
                 cache.prefetch(self._windows[window], self._views[self._windows[window]])
             self._ahead = window
+
+    def memory_plan(self) -> dict[str, Any]:
+        """Bytes the teacher arrays take in RAM, bounded together by ``ram_budget_bytes``: ``held_bytes`` (loaded at
+        start-up) and ``stream_buffer_bytes`` (every block cache full: two sampler windows of one view, plus one
+        block per read-ahead thread being decoded); the rows of a streamed block and how many arrays stream."""
+        buffers = sum(self.block_rows * (int(cache.array.nbytes) // max(1, cache.n_rows * int(cache.array.shape[1])))
+                      * (cache.capacity + 2) for cache in self.group_caches.values())
+        return {"ram_budget_bytes": self.ram_budget_bytes,
+                "held_bytes": sum(int(table.nbytes) for table in self.held.values()),
+                "stream_buffer_bytes": int(buffers), "streamed_arrays": len(self.group_caches),
+                "block_rows": self.block_rows if self.group_caches else None}
+
+    def describe_memory(self) -> str:
+        """One line for the start of ``ktc train``: where the teacher arrays live, against the budget."""
+        plan, gib = self.memory_plan(), float(1 << 30)
+        line = (f"memory: teacher arrays {plan['held_bytes'] / gib:.2f} GiB held in RAM, "
+                f"{plan['stream_buffer_bytes'] / gib:.2f} GiB of stream buffers "
+                f"(--ram-budget-gb {plan['ram_budget_bytes'] / gib:.2f})")
+        if plan["streamed_arrays"]:
+            line += f"; {plan['streamed_arrays']} stacked array(s) streamed in blocks of {plan['block_rows']} rows"
+        return line
 
     def _bytes_read(self) -> int:
         return sum(cache.bytes_read for cache in self.group_caches.values())

@@ -15,7 +15,7 @@ import torch
 from kt_train.checkpoint import load_checkpoint, save_checkpoint
 from kt_train.config import TrainConfig, save_config
 from kt_train.distributed import DistInfo, Trainable, barrier, init_distributed, mean_over_ranks, shutdown, wrap
-from kt_train.metrics import MetricsLog, write_plots
+from kt_train.metrics import MetricsLog, peak_rss_mib, write_plots
 from kt_train.setup import Run, build_run
 
 
@@ -109,6 +109,8 @@ def train(config: TrainConfig, show_progress: bool = True,
         run = build_run(config, info.rank, info.world, info.local_rank)
         for note in run.notes if notify is not None and info.is_main else ():
             notify(f"note: {note}")
+        if notify is not None and info.is_main:
+            notify(run.cached.describe_memory())
         model = wrap(Trainable(run.students, run.method), info, run.device)
         per_epoch = len(run.loader)
         total = min(config.epochs * per_epoch, config.max_steps or config.epochs * per_epoch)
@@ -120,6 +122,7 @@ def train(config: TrainConfig, show_progress: bool = True,
             if not config.resume and (out / "metrics.jsonl").exists():
                 os.remove(out / "metrics.jsonl")
         log = MetricsLog(out, enabled=info.is_main)
+        log.write({"kind": "memory", **run.cached.memory_plan()})
         while epoch < config.epochs and step < total:
             start = time.perf_counter()
             step = train_epoch(run, model, epoch, step, total, opt, log, info, show_progress)
@@ -127,7 +130,7 @@ def train(config: TrainConfig, show_progress: bool = True,
                 save_checkpoint(out, run, *opt, epoch, step)
             barrier(info)
             log.write({"kind": "epoch", "epoch": epoch, "step": step, "seconds": round(time.perf_counter() - start, 3),
-                       **run.cached.read_counts()})
+                       "peak_rss_mib": peak_rss_mib(), **run.cached.read_counts()})
             epoch += 1
         return finish(run, out) if info.is_main else {}
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,17 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def peak_rss_mib() -> float | None:
+    """This process's peak resident memory so far (MiB; ``getrusage``), None where the platform has none. Data
+    loader workers are processes of their own and not counted (they hold images, not teacher arrays)."""
+    try:
+        import resource
+    except ImportError:          # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)   # bytes on macOS, KiB on Linux
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

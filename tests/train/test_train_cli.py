@@ -65,10 +65,11 @@ def test_every_method_trains_checkpoints_and_eval_reproduces(store, tmp_path, me
 
 
 def test_uniform_plots_vote_diagnostics_and_bikd_teaching_share(store, tmp_path):
-    records = train(store, tmp_path / "u", "--method", "uniform", "--log-every", "1")
+    records = [r for r in train(store, tmp_path / "u", "--method", "uniform", "--log-every", "1") if r["kind"] == "step"]
     assert "tie_frac" in records[0] and "vote_agreement" in records[0]
     assert (tmp_path / "u" / "diagnostics.png").is_file()
-    records = train(store, tmp_path / "b", "--method", "bikd", "--students", "resnet10t,resnet10t", "--log-every", "1")
+    records = [r for r in train(store, tmp_path / "b", "--method", "bikd", "--students", "resnet10t,resnet10t",
+                                "--log-every", "1") if r["kind"] == "step"]
     assert any(k.startswith("teach_share/") for k in records[0])
     assert (tmp_path / "b" / "teach_share.png").is_file() and (tmp_path / "b" / "student1.safetensors").is_file()
 
@@ -132,11 +133,22 @@ def test_a_small_ram_budget_streams_and_trains_the_same_student(store32, tmp_pat
     streamed = CachedTeachers(reader, reader.teacher_ids(), needs=METHODS[method].needs,
                               ram_budget_bytes=int(budget * (1 << 30)), window_blocks=1)
     assert streamed_array in streamed.caches and streamed.block_rows == 4    # the sampler's blocks
-    runs = {}
+    runs, plans = {}, {}
     for name, gib in (("ram", "4"), ("streamed", repr(budget))):
-        train(store32, tmp_path / name, "--method", method, "--ram-budget-gb", gib, "--window-blocks", "1")
+        result = invoke("train", "--cache", store32 / "out.zarr", "--out", tmp_path / name, *COMMON, "--method", method,
+                        "--ram-budget-gb", gib, "--window-blocks", "1")
+        assert result.exit_code == 0, result.output
+        assert "memory: teacher arrays" in result.output
+        records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        plans[name] = next(r for r in records if r["kind"] == "memory")
+        assert all(r["peak_rss_mib"] > 0 for r in records if r["kind"] == "epoch")
         runs[name] = load_file(str(tmp_path / name / "student.safetensors"))
     assert all(torch.equal(runs["ram"][k], runs["streamed"][k]) for k in runs["ram"])
+    held_all = sum(a.nbytes for table in held.tables.values() for a in table.values())
+    assert plans["ram"]["streamed_arrays"] == 0 and plans["ram"]["held_bytes"] == held_all
+    plan = plans["streamed"]      # what is held plus the stream buffers stays within the budget
+    assert plan["streamed_arrays"] >= 1 and plan["block_rows"] == 4 and plan["held_bytes"] < held_all
+    assert 0 < plan["held_bytes"] + plan["stream_buffer_bytes"] <= plan["ram_budget_bytes"]
     bad = invoke("train", "--cache", store32 / "out.zarr", "--out", tmp_path / "bad", *COMMON, "--ram-budget-gb", "0")
     assert bad.exit_code == 2 and "--ram-budget-gb 0.0: must be > 0" in bad.output
 
