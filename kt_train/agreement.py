@@ -75,8 +75,11 @@ def teacher_agreement(student: Any, cache: str, run: dict[str, Any], batch_size:
                       workers: int) -> dict[str, Any]:
     """``{"consensus": fraction, "per_teacher": {id: fraction}, "n": rows, "teachers": [...], "skipped": rows}``.
 
-    Unreadable rows (recorded at extraction, or failing to decode now) are left out of ``n`` and counted.
+    Unreadable rows (recorded at extraction, or failing to decode now) are left out of ``n`` and counted. The
+    teachers' logits are held or streamed within the training run's ``--ram-budget-gb`` (``run["ram_budget_bytes"]``;
+    runs that did not record it: the default, a quarter of the machine's memory).
     """
+    from kt_train.setup import ram_budget_bytes
     from kt_train.data import CachedTeachers
     from kt_train.skipping import Skipped
 
@@ -84,7 +87,8 @@ def teacher_agreement(student: Any, cache: str, run: dict[str, Any], batch_size:
     teachers = predictive_teachers(reader, run.get("teachers", []))
     if not teachers:
         return {"n": 0, "teachers": [], "note": "the store has no predictive teachers with logits"}
-    cached = CachedTeachers(reader, teachers, needs={"logits"})
+    budget = run.get("ram_budget_bytes") or ram_budget_bytes(None)
+    cached = CachedTeachers(reader, teachers, needs={"logits"}, ram_budget_bytes=int(budget))
     dataset, skipped = store_views(reader, student, run.get("data_root")), Skipped()
     hits = count_hits(student, readable_rows(dataset, skipped, batch_size, workers), cached, teachers, device)
     fraction = {k: round(h / n, 6) if n else None for k, (h, n) in hits.items()}

@@ -206,6 +206,10 @@ class CachedTeachers:
                 f"(--ram-budget-gb {plan['ram_budget_bytes'] / gib:.2f})")
         if plan["streamed_arrays"]:
             line += f"; {plan['streamed_arrays']} stacked array(s) streamed in blocks of {plan['block_rows']} rows"
+        need = plan["held_bytes"] + plan["stream_buffer_bytes"]
+        if need > plan["ram_budget_bytes"]:       # blocks never go below one inner chunk of the store
+            line += (f". The store's smallest blocks (one inner chunk of rows) need {need / gib:.2f} GiB, more than the "
+                     "budget: that is what the run takes")
         return line
 
     def _bytes_read(self) -> int:

@@ -132,8 +132,9 @@ def build_run(config: TrainConfig, rank: int = 0, world: int = 1, local_rank: in
     labels = reader.sample("label")
     use_labels = config.labels == "use" and bool((labels >= 0).any())
     check_requirements(config, reader, teacher_ids, options, use_labels)
+    budget = ram_budget_bytes(config.ram_budget_gb)
     cached = CachedTeachers(reader, teacher_ids, needs=METHODS[config.method].needs, window_blocks=config.window_blocks,
-                            ram_budget_bytes=ram_budget_bytes(config.ram_budget_gb))
+                            ram_budget_bytes=budget)
     students = build_students(config, reader, cached.num_classes, device)
     method = build_method(config, cached, students[0], len(students), device)
     loader = build_loader(config, reader, students[0], cached, rank, world)
@@ -142,7 +143,7 @@ def build_run(config: TrainConfig, rank: int = 0, world: int = 1, local_rank: in
         initial = copy.deepcopy(students[0]).eval().requires_grad_(False)
     info = {"classes": reader.class_names, "center_crop": reader.meta.views.get("center_crop", 0.875),
             "data_root": loader.dataset.data_root, "data_kind": loader.dataset.images.kind,
-            "cache": str(config.cache), "teachers": teacher_ids,
+            "cache": str(config.cache), "teachers": teacher_ids, "ram_budget_bytes": budget,
             "method": config.method, "method_options": options_dict(method),
             "students": [f"student{i if len(students) > 1 else ''}.safetensors" for i in range(len(students))]}
     notes = run_notes(config, reader, teacher_ids, options)

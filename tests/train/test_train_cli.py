@@ -153,6 +153,34 @@ def test_a_small_ram_budget_streams_and_trains_the_same_student(store32, tmp_pat
     assert bad.exit_code == 2 and "--ram-budget-gb 0.0: must be > 0" in bad.output
 
 
+def test_evaluation_reads_the_teachers_within_the_runs_budget(store32, tmp_path, monkeypatch):
+    """The final agreement with the teachers holds or streams their logits within the run's --ram-budget-gb (recorded
+    in run.json), and a streamed evaluation scores what the in-RAM one does."""
+    import kt_train.data
+    from kt_train.data import CachedTeachers
+
+    out = tmp_path / "run"
+    train(store32, out, "--method", "kd", "--ram-budget-gb", "4")
+    info = json.loads((out / "run.json").read_text())
+    assert info["ram_budget_bytes"] == 4 << 30
+    built = []
+
+    class Recording(CachedTeachers):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(kt_train.data, "CachedTeachers", Recording)
+    scores = {}
+    for name, budget in (("ram", 4 << 30), ("streamed", 1)):
+        (out / "run.json").write_text(json.dumps(dict(info, ram_budget_bytes=budget)))
+        result = invoke("eval", "--checkpoint", out, "--cache", store32 / "out.zarr", "--json")
+        assert result.exit_code == 0, result.output
+        scores[name] = json.loads(result.output)["teacher_agreement"]
+        assert built[-1].ram_budget_bytes == budget and bool(built[-1].caches) == (name == "streamed")
+    assert scores["streamed"] == scores["ram"] and scores["ram"]["n"] == 33
+
+
 def test_a_run_of_an_older_version_with_optimizer_pt_resumes_to_the_same_student(store, tmp_path):
     """Older runs saved optimizer and scheduler state as one ``optimizer.pt`` (tensors and plain numbers only),
     and their ``state.json`` listed no files: such a run still resumes (``weights_only=True``), identically."""
