@@ -114,7 +114,7 @@ def run(work: Path, rows: int, teachers: int, budgets: list[float]) -> dict:
         if r["budget_gib"]:
             planned = r["plan"]["held_bytes"] + r["plan"]["stream_buffer_bytes"]
             r.update(above_ce=r["peak_rss"] - base, planned=planned,
-                     within_budget=r["peak_rss"] - base <= r["budget_gib"] * GiB,
+                     within_budget=r["peak_rss"] - base <= 1.1 * r["budget_gib"] * GiB,
                      within_plan=r["peak_rss"] - base <= 1.1 * planned)
     return {"rows": rows, "views": 4, "teachers": teachers, "decoded_bytes": decoded, "stored_bytes": stored,
             "date": time.strftime("%Y-%m-%d"), "runs": runs, "student": " ".join(STUDENT),
@@ -128,21 +128,23 @@ def render(r: dict) -> list[str]:
              f"(float16): {r['decoded_bytes'] / GiB:.1f} GiB of teacher arrays decoded ({r['stored_bytes'] / GiB:.1f} "
              "GiB stored; the teachers are hard-linked copies of one extracted teacher). One epoch of `ktc train "
              f"{r['student']}` per row, each a fresh process from the command line; peak RSS from `wait4` (the "
-             "process and its children); *planned* = the teacher arrays held + stream buffers of the `memory` "
+             "process and its children, final evaluation included); *planned* = the teacher arrays held + stream buffers of the `memory` "
              "record in `metrics.jsonl`. The `ce` run holds no teacher array: the rest of the process.", "",
-             "| run | peak RSS | above `ce` | planned teacher arrays | epoch s | decoded bytes read / sample / teacher |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| run | peak RSS, whole run | above `ce` | peak RSS, training (`peak_rss_mib`) | planned teacher arrays "
+             "| epoch s | decoded bytes read / sample / teacher |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, run_ in r["runs"].items():
         above = f"{run_['above_ce'] / MiB:+.0f} MiB" if "above_ce" in run_ else "-"
         planned = f"{run_['planned'] / MiB:.0f} MiB" if "planned" in run_ else "-"
-        lines.append(f"| {name} | {run_['peak_rss'] / MiB:.0f} MiB | {above} | {planned} | {run_['epoch_s']:.0f} | "
+        lines.append(f"| {name} | {run_['peak_rss'] / MiB:.0f} MiB | {above} | {run_['peak_rss_logged_mib']:.0f} MiB | "
+                     f"{planned} | {run_['epoch_s']:.0f} | "
                      f"{run_['read_bytes_per_sample_teacher']:.0f} |")
     lines.append("")
     for name, run_ in r["runs"].items():
         if "above_ce" in run_:
             lines.append(f"- {name}: store / budget = {r['decoded_bytes'] / (run_['budget_gib'] * GiB):.1f}x; peak "
                          f"RSS above `ce` {run_['above_ce'] / GiB:.2f} GiB: {common.verdict(run_['within_budget'])} "
-                         f"within the budget, {common.verdict(run_['within_plan'])} within the planned bytes + 10 %. "
+                         f"within the budget + 10 % (the target), {common.verdict(run_['within_plan'])} within the "
+                         "planned bytes + 10 %. "
                          f"The run printed: `{run_['memory_line']}`")
     return lines + [""]
 

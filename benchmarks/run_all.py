@@ -71,8 +71,9 @@ def main() -> None:
     results = [load(n) for n in NAMES]
     written = plots(*results, args.img)
     args.doc.parent.mkdir(parents=True, exist_ok=True)
-    args.doc.write_text(write_doc(*results, durations) + stream_section() + views_read_section() + teachers_section()
-                        + compact_section() + metadata_section(), encoding="utf-8")
+    args.doc.write_text(write_doc(*results, durations) + stream_section() + budget_section() + views_read_section()
+                        + teachers_section() + teachers_r50_section() + compact_section() + metadata_section(),
+                        encoding="utf-8")
     print(f"\nwrote {args.doc} and " + ", ".join(str(args.img / name) for name in written))
 
 
@@ -99,6 +100,16 @@ def stream_section() -> str:
               "Read-ahead (`CachedTeachers.plan_epoch`: the next sampler window's blocks read by two background "
               "threads) is what closes most of the gap to RAM; the targets are >= 0.9x and RSS within budget + 10 %."]
     return "\n".join(lines) + "\n"
+
+
+def budget_section() -> str:
+    """``benchmarks/bench_budget.py``'s table (run on its own), from its saved results."""
+    saved = common.RESULTS / "budget.json"
+    if not saved.exists():
+        return ""
+    import bench_budget
+
+    return "\n" + "\n".join(bench_budget.render(json.loads(saved.read_text())))
 
 
 def views_read_section() -> str:
@@ -133,6 +144,22 @@ def teachers_section() -> str:
     return "\n".join(lines) + "\n"
 
 
+def teachers_r50_section() -> str:
+    """``bench_teachers.py --student resnet50 --img-size 224 --save-as teachers_r50``: the design point's student."""
+    saved = common.RESULTS / "teachers_r50.json"
+    if not saved.exists():
+        return ""
+    r = json.loads(saved.read_text())
+    lines = ["", "### The same with the design point's student: resnet50 at 224 px", "",
+             f"`python benchmarks/bench_teachers.py --student resnet50 --img-size 224 --counts "
+             f"{','.join(map(str, r['counts']))} --hidden 512 --steps {r['steps']} --save-as teachers_r50` (batch "
+             f"{r['batch_size']}, {r['threads']} thread, {r['warmup']} warm-up round, {r['steps']} timed). The teachers "
+             "and stores are those above; only the student differs: 4.1 GFLOPs per image instead of 0.15, and "
+             "UNIFORM's latent D = 2048, so its default heads (width D) are 4x wider per teacher.", "",
+             *teacher_rows(r, {"results": {}}, r.get("student_dim", 2048)), ""]
+    return "\n".join(lines) + "\n"
+
+
 def uniform_cost(r: dict[str, Any]) -> list[str]:
     """Where UNIFORM's step goes at 100 teachers (its heads' own arithmetic), from the step parts."""
     name, base = "uniform, 100 cached", "plain CE (no teachers)"
@@ -148,7 +175,7 @@ def uniform_cost(r: dict[str, Any]) -> list[str]:
             "calls, not that arithmetic: the 1.5x target needs smaller heads (`hidden`) or an accelerator.", ""]
 
 
-def teacher_rows(r: dict[str, Any], before: dict[str, Any]) -> list[str]:
+def teacher_rows(r: dict[str, Any], before: dict[str, Any], dim: int = 512) -> list[str]:
     """The table of ``teachers_section``: one row per loop, then a note per loop not run."""
     rows = ["| loop | step s | vs plain CE | before | target | verdict | gather + TeacherBatch ms | head params MiB |",
             "|---|---|---|---|---|---|---|---|"]
@@ -161,7 +188,7 @@ def teacher_rows(r: dict[str, Any], before: dict[str, Any]) -> list[str]:
                     f"{verdict} | {e.get('gather_s', 0) * 1000:.0f} | {e.get('head_param_bytes', 0) / 2**20:.0f} |")
     for name, skip in r.get("skipped", {}).items():
         rows.append(f"| {name} | not run | - | - | {targets[name]['target']} | MISS | - | - |")
-        notes.append(f"`{name}` was not run: its default heads (an MLP encoder and decoder of width D = 512 per "
+        notes.append(f"`{name}` was not run: its default heads (an MLP encoder and decoder of width D = {dim} per "
                      f"teacher) with their gradients and AdamW moments need {skip['needs_bytes'] / 2**30:.1f} GiB, "
                      f"more than half of the memory available ({2 * skip['cap_bytes'] / 2**30:.1f} GiB).")
     return rows + ([""] + notes if notes else [])

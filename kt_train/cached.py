@@ -198,6 +198,17 @@ class CachedTeachers:
                 "stream_buffer_bytes": int(buffers), "streamed_arrays": len(self.group_caches),
                 "block_rows": self.block_rows if self.group_caches else None}
 
+    def close(self) -> None:
+        """Let go of every held array and block (the final evaluation then reads within the budget on its own)."""
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        for cache in self.group_caches.values():
+            cache.blocks.clear()
+            cache.pending.clear()
+        self.held, self.tables = {}, {tid: {} for tid in self.ids}
+        self._on_device.clear()
+
     def describe_memory(self) -> str:
         """One line for the start of ``ktc train``: where the teacher arrays live, against the budget."""
         plan, gib = self.memory_plan(), float(1 << 30)

@@ -132,6 +132,7 @@ def train(config: TrainConfig, show_progress: bool = True,
             log.write({"kind": "epoch", "epoch": epoch, "step": step, "seconds": round(time.perf_counter() - start, 3),
                        "peak_rss_mib": peak_rss_mib(), **run.cached.read_counts()})
             epoch += 1
+        run.cached.close()         # the evaluation reads the teachers within the budget again, not beside these
         return finish(run, out) if info.is_main else {}
     finally:
         shutdown(info)
