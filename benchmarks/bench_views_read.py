@@ -44,7 +44,7 @@ VIEWS, TEACHERS, BLOCK_ROWS, BATCH = 4, 3, 64, 64
 
 def build_store(work: Path, images: Path, view_chunks: bool) -> Path:
     """The store of ``images`` in the new (``view_chunks``) or the old chunk layout, extracted once."""
-    import kt_cache.store as fmt
+    import kt_cache.store.format as fmt
 
     name = "new" if view_chunks else "old"
     store = work / f"{name}.zarr"

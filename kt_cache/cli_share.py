@@ -22,7 +22,7 @@ def verify(store: str, quick: bool, keep_temp: bool, as_json: bool) -> None:
     temp files (*.<hex>.partial) of killed writers. Exits 1 naming every bad array and object.
     """
     from kt_cache.errors import StoreError
-    from kt_cache.verify import verify_store
+    from kt_cache.store.verify import verify_store
 
     report = verify_store(store, quick=quick, clean=not keep_temp)
     if as_json:
@@ -46,7 +46,7 @@ def merge(stores: tuple[str, ...], out: str, renames: tuple[str, ...]) -> None:
 
     Teacher ids must be disjoint (use --rename). Inputs may be local paths, zip:// packs or URLs.
     """
-    from kt_cache.sharing import merge_stores
+    from kt_cache.store.sharing import merge_stores
 
     path = merge_stores(list(stores), out, renames)
     click.echo(f"merged {len(stores)} stores into {path}")
@@ -59,7 +59,7 @@ def merge(stores: tuple[str, ...], out: str, renames: tuple[str, ...]) -> None:
 @click.option("--out", "out", required=True, help="The new store (a path that does not exist yet).")
 def subset(store: str, teachers: tuple[str, ...], out: str) -> None:
     """Copy some teachers of a store (path or URL) into a new store; only their objects are read."""
-    from kt_cache.sharing import subset_store
+    from kt_cache.store.sharing import subset_store
 
     path = subset_store(store, teachers, out)
     click.echo(f"wrote {path}")
@@ -70,7 +70,7 @@ def subset(store: str, teachers: tuple[str, ...], out: str) -> None:
 @click.argument("out")
 def pack(store: str, out: str) -> None:
     """Pack a finalized store into one uncompressed .zip (readable as zip://OUT by ktc and by zarr's ZipStore)."""
-    from kt_cache.sharing import pack_store
+    from kt_cache.store.sharing import pack_store
 
     path = pack_store(store, out)
     click.echo(f"packed {store} into {path} ({path.stat().st_size} bytes); read it as zip://{path}")
@@ -115,7 +115,7 @@ def upgrade(store: str) -> None:
     """Convert the store folder STORE, written by an older ktc (format v1), to the format this ktc writes (v2),
     in place. Only metadata changes (docs/store-format.md, "Versions"): no chunk is re-encoded, and the integrity
     record keeps every chunk's entry. A store already in this format is left as it is."""
-    from kt_cache.upgrade import upgrade_store
+    from kt_cache.store.upgrade import upgrade_store
 
     result = upgrade_store(store)
     if result["from"] == result["to"]:

@@ -20,7 +20,7 @@ import uuid
 from collections import Counter
 from typing import Any
 
-from kt_cache import store as fmt
+from kt_cache.store import format as fmt
 from kt_cache.errors import UsageError
 
 _WORKER_WAVE: dict[str, Any] = {}      # per worker process: the loaded wave {"key": ..., "teachers": [...]}

@@ -181,7 +181,7 @@ def pca_basis(total: np.ndarray, outer: np.ndarray, count: int, k: int) -> tuple
 
 
 def codec_record(teacher: Any, output: str) -> dict[str, Any] | None:
-    """The codec record of ``output`` of a teacher (its ``kt_cache.records.TeacherRecord``), or None for an array
+    """The codec record of ``output`` of a teacher (its ``kt_cache.store.records.TeacherRecord``), or None for an array
     stored plainly (float16/float32)."""
     record = (teacher.codec or {}).get(output)
     return record if isinstance(record, dict) else None

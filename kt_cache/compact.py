@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from kt_cache import store as fmt
+from kt_cache.store import format as fmt
 from kt_cache.codecs import MISSING_CODE, PARAM_DIMS, Codec, CodecParams, ErrorMeter, check_width, codec_record
 from kt_cache.codecs import parse_codec, pca_basis, quant_params
 from kt_cache.errors import UsageError, did_you_mean
@@ -42,7 +42,7 @@ def compact_store(location: str, out: str | Path, features: str | None = None, f
 
     Returns the output path and, per re-encoded array, ``{"teacher", "output", **record}``.
     """
-    from kt_cache.sharing import Part, validate_part, write_store
+    from kt_cache.store.sharing import Part, validate_part, write_store
 
     codecs = {o: parse_codec(t, f"--{o}") for o, t in (("features", features), ("featmap", featmap)) if t}
     if not codecs:

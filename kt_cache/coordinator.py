@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from kt_cache import store as fmt
+from kt_cache.store import format as fmt
 from kt_cache.errors import StoreMismatchError, UsageError
 
 

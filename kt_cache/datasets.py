@@ -140,7 +140,7 @@ SUSPECT_ID = re.compile(r"[\x00-\x1f\\]|^/|^[A-Za-z]:|(^|/)\.\.(/|$)|^$")
 
 def check_ids_storable(root: Path, ids: tuple[str, ...]) -> None:
     """Refuse, before any store exists, a file name the store's readers would refuse as a sample id."""
-    from kt_cache.store_checks import sample_id_problem
+    from kt_cache.store.checks import sample_id_problem
 
     for rel in filter(SUSPECT_ID.search, ids):     # one regex pass; the precise rule only for suspects
         problem = sample_id_problem(rel)

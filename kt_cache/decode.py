@@ -16,7 +16,7 @@ import torch
 
 from kt_cache.errors import ImageDecodeError
 from kt_cache.images import decode_image
-from kt_cache.store_checks import DIGEST_BYTES
+from kt_cache.store.checks import DIGEST_BYTES
 from kt_cache.views import sample_views, views_to_pixels
 
 ResizeKey = tuple[int, int, str]

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kt_cache import store as fmt
+from kt_cache.store import format as fmt
 from kt_cache.decode import UnitBatchSampler, ViewDecodeDataset, collate_views
 from kt_cache.errors import ImageDecodeError
 from kt_cache.outputs import fill_failed_rows, label_map, storage_blocks, to_numpy_for_store

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kt_cache import store as fmt
+from kt_cache.store import format as fmt
 from kt_cache.errors import UsageError, did_you_mean
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from kt_cache import store as fmt
+from kt_cache.store import format as fmt
 
 
 def feature_stats(group: Any, ok: np.ndarray, unit_rows: int) -> dict[str, Any] | None:
@@ -95,7 +95,7 @@ def remove_orphan_temps(path: Path) -> list[str]:
     """Remove the temp files killed writers left (zarr's ``<key>.<32 hex>.partial``, a killed finalize's
     ``*.json.partial``). Finalize runs under the store's lock after every writer of the run has ended (a cluster
     worker killed mid-write included), so none of them can still be written; returns their keys."""
-    from kt_cache.remote import TEMP_FILE
+    from kt_cache.store.location import TEMP_FILE
 
     removed = []
     for folder, _, files in os.walk(path):

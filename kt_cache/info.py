@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from kt_cache import store as fmt
+from kt_cache.store import format as fmt
 
 
 def folder_bytes(path: Path) -> int | None:

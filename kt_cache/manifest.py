@@ -42,7 +42,7 @@ from kt_cache.manifest_types import (
     StorageSpec, TeacherSpec, ViewsSpec,
 )
 from kt_cache.manifest_options import check_class_map, check_codec
-from kt_cache.store_checks import MAX_VIEWS
+from kt_cache.store.checks import MAX_VIEWS
 
 BUILTIN_DATASETS = ("skimage",)
 TOP_KEYS = ("dataset", "store", "views", "defaults", "storage", "teachers")

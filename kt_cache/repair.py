@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from kt_cache import store as fmt
-from kt_cache import store_checks as checks
+from kt_cache.store import format as fmt
+from kt_cache.store import checks
 from kt_cache.errors import StoreError
 from kt_cache.finalize import object_digest
 

@@ -1,4 +1,4 @@
-"""The typed attribute records (``kt_cache.records``): ``StoreMeta`` and ``TeacherRecord`` read every attribute a
+"""The typed attribute records (``kt_cache.store.records``): ``StoreMeta`` and ``TeacherRecord`` read every attribute a
 store holds and write it back unchanged, keep keys they do not model through every rewrite, refuse damaged
 types naming the key, and are the only code that writes the attributes."""
 
@@ -15,7 +15,7 @@ from extract_helpers import cnn_teacher, extract, make_image_folder, write_manif
 
 from kt_cache.cli import cli
 from kt_cache.errors import StoreError
-from kt_cache.records import StoreMeta, TeacherRecord
+from kt_cache.store.records import StoreMeta, TeacherRecord
 from kt_cache.store import StoreReader
 
 V1 = Path(__file__).parent / "data" / "store-v1.zarr"
@@ -82,7 +82,7 @@ def test_a_damaged_type_is_refused_naming_the_key(project, tmp_path, where, key,
 
 
 def test_only_the_records_module_writes_store_attributes():
-    """Every write of ``attrs["ktc"]`` / ``attrs["ktc_teacher"]`` goes through ``kt_cache.records``."""
+    """Every write of ``attrs["ktc"]`` / ``attrs["ktc_teacher"]`` goes through ``kt_cache.store.records``."""
     package = Path(__file__).resolve().parents[1] / "kt_cache"
     write = re.compile(r"\.attrs\[[^\]]*(ROOT_ATTR|TEACHER_ATTR|\"ktc\"|\"ktc_teacher\")[^\]]*\]\s*=")
     writers = [f"{path.name}:{n}" for path in sorted(package.rglob("*.py")) if path.name != "records.py"

@@ -250,7 +250,7 @@ def test_many_new_shards_are_scanned_in_parallel_processes_to_the_same_listing(t
 def test_an_interrupted_extraction_resumes_by_unit_to_the_same_store(project: Path, monkeypatch):
     from extract_helpers import store_files
 
-    import kt_cache.store as store_format
+    import kt_cache.store.format as store_format
 
     manifest = shard_manifest(project, "shards/train-{000..001}.tar", store="clean.zarr")
     assert extract(manifest).exit_code == 0

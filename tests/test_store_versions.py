@@ -139,7 +139,7 @@ def test_upgrade_never_vouches_for_damage(tmp_path):
 
 
 def test_an_interrupted_upgrade_is_finished_by_a_rerun(tmp_path, monkeypatch):
-    import kt_cache.upgrade as upgrade
+    import kt_cache.store.upgrade as upgrade
 
     store = tmp_path / "up.zarr"
     shutil.copytree(V1, store)

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from kt_cache.cli import cli
 from kt_cache.finalize import write_object_manifest
-from kt_cache.verify import verify_store
+from kt_cache.store.verify import verify_store
 
 TEMP = "0123456789abcdef0123456789abcdef"
 

@@ -14,8 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 from extract_helpers import cnn_teacher, finished_project, store_files, write_manifest
-from kt_cache import sharing
-from kt_cache import store as fmt
+from kt_cache.store import sharing
+from kt_cache.store import format as fmt
 from kt_cache.cli import cli
 
 

@@ -15,7 +15,7 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-import kt_cache.store as fmt
+import kt_cache.store.format as fmt
 from extract_helpers import cnn_teacher, make_image_folder, vit_teacher, write_manifest
 from kt_cache.cli import cli
 from kt_cache.store import StoreReader

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kt_cache import store_checks as checks
+from kt_cache.store import checks
 from kt_cache.errors import StoreError
 
 FORMAT_NAME = "ktc"

@@ -153,7 +153,7 @@ def range_checked_store_class() -> type:
 
 
 def __getattr__(name: str) -> Any:
-    # lets pickle find the class built above as kt_cache.remote.RangeCheckedStore
+    # lets pickle find the class built above as kt_cache.store.location.RangeCheckedStore
     if name == "RangeCheckedStore":
         return range_checked_store_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

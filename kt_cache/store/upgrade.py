@@ -16,13 +16,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kt_cache import store as fmt
+from kt_cache.store import format as fmt
 from kt_cache.errors import StoreError, UsageError
 
 
 def local_store(store: str) -> Path:
     """The store folder behind ``store``; an upgrade rewrites metadata, so URLs and packed stores are refused."""
-    from kt_cache.remote import parse_location
+    from kt_cache.store.location import parse_location
 
     folder = parse_location(store).local_folder
     if folder is None:

@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from kt_cache import store as fmt
-from kt_cache import store_checks as checks
+from kt_cache.store import format as fmt
+from kt_cache.store import checks
 from kt_cache.codecs import MISSING_CODE
 from kt_cache.errors import StoreError
-from kt_cache.remote import TEMP_FILE, get_bytes, get_many, list_keys
+from kt_cache.store.location import TEMP_FILE, get_bytes, get_many, list_keys
 
 BATCH_BYTES = 256 << 20          # objects hashed / rows decoded per step
 TEMP_MIN_AGE_S = 60              # younger temp files may belong to a running writer

@@ -1,7 +1,7 @@
 """The store reader: ``StoreReader`` and the row reads every command goes through.
 
 Everything taken from a store (sizes, dtypes, codecs, ids, attributes) is checked before use
-(``kt_cache.store_checks``); a listed object that is missing, or one that does not decode, is a
+(``kt_cache.store.checks``); a listed object that is missing, or one that does not decode, is a
 ``StoreError`` naming the array, the object key and the fix, never fill values passed off as data.
 The layout itself is defined in ``kt_cache.store``, which re-exports these names.
 """
@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from kt_cache import store_checks as checks
+from kt_cache.store import checks
 from kt_cache.errors import StoreError
-from kt_cache.records import StoreMeta, TeacherRecord, read_store_meta, read_teacher_record
-from kt_cache.store import OBJECT_MANIFEST, open_root
+from kt_cache.store.records import StoreMeta, TeacherRecord, read_store_meta, read_teacher_record
+from kt_cache.store.format import OBJECT_MANIFEST, open_root
 
 
 def read_rows(array: Any, path: str, where: str, rows: slice = slice(None), view: int | None = None) -> np.ndarray:
@@ -83,13 +83,13 @@ class CheckedRows:
 class StoreReader:
     """Read-only, validated view of a ktc store: root metadata, samples, teachers and their arrays.
 
-    ``store`` is a local path, ``file://``, ``zip://`` or any fsspec URL (``kt_cache.remote``), or a zarr Store.
+    ``store`` is a local path, ``file://``, ``zip://`` or any fsspec URL (``kt_cache.store.location``), or a zarr Store.
     Everything taken from the store (sizes, dtypes, codecs, ids, attributes) is checked before use.
     """
 
     def __init__(self, store: Any, consolidated: bool | None = None,
                  storage_options: dict[str, Any] | None = None) -> None:
-        from kt_cache.remote import open_store, parse_location
+        from kt_cache.store.location import open_store, parse_location
 
         self.where = str(store)
         self.location = parse_location(store) if isinstance(store, (str, Path)) else None
@@ -241,7 +241,7 @@ class StoreReader:
         start, stop, _ = rows.indices(int(array.shape[0]))
         blocks = {object_key(array, path, b): b for b in range(start // step, -(-stop // step))}
         todo = [key for key in blocks if key in listed and key not in self._present]
-        from kt_cache.remote import exists_many
+        from kt_cache.store.location import exists_many
 
         found = exists_many(self.store, todo)
         self._present.update(key for key, ok in zip(todo, found) if ok)
@@ -288,7 +288,7 @@ class StoreReader:
 
     def object_manifest(self) -> dict[str, dict[str, Any]] | None:
         """``ktc-objects.json`` (key -> size, sha256), validated; None when the store has none."""
-        from kt_cache.remote import get_bytes
+        from kt_cache.store.location import get_bytes
 
         raw = get_bytes(self.store, OBJECT_MANIFEST)
         return None if raw is None else checks.parse_object_manifest(raw, self.where)

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from kt_cache import store as fmt
-from kt_cache import store_checks as checks
+from kt_cache.store import format as fmt
+from kt_cache.store import checks
 from kt_cache.errors import StoreError, StoreMismatchError, UsageError, did_you_mean
-from kt_cache.remote import get_many, list_keys
+from kt_cache.store.location import get_many, list_keys
 from kt_cache.staging import staged_output
 
 BATCH = 64                          # objects per concurrent fetch

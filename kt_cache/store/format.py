@@ -1,4 +1,4 @@
-"""Store format v2: the single definition of the ktc Zarr v3 layout, with its writer (reader: store_reader).
+"""Store format v2: the single definition of the ktc Zarr v3 layout, with its writer (reader: ``kt_cache.store.reader``).
 
 Layout (docs/store-format.md is the user-facing description of exactly this)::
 
@@ -24,7 +24,7 @@ v2 (this ktc writes it; v1 stays readable): feature statistics are the array ``s
 lists in ``attrs["ktc_teacher"]["feature_stats"]``), and a teacher whose logits are the dataset's classes
 records ``class_names: "dataset"`` instead of repeating the list, so consolidated metadata stays small at
 hundreds of teachers. ``StoreReader.teacher_record`` and ``StoreReader.feature_stats`` read both versions.
-The attributes themselves are typed records (``kt_cache.records``: ``StoreMeta``, ``TeacherRecord``), the only
+The attributes themselves are typed records (``kt_cache.store.records``: ``StoreMeta``, ``TeacherRecord``), the only
 code that parses or writes them.
 
 Rules: arrays are chunked along N, teacher outputs also along V (one view per inner chunk, so a reader
@@ -44,10 +44,10 @@ from typing import Any
 
 import numpy as np
 
-from kt_cache import store_checks as checks
+from kt_cache.store import checks
 from kt_cache.codecs import MISSING_CODE
 from kt_cache.errors import StoreError
-from kt_cache.records import (  # the attribute records and their names are part of the format (re-exported)
+from kt_cache.store.records import (  # the attribute records and their names are part of the format (re-exported)
     DATASET_CLASSES, FORMAT_NAME, FORMAT_VERSION, ROOT_ATTR, TEACHER_ATTR, StoreMeta, TeacherRecord, read_store_meta,
     read_teacher_record, write_store_meta, write_teacher_record,
 )
@@ -278,8 +278,8 @@ def check_same_images(root: Any, rows: slice, digests: np.ndarray) -> None:
 
 
 def open_group(store: Any, mode: str = "r", consolidated: bool | None = None) -> Any:
-    """Open a store's root group (Zarr v3 only): a local path, a URL (read-only, see ``kt_cache.remote``) or a Store."""
-    from kt_cache.remote import open_store
+    """Open a store's root group (Zarr v3 only): a local path, a URL (read-only, see ``kt_cache.store.location``) or a Store."""
+    from kt_cache.store.location import open_store
 
     target = open_store(store) if mode == "r" and isinstance(store, (str, Path)) else store
     return open_root(target, str(store), mode, consolidated)
@@ -319,7 +319,7 @@ def unreachable_message(where: str, err: BaseException) -> str:
 
 
 def root_document(target: Any) -> bytes | None:
-    from kt_cache.remote import get_bytes
+    from kt_cache.store.location import get_bytes
 
     try:
         return get_bytes(target, "zarr.json")
@@ -328,7 +328,7 @@ def root_document(target: Any) -> bytes | None:
 
 
 # The reader lives in its own module beside this one; ``kt_cache.store.StoreReader`` stays its public name.
-from kt_cache.store_reader import (  # noqa: E402,F401
+from kt_cache.store.reader import (  # noqa: E402,F401
     CheckedRows, StoreReader, bad_objects, missing_objects_error, object_key, read_rows,
 )
 
