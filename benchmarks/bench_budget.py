@@ -159,10 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     result = run(args.work, args.rows, args.teachers, [float(b) for b in args.budgets.split(",")])
-    print("\n".join(render(result)))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    return result
+    return common.print_and_save(result, render(result), args.out)
 
 
 if __name__ == "__main__":

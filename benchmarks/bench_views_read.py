@@ -24,7 +24,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import threading
 import time
@@ -190,10 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     result = run(args.work, args.images, args.epochs)
-    print("\n".join(render(result)))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    return result
+    return common.print_and_save(result, render(result), args.out)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,14 @@ def save_result(name: str, data: dict[str, Any]) -> Path:
     return path
 
 
+def print_and_save(result: dict[str, Any], lines: list[str], out: Path) -> dict[str, Any]:
+    """A script's rendered section printed, its raw result written to ``out`` (JSON)."""
+    print("\n".join(lines))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
