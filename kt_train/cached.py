@@ -39,6 +39,11 @@ GiB = 1 << 30
 ALL_FIELDS = frozenset({"features", "logits", "featmaps", "label_logit", "lse", "logit_mean", "logit_std"})
 
 
+def view_row_bytes(array: Any) -> int:
+    """Bytes of one row of one view of ``array [N, V, ...]``: what a streamed block holds per row."""
+    return int(array.nbytes) // max(1, int(array.shape[0]) * int(array.shape[1]))
+
+
 class CachedTeachers:
     """The selected teachers' stored outputs, held for cheap per-batch gathers (main process only).
 
@@ -125,7 +130,7 @@ class CachedTeachers:
 
     def _stream(self, arrays: dict[tuple[int, str], StackedSource], budget: int, block_rows: int | None) -> None:
         if block_rows is None:     # a cache entry is one view of a block (``sampler.block_views``)
-            row_bytes = sum(int(a.nbytes) // max(1, a.shape[0] * a.shape[1]) for a in arrays.values())
+            row_bytes = sum(view_row_bytes(a) for a in arrays.values())
             floor = max(int(a.chunks[0]) for a in arrays.values())
             block_rows = self.block_rows
             while block_rows > floor and block_rows * row_bytes * 2 * self.window_blocks > budget:
@@ -191,8 +196,8 @@ class CachedTeachers:
         """Bytes the teacher arrays take in RAM, bounded together by ``ram_budget_bytes``: ``held_bytes`` (loaded at
         start-up) and ``stream_buffer_bytes`` (every block cache full: two sampler windows of one view, plus one
         block per read-ahead thread being decoded); the rows of a streamed block and how many arrays stream."""
-        buffers = sum(self.block_rows * (int(cache.array.nbytes) // max(1, cache.n_rows * int(cache.array.shape[1])))
-                      * (cache.capacity + 2) for cache in self.group_caches.values())
+        buffers = sum(self.block_rows * view_row_bytes(cache.array) * (cache.capacity + 2)
+                      for cache in self.group_caches.values())
         return {"ram_budget_bytes": self.ram_budget_bytes,
                 "held_bytes": sum(int(table.nbytes) for table in self.held.values()),
                 "stream_buffer_bytes": int(buffers), "streamed_arrays": len(self.group_caches),
