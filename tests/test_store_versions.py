@@ -67,6 +67,27 @@ def test_v2_keeps_statistics_in_an_array_and_refers_to_the_dataset_classes(both)
     assert per_teacher[1] < per_teacher[0] / 4            # 512 floats x 2 as JSON leave the attributes
 
 
+def test_consolidated_nodes_leave_out_the_specs_defaults_and_parse_like_their_own_documents(both):
+    """Every reader parses the root document: spec defaults zarr writes in full are left out there, and each
+    node still parses to exactly the metadata of its own ``zarr.json``."""
+    from zarr.core.metadata import ArrayV3Metadata
+
+    store = both["v2"]
+    nodes = json.loads((store / "zarr.json").read_text())["consolidated_metadata"]["metadata"]
+    text = json.dumps(nodes)
+    assert '"attributes": {}' not in text and '"storage_transformers"' not in text and '"index_location"' not in text
+    assert '"separator"' not in text
+    arrays = {k: v for k, v in nodes.items() if v["node_type"] == "array"}
+    assert any(v["codecs"][0]["name"] == "sharding_indexed" for v in arrays.values())
+    for key, node in arrays.items():
+        own = json.loads((store / key / "zarr.json").read_text())
+        parsed = [json.dumps(ArrayV3Metadata.from_dict(dict(doc)).to_dict(), default=str, sort_keys=True)
+                  for doc in (node, own)]
+        assert parsed[0] == parsed[1], key
+    lse = zarr.open_group(str(store), mode="r")["teachers/cnn32/logits_lse"]
+    assert lse.shards is None and lse.chunks == (2, 2)      # per-view scalars: one plain chunk per unit
+
+
 def test_every_command_reads_a_v1_store_and_trains_the_same_student(both):
     runner, base = CliRunner(), both["base"]
     info = runner.invoke(cli, ["info", str(both["v1"])])

@@ -223,7 +223,7 @@ def check_consolidation(reader: fmt.StoreReader, manifest: dict[str, Any] | None
     for teacher_id in reader.teacher_ids():
         node = f"teachers/{teacher_id}"
         own = (json_document(reader, f"{node}/zarr.json") or {}).get("attributes")
-        if own is not None and own != (nodes.get(node) or {}).get("attributes"):
+        if own is not None and own != ((nodes.get(node) or {}).get("attributes") or {}):   # {} is left out there
             report.add(node, f"{node}/zarr.json", f"attributes differ from the consolidated copy (stale). {fix}")
 
 

@@ -64,8 +64,10 @@ def per_view_arrays(store):
 
 def test_new_stores_have_one_view_chunks_and_old_ones_still_verify(store, old_store):
     for tid, name, array in per_view_arrays(store):
-        if name != "done":
+        if array.ndim > 2:      # vectors: one view per inner chunk, one shard per unit
             assert array.chunks[1] == 1 and tuple(array.shards) == (4, *array.shape[1:]), (tid, name)
+        elif name != "done":    # per-view scalars (LSE, label logit): one plain chunk per unit, every view
+            assert array.shards is None and tuple(array.chunks) == (4, VIEWS), (tid, name)
     for tid, name, array in per_view_arrays(old_store):
         if name != "done":
             assert array.chunks[1:] == array.shape[1:], (tid, name)
