@@ -29,6 +29,41 @@ def fusable(params: list[torch.Tensor]) -> bool:
     return bool(params) and all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)
 
 
+ADAMW_STATE = 4     # float32 copies per trainable parameter: the value, its gradient, AdamW's two moments
+
+
+def model_memory(run: Run) -> dict[str, int]:
+    """Trainable parameters of the students and of the method (heads, adapters), and the bytes they take with
+    their gradients and AdamW moments: the run's memory beside the teacher arrays, whatever the budget."""
+    student = sum(p.numel() for s in run.students for p in s.parameters() if p.requires_grad)
+    method = sum(p.numel() for p in run.method.parameters() if p.requires_grad)
+    return {"student_params": student, "method_params": method,
+            "model_state_bytes": ADAMW_STATE * 4 * (student + method)}
+
+
+def describe_model_memory(model: dict[str, int], machine_bytes: int | None, method: str) -> str:
+    """The ``memory: model ...`` line; a warning when the state needs more than half of the device's memory."""
+    gib = float(1 << 30)
+    line = (f"memory: model {model['student_params'] / 1e6:.1f} M (student) + {model['method_params'] / 1e6:.1f} M "
+            f"({method}) trainable parameters, {model['model_state_bytes'] / gib:.2f} GiB with gradients and AdamW "
+            "moments")
+    if machine_bytes and model["model_state_bytes"] > machine_bytes / 2:
+        line += (f". Warning: that is more than half of this device's {machine_bytes / gib:.1f} GiB, and the run may "
+                 "be killed for memory. Fix: narrower method heads (uniform/avg: --opt hidden=512 or less; "
+                 "docs/methods.md), fewer teachers, or a device with more memory")
+    return line
+
+
+def device_memory_bytes(device: torch.device) -> int | None:
+    """Total memory of the device the model state lives on (physical RAM for the CPU)."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def make_optimizer(run: Run, steps: int) -> tuple[Any, Any, Any]:
     from timm.scheduler import CosineLRScheduler
 
@@ -109,8 +144,10 @@ def train(config: TrainConfig, show_progress: bool = True,
         run = build_run(config, info.rank, info.world, info.local_rank)
         for note in run.notes if notify is not None and info.is_main else ():
             notify(f"note: {note}")
+        model_state = model_memory(run)
         if notify is not None and info.is_main:
             notify(run.cached.describe_memory())
+            notify(describe_model_memory(model_state, device_memory_bytes(run.device), config.method))
         model = wrap(Trainable(run.students, run.method), info, run.device)
         per_epoch = len(run.loader)
         total = min(config.epochs * per_epoch, config.max_steps or config.epochs * per_epoch)
@@ -122,7 +159,7 @@ def train(config: TrainConfig, show_progress: bool = True,
             if not config.resume and (out / "metrics.jsonl").exists():
                 os.remove(out / "metrics.jsonl")
         log = MetricsLog(out, enabled=info.is_main)
-        log.write({"kind": "memory", **run.cached.memory_plan()})
+        log.write({"kind": "memory", **run.cached.memory_plan(), **model_state})
         while epoch < config.epochs and step < total:
             start = time.perf_counter()
             step = train_epoch(run, model, epoch, step, total, opt, log, info, show_progress)

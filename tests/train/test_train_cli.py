@@ -144,6 +144,9 @@ def test_a_small_ram_budget_streams_and_trains_the_same_student(store32, tmp_pat
         assert all(r["peak_rss_mib"] > 0 for r in records if r["kind"] == "epoch")
         runs[name] = load_file(str(tmp_path / name / "student.safetensors"))
     assert all(torch.equal(runs["ram"][k], runs["streamed"][k]) for k in runs["ram"])
+    model = {k: plans["ram"][k] for k in ("student_params", "method_params", "model_state_bytes")}
+    assert model["student_params"] > 0 and model["method_params"] > 0     # uniform's heads / kpu's adapters
+    assert model["model_state_bytes"] == 16 * (model["student_params"] + model["method_params"])
     held_all = sum(a.nbytes for table in held.tables.values() for a in table.values())
     assert plans["ram"]["streamed_arrays"] == 0 and plans["ram"]["held_bytes"] == held_all
     plan = plans["streamed"]      # what is held plus the stream buffers stays within the budget
@@ -151,6 +154,22 @@ def test_a_small_ram_budget_streams_and_trains_the_same_student(store32, tmp_pat
     assert 0 < plan["held_bytes"] + plan["stream_buffer_bytes"] <= plan["ram_budget_bytes"]
     bad = invoke("train", "--cache", store32 / "out.zarr", "--out", tmp_path / "bad", *COMMON, "--ram-budget-gb", "0")
     assert bad.exit_code == 2 and "--ram-budget-gb 0.0: must be > 0" in bad.output
+
+
+def test_the_run_states_its_model_memory_and_warns_when_it_outgrows_the_device(store32, tmp_path, monkeypatch):
+    """Beside the teacher arrays, the run prints the students' and the method's trainable parameters with what they
+    take under AdamW, and warns (with the fix) when that is more than half of the device's memory."""
+    import kt_train.loop
+
+    result = invoke("train", "--cache", store32 / "out.zarr", "--out", tmp_path / "plain", *COMMON, "--method", "uniform")
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()[0])
+    line = next(x for x in result.output.splitlines() if x.startswith("memory: model"))
+    assert f"{record['method_params'] / 1e6:.1f} M (uniform) trainable parameters" in line and "Warning" not in line
+    monkeypatch.setattr(kt_train.loop, "device_memory_bytes", lambda device: record["model_state_bytes"])
+    small = invoke("train", "--cache", store32 / "out.zarr", "--out", tmp_path / "small", *COMMON, "--method", "uniform")
+    assert small.exit_code == 0, small.output
+    assert "more than half of this device's" in small.output and "--opt hidden=512" in small.output
 
 
 def test_evaluation_reads_the_teachers_within_the_runs_budget(store32, tmp_path, monkeypatch):
