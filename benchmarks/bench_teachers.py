@@ -63,9 +63,11 @@ def uniform_train_bytes(store: Path, hidden: int | None = None) -> int:
     gradients and AdamW's two moments: 4 fp32 copies of every parameter."""
     from kt_cache.store import StoreReader
 
+    from kt_train.methods.uniform import DEFAULT_HIDDEN
+
     reader = StoreReader(store)
     dim = student_dim()
-    params, h = 0, hidden or dim
+    params, h = 0, hidden or min(dim, DEFAULT_HIDDEN)
     for tid in reader.teacher_ids():
         d = int(reader.teacher_attrs(tid)["feature_dim"])
         params += (d * h + h + h * dim + dim) + (dim * h + h + h * d + d)   # encoder + decoder

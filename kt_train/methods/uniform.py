@@ -51,6 +51,12 @@ from kt_train.methods.voting import (
 )
 
 
+# The default MLP width caps at 512: with a 2048-wide student (ResNet-50) width D makes 100 teachers' heads 1.2 B
+# parameters (18 GiB under AdamW); on the digits zoo with D = 2048, 512 scores within the seeds' spread of D
+# (docs/benchmarks.md, "UNIFORM's head width with a 2048-wide student"). Students with D <= 512 are unchanged.
+DEFAULT_HIDDEN = 512
+
+
 @dataclass(frozen=True)
 class AvgOptions(MethodOptions):
     """Options shared by AVG and UNIFORM (docs/methods.md)."""
@@ -62,7 +68,7 @@ class AvgOptions(MethodOptions):
     target: Literal["auto", "mean_prob", "concat_logits"] = "auto"   # p̂: auto = concat iff coverages differ
     rec_reduction: Literal["mean", "sum"] = "mean"       # ℓ_rec over teachers (U7)
     head: Literal["mlp", "linear", "identity"] = "mlp"   # encoder/decoder (U9); identity needs d_t = D
-    hidden: int | None = None                            # MLP width; None = D
+    hidden: int | None = None                            # MLP width; None = min(D, DEFAULT_HIDDEN)
     latent_norm: bool = False                            # LayerNorm (no affine) on u_i: collapse guard
     detach_target: bool = False                          # sg(x̂): encoders trained by ℓ_rec only (U8)
     zscore: bool = True                                  # z-score cached x^t with store stats (U13)
@@ -171,7 +177,7 @@ class Uniform(Method):
         """One encoder / decoder / z-score per group of equal ``d_t``; members drawn in the order the
         per-teacher heads were (each teacher's encoder, then its decoder), so a seed gives the same heads."""
         o, D = self.options, dims.student_dim
-        h = o.hidden or D
+        h = o.hidden or min(D, DEFAULT_HIDDEN)
         for key, ids in self.feature_groups.items():
             d = dims.teacher(ids[0]).feature_dim
             self.encoders[key] = grouped_head(o.head, len(ids), d, h, D, reset=False)   # type: ignore[arg-type]

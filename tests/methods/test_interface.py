@@ -96,6 +96,17 @@ def test_heads_are_saved_per_dim_group_and_old_per_teacher_keys_load():
     assert torch.equal(uniform.state_dict()["zscores.d5.mean"][1], old["zscores.b.mean"])
 
 
+@pytest.mark.parametrize("method", ["uniform", "avg"])
+def test_head_width_defaults_to_the_students_width_capped_at_512(method):
+    """``hidden`` unset: the encoders and decoders are min(D, 512) wide (at D = 2048, width D would make 100
+    teachers' heads 1.2 B parameters); an explicit ``hidden`` is what is built, also above D."""
+    stats = dict(feature_mean=torch.zeros(5), feature_std=torch.ones(5))
+    for D, options, width in ((256, {}, 256), (2048, {}, 512), (2048, {"hidden": 1024}, 1024), (256, {"hidden": 600}, 600)):
+        heads = build_method(method, options, MethodDims(D, 3, (TeacherInfo("a", feature_dim=5, **stats),))).state_dict()
+        assert heads["encoders.d5.fc1.weight"].shape == (1, 5, width) and heads["decoders.d5.fc2.weight"].shape == (1, width, 5)
+        assert heads["encoders.d5.fc2.weight"].shape == (1, width, D)
+
+
 def test_missing_inputs_raise_clear_errors():
     tb = batch(["B"], logits={"B": t(ZB, torch.float32)})
     with pytest.raises(ValueError, match="needs labels"):
