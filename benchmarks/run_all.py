@@ -160,8 +160,22 @@ def teachers_r50_section() -> str:
              "10-20 s, so only 4 rounds were timed, on the shared 2 cores while other jobs ran: a ratio carries about "
              f"+-10 % of noise (kd at 10 teachers, nearly plain CE's work, measured "
              f"{r['results']['kd, 10 cached']['vs_plain_ce']:.2f}x).", "",
-             *teacher_rows(r, {"results": {}}, r.get("student_dim", 2048)), "", *capped_default(r)]
+             *teacher_rows(r, {"results": {}}, r.get("student_dim", 2048)), "", *capped_default(r), *r50_at_1000()]
     return "\n".join(lines) + "\n"
+
+
+def r50_at_1000() -> list[str]:
+    """``bench_teachers.py --student resnet50 --img-size 224 --counts 1000 --save-as teachers_r50_1000``."""
+    saved = common.RESULTS / "teachers_r50_1000.json"
+    if not saved.exists():
+        return []
+    r = json.loads(saved.read_text())
+    return ["At 1000 teachers, a separate run (`--counts 1000 --steps "
+            f"{r['steps']} --save-as teachers_r50_1000`, {r['warmup']} warm-up round): UNIFORM's default heads (width "
+            "512) would need the memory in the note below, so it runs with `hidden=64`, as the resnet18 table does. Other "
+            "jobs shared the 2 cores during this run (a round's CE step took 6 to 17 s); each ratio is the median of "
+            "same-round ratios, so it carries more noise than the step seconds suggest, about +-20 %.", "",
+            *teacher_rows(r, {"results": {}}, 2048, "512, the default min(D, 512), with D = 2048"), ""]
 
 
 def capped_default(r: dict[str, Any]) -> list[str]:
@@ -190,7 +204,7 @@ def uniform_cost(r: dict[str, Any]) -> list[str]:
             "calls, not that arithmetic: the 1.5x target needs smaller heads (`hidden`) or an accelerator.", ""]
 
 
-def teacher_rows(r: dict[str, Any], before: dict[str, Any], dim: int = 512) -> list[str]:
+def teacher_rows(r: dict[str, Any], before: dict[str, Any], dim: int = 512, width: str = "") -> list[str]:
     """The table of ``teachers_section``: one row per loop, then a note per loop not run."""
     rows = ["| loop | step s | vs plain CE | before | target | verdict | gather + TeacherBatch ms | head params MiB |",
             "|---|---|---|---|---|---|---|---|"]
@@ -203,7 +217,7 @@ def teacher_rows(r: dict[str, Any], before: dict[str, Any], dim: int = 512) -> l
                     f"{verdict} | {e.get('gather_s', 0) * 1000:.0f} | {e.get('head_param_bytes', 0) / 2**20:.0f} |")
     for name, skip in r.get("skipped", {}).items():
         rows.append(f"| {name} | not run | - | - | {targets[name]['target']} | MISS | - | - |")
-        notes.append(f"`{name}` was not run: its heads (an MLP encoder and decoder of width D = {dim} per "
+        notes.append(f"`{name}` was not run: its heads (an MLP encoder and decoder of width {width or f'D = {dim}'} per "
                      f"teacher) with their gradients and AdamW moments need {skip['needs_bytes'] / 2**30:.1f} GiB, "
                      f"more than half of the memory available ({2 * skip['cap_bytes'] / 2**30:.1f} GiB).")
     return rows + ([""] + notes if notes else [])
