@@ -72,7 +72,7 @@ def main() -> None:
     written = plots(*results, args.img)
     args.doc.parent.mkdir(parents=True, exist_ok=True)
     args.doc.write_text(write_doc(*results, durations) + stream_section() + budget_section() + views_read_section()
-                        + teachers_section() + teachers_r50_section() + heads_wide_section() + compact_section() + metadata_section(),
+                        + teachers_section() + teachers_r50_section() + heads_wide_section() + compact_section() + featmap_study_section() + metadata_section(),
                         encoding="utf-8")
     print(f"\nwrote {args.doc} and " + ", ".join(str(args.img / name) for name in written))
 
@@ -231,6 +231,16 @@ def heads_wide_section() -> str:
     import digits_heads
 
     return "\n" + "\n".join(digits_heads.render(json.loads(saved.read_text())))
+
+
+def featmap_study_section() -> str:
+    """``benchmarks/featmap_study.py``: a measured feature-map codec design beyond ``ktc compact`` (run on its own)."""
+    saved = common.RESULTS / "featmap_study.json"
+    if not saved.exists():
+        return ""
+    import featmap_study
+
+    return "\n" + "\n".join(featmap_study.render(json.loads(saved.read_text())))
 
 
 def metadata_section() -> str:
