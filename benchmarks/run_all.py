@@ -71,10 +71,23 @@ def main() -> None:
     results = [load(n) for n in NAMES]
     written = plots(*results, args.img)
     args.doc.parent.mkdir(parents=True, exist_ok=True)
-    args.doc.write_text(write_doc(*results, durations) + stream_section() + budget_section() + views_read_section()
-                        + teachers_section() + teachers_r50_section() + heads_wide_section() + compact_section() + featmap_study_section() + metadata_section(),
+    args.doc.write_text(write_doc(*results, durations) + stream_section() + saved_section("budget", "bench_budget")
+                        + saved_section("views_read", "bench_views_read") + teachers_section() + teachers_r50_section()
+                        + saved_section("heads_wide", "digits_heads") + compact_section()
+                        + saved_section("featmap_study", "featmap_study") + saved_section("metadata", "bench_metadata"),
                         encoding="utf-8")
     print(f"\nwrote {args.doc} and " + ", ".join(str(args.img / name) for name in written))
+
+
+def saved_section(results: str, script: str) -> str:
+    """The section a benchmark run on its own renders (``<script>.render``) from ``results/<results>.json``;
+    empty until that benchmark has saved its results."""
+    import importlib
+
+    saved = common.RESULTS / f"{results}.json"
+    if not saved.exists():
+        return ""
+    return "\n" + "\n".join(importlib.import_module(script).render(json.loads(saved.read_text())))
 
 
 def stream_section() -> str:
@@ -102,24 +115,6 @@ def stream_section() -> str:
     return "\n".join(lines) + "\n"
 
 
-def budget_section() -> str:
-    """``benchmarks/bench_budget.py``'s table (run on its own), from its saved results."""
-    saved = common.RESULTS / "budget.json"
-    if not saved.exists():
-        return ""
-    import bench_budget
-
-    return "\n" + "\n".join(bench_budget.render(json.loads(saved.read_text())))
-
-
-def views_read_section() -> str:
-    """``benchmarks/bench_views_read.py``'s table (run on its own), from its saved results."""
-    saved = common.RESULTS / "views_read.json"
-    if not saved.exists():
-        return ""
-    import bench_views_read
-
-    return "\n" + "\n".join(bench_views_read.render(json.loads(saved.read_text())))
 
 
 def teachers_section() -> str:
@@ -223,34 +218,7 @@ def teacher_rows(r: dict[str, Any], before: dict[str, Any], dim: int = 512, widt
     return rows + ([""] + notes if notes else [])
 
 
-def heads_wide_section() -> str:
-    """``benchmarks/digits_heads.py``: UNIFORM's head width with a 2048-wide student (run on its own)."""
-    saved = common.RESULTS / "heads_wide.json"
-    if not saved.exists():
-        return ""
-    import digits_heads
 
-    return "\n" + "\n".join(digits_heads.render(json.loads(saved.read_text())))
-
-
-def featmap_study_section() -> str:
-    """``benchmarks/featmap_study.py``: a measured feature-map codec design beyond ``ktc compact`` (run on its own)."""
-    saved = common.RESULTS / "featmap_study.json"
-    if not saved.exists():
-        return ""
-    import featmap_study
-
-    return "\n" + "\n".join(featmap_study.render(json.loads(saved.read_text())))
-
-
-def metadata_section() -> str:
-    """``benchmarks/bench_metadata.py``'s table (run on its own), from its saved results."""
-    saved = common.RESULTS / "metadata.json"
-    if not saved.exists():
-        return ""
-    import bench_metadata
-
-    return "\n" + "\n".join(bench_metadata.render(json.loads(saved.read_text())))
 
 
 def compact_section() -> str:
