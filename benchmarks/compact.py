@@ -9,7 +9,9 @@ Parts (one command runs all; results in ``OUT/compact.json``; with ``--doc`` als
    (1280) and a 4x4 feature map (1280 channels). Each codec is applied with ``ktc compact``; its recorded
    error (measured over every stored vector) is reported with the bytes per sample-view-teacher, before and
    after zstd. ``pca:K`` is fitted on the very rows it encodes, so a *held-out* cosine (basis and int8 range
-   fitted on even units, measured on odd units) is reported too: what a store of unseen images would get.
+   fitted on even units, measured on odd units) is reported too: rows the fit has not seen, but crops of the
+   same 12 photos (the store's rows are a random permutation). On photos unseen at fit time the bases do much
+   worse (``benchmarks/featmap_study.py``).
 2. **Digits.** The digits benchmark's teacher zoo (``benchmarks/digits_zoo.py``), its store compacted; ``kd`` and
    ``uniform`` students (3 seeds) from the fp16 store and from the compact store, top-1 mean and spread, and
    the training loop's samples/s.
@@ -214,7 +216,8 @@ def markdown(result: dict) -> str:
     lines = ["### `ktc compact`: codecs with real weights (EfficientNet-Lite0, ImageNet weights, photo crops)", "",
              f"{result['photos']} crops of the scikit-image photos x 4 views; `ktc compact` records the error over "
              "every stored vector (in-sample for PCA); *held out*: basis and int8 range fitted on even units, cosine "
-             "measured on odd units. Bytes are per sample-view-teacher (features) or per sample-view-teacher map "
+             "measured on odd units (unseen crops, not unseen photos: both halves hold crops of every photo; on photos "
+             "unseen at fit time the bases generalise much worse, see the feature-map codec section). Bytes are per sample-view-teacher (features) or per sample-view-teacher map "
              "(featmap, 4x4 cells).", "",
              "| array | codec | code bytes | vs fp32 | vs fp16 | stored, zstd (fp16 stored) | parameters | mean cos | "
              "worst decile | rel. MSE | held-out cos |",
