@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from kt_cache.errors import KtError
 from kt_train.checkpoint import load_checkpoint, save_checkpoint
 from kt_train.config import TrainConfig, save_config
 from kt_train.distributed import DistInfo, Trainable, barrier, init_distributed, mean_over_ranks, shutdown, wrap
@@ -52,6 +53,18 @@ def describe_model_memory(model: dict[str, int], machine_bytes: int | None, meth
                  "be killed for memory. Fix: narrower method heads (uniform/avg: --opt hidden=512 or less; "
                  "docs/methods.md), fewer teachers, or a device with more memory")
     return line
+
+
+def check_model_fits(model: dict[str, int], machine_bytes: int | None, method: str) -> None:
+    """Refuse a run whose parameters, gradients and AdamW moments alone exceed the device's memory: it would be
+    killed at its first optimizer step, after minutes of loading, instead of told now."""
+    if machine_bytes and model["model_state_bytes"] > machine_bytes:
+        gib = float(1 << 30)
+        raise KtError(f"ktc train --method {method}: the student and method hold "
+                      f"{(model['student_params'] + model['method_params']) / 1e6:.1f} M trainable parameters, "
+                      f"{model['model_state_bytes'] / gib:.1f} GiB with gradients and AdamW moments, more than this "
+                      f"device's {machine_bytes / gib:.1f} GiB of memory. Fix: narrower method heads (uniform/avg: "
+                      "--opt hidden=64; docs/methods.md), fewer teachers (--teachers), or a device with more memory.")
 
 
 def device_memory_bytes(device: torch.device) -> int | None:
@@ -145,6 +158,7 @@ def train(config: TrainConfig, show_progress: bool = True,
         for note in run.notes if notify is not None and info.is_main else ():
             notify(f"note: {note}")
         model_state = model_memory(run)
+        check_model_fits(model_state, device_memory_bytes(run.device), config.method)
         if notify is not None and info.is_main:
             notify(run.cached.describe_memory())
             notify(describe_model_memory(model_state, device_memory_bytes(run.device), config.method))
