@@ -140,7 +140,7 @@ def minimal_node(node: dict[str, Any]) -> dict[str, Any]:
         out["chunk_key_encoding"] = {"name": "default"}
     for codec in out.get("codecs") or ():
         config = codec.get("configuration") if isinstance(codec, dict) else None
-        if codec.get("name") == "sharding_indexed" and isinstance(config, dict) and config.get("index_location") == "end":
+        if isinstance(config, dict) and codec.get("name") == "sharding_indexed" and config.get("index_location") == "end":
             codec["configuration"] = {k: v for k, v in config.items() if k != "index_location"}
     return out
 

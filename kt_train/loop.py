@@ -50,8 +50,8 @@ def describe_model_memory(model: dict[str, int], machine_bytes: int | None, meth
             "moments")
     if machine_bytes and model["model_state_bytes"] > machine_bytes / 2:
         line += (f". Warning: that is more than half of this device's {machine_bytes / gib:.1f} GiB, and the run may "
-                 "be killed for memory. Fix: narrower method heads (uniform/avg: --opt hidden=512 or less; "
-                 "docs/methods.md), fewer teachers, or a device with more memory")
+                 "be killed for memory. Fix: narrower method heads (uniform/avg: e.g. --opt hidden=64; docs/methods.md), "
+                 "fewer teachers, or a device with more memory")
     return line
 
 
@@ -158,10 +158,11 @@ def train(config: TrainConfig, show_progress: bool = True,
         for note in run.notes if notify is not None and info.is_main else ():
             notify(f"note: {note}")
         model_state = model_memory(run)
-        check_model_fits(model_state, device_memory_bytes(run.device), config.method)
+        device_bytes = device_memory_bytes(run.device)
+        check_model_fits(model_state, device_bytes, config.method)
         if notify is not None and info.is_main:
             notify(run.cached.describe_memory())
-            notify(describe_model_memory(model_state, device_memory_bytes(run.device), config.method))
+            notify(describe_model_memory(model_state, device_bytes, config.method))
         model = wrap(Trainable(run.students, run.method), info, run.device)
         per_epoch = len(run.loader)
         total = min(config.epochs * per_epoch, config.max_steps or config.epochs * per_epoch)

@@ -169,7 +169,7 @@ def test_the_run_states_its_model_memory_and_warns_when_it_outgrows_the_device(s
     monkeypatch.setattr(kt_train.loop, "device_memory_bytes", lambda device: record["model_state_bytes"])
     small = invoke("train", "--cache", store32 / "out.zarr", "--out", tmp_path / "small", *COMMON, "--method", "uniform")
     assert small.exit_code == 0, small.output
-    assert "more than half of this device's" in small.output and "--opt hidden=512" in small.output
+    assert "more than half of this device's" in small.output and "--opt hidden=64" in small.output
     monkeypatch.setattr(kt_train.loop, "device_memory_bytes", lambda device: record["model_state_bytes"] - 1)
     refused = invoke("train", "--cache", store32 / "out.zarr", "--out", tmp_path / "refused", *COMMON, "--method", "uniform")
     assert refused.exit_code == 1 and "Traceback" not in refused.output
