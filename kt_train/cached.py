@@ -121,8 +121,8 @@ class CachedTeachers:
         streamed = {key: array for key, array in sources.items() if key not in self.held}
         self.group_caches: dict[tuple[int, str], BlockCache] = {}
         self.caches: dict[tuple[str, str], BlockCache] = {}
-        if streamed:       # half of what is left: a block being read is held twice (decoded chunks, then the copy)
-            self._stream(streamed, (budget - used) // 2, block_rows)
+        if streamed:       # a block is read member by member into its own array: no second copy of it
+            self._stream(streamed, budget - used, block_rows)
         self._windows: list[np.ndarray] = []
         self._window_of: dict[int, int] = {}
         self._views: np.ndarray | None = None
@@ -142,7 +142,8 @@ class CachedTeachers:
 
         self.block_rows = int(block_rows)
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ktc-read-ahead")
-        self.group_caches = {key: BlockCache(a, self.block_rows, 2 * self.window_blocks, self._pool)
+        # the cache keeps the window in use; the next window waits as read-ahead futures: two windows in all
+        self.group_caches = {key: BlockCache(a, self.block_rows, self.window_blocks, self._pool)
                              for key, a in arrays.items()}
         self.caches = {(tid, path): cache for (g, path), cache in self.group_caches.items()
                        for tid in self.groups[g].ids}
@@ -194,9 +195,10 @@ class CachedTeachers:
 
     def memory_plan(self) -> dict[str, Any]:
         """Bytes the teacher arrays take in RAM, bounded together by ``ram_budget_bytes``: ``held_bytes`` (loaded at
-        start-up) and ``stream_buffer_bytes`` (every block cache full: two sampler windows of one view, plus one
-        block per read-ahead thread being decoded); the rows of a streamed block and how many arrays stream."""
-        buffers = sum(self.block_rows * view_row_bytes(cache.array) * (cache.capacity + 2)
+        start-up) and ``stream_buffer_bytes`` (two sampler windows of one view per streamed array: the window in
+        use, held by its block cache, and the next, read ahead); the rows of a streamed block and how many arrays
+        stream."""
+        buffers = sum(self.block_rows * view_row_bytes(cache.array) * (cache.capacity + self.window_blocks)
                       for cache in self.group_caches.values())
         return {"ram_budget_bytes": self.ram_budget_bytes,
                 "held_bytes": sum(int(table.nbytes) for table in self.held.values()),

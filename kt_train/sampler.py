@@ -158,8 +158,9 @@ class BlockCache:
     Args:
         array: a zarr (or any ``[rows, view]``-sliceable) array ``[N, V, ...]``.
         block_rows: rows per block; a divisor of the store's unit rows so a block never spans two shards.
-        capacity: (block, view) entries kept in RAM (two sampler windows when reading ahead: the one in use and
-            the next; one view per block and epoch, see ``block_views``).
+        capacity: (block, view) entries kept once used: one sampler window, the one in use (one view per block
+            and epoch, see ``block_views``). Blocks read ahead wait in ``pending`` until first used, so with
+            read-ahead of the next window two windows are in RAM, never three.
         executor: a ``concurrent.futures`` executor for ``prefetch`` (read-ahead); None reads on demand only.
 
     ``reads`` counts the entries read, ``bytes_read`` the decoded bytes of the chunks they touched

@@ -90,18 +90,26 @@ def test_streamed_batches_equal_the_in_ram_ones_and_each_sample_comes_once(store
     data = StudentViews(reader, (16, 16), (0.5,) * 3, (0.25,) * 3, seed=11)
     loader = make_loader(data, batch_size=5, block_rows=4, window_blocks=2, seed=11, drop_last=False)
     ok = np.flatnonzero(reader.sample("ok"))
+    caches = list(streamed.group_caches.values())
+    block_bytes = {id(c): c.block_rows * int(np.prod(c.array.shape[2:])) * c.array.dtype.itemsize for c in caches}
+    plan = streamed.memory_plan()["stream_buffer_bytes"]
+    assert plan == sum(2 * 2 * block_bytes[id(c)] for c in caches), "two windows of 2 blocks per streamed array"
     for epoch in range(2):
         loader.set_epoch(epoch)
+        rows, reads = [], sum(c.reads for c in caches)
         streamed.plan_epoch(loader.sampler.windows(), loader.block_views())
-        rows = []
         for batch in loader:
             rows += batch["row"].tolist()
+            in_ram = sum((len(c.blocks) + len(c.pending)) * block_bytes[id(c)] for c in caches)
+            assert in_ram <= plan, "the block in use and the window read ahead: never a third window"
             a, b = streamed.gather(batch["row"].numpy(), batch["view"].numpy()), ram.gather(batch["row"].numpy(),
                                                                                             batch["view"].numpy())
             assert a.stacks.keys() == b.stacks.keys()
             for key in a.stacks:
                 np.testing.assert_array_equal(a.stacks[key], b.stacks[key])
         assert sorted(rows) == ok.tolist(), "every sample exactly once per epoch"
+        blocks = len({r // 4 for r in rows})
+        assert sum(c.reads for c in caches) - reads == blocks * len(caches), "each block read once per epoch"
         assert streamed.read_counts()["read_bytes_per_sample_teacher"] > 0
 
 
