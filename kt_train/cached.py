@@ -121,8 +121,8 @@ class CachedTeachers:
         streamed = {key: array for key, array in sources.items() if key not in self.held}
         self.group_caches: dict[tuple[int, str], BlockCache] = {}
         self.caches: dict[tuple[str, str], BlockCache] = {}
-        if streamed:       # a block is read member by member into its own array: no second copy of it
-            self._stream(streamed, budget - used, block_rows)
+        if streamed:       # two windows in half of what is left: the other half is for what the plan does not
+            self._stream(streamed, (budget - used) // 2, block_rows)   # count (batch tensors, allocator free lists)
         self._windows: list[np.ndarray] = []
         self._window_of: dict[int, int] = {}
         self._views: np.ndarray | None = None
