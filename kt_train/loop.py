@@ -68,13 +68,15 @@ def check_model_fits(model: dict[str, int], machine_bytes: int | None, method: s
 
 
 def device_memory_bytes(device: torch.device) -> int | None:
-    """Total memory of the device the model state lives on (physical RAM for the CPU)."""
+    """Memory one process's model state may take: its GPU's, or on the CPU the machine's RAM shared by the
+    ranks torchrun started on it (``LOCAL_WORLD_SIZE``: each holds a copy of the model state)."""
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).total_memory)
     try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        ram = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (AttributeError, ValueError, OSError):
         return None
+    return ram // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
 
 
 def make_optimizer(run: Run, steps: int) -> tuple[Any, Any, Any]:

@@ -177,6 +177,18 @@ def test_the_run_states_its_model_memory_and_warns_when_it_outgrows_the_device(s
     assert not (tmp_path / "refused" / "student.safetensors").exists()
 
 
+def test_cpu_ranks_on_one_machine_share_its_memory_for_the_model_check(monkeypatch):
+    """Under torchrun on a CPU machine every local rank holds the model state: each may take its share of the RAM."""
+    import torch
+
+    from kt_train.loop import device_memory_bytes
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    whole = device_memory_bytes(torch.device("cpu"))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert whole and device_memory_bytes(torch.device("cpu")) == whole // 4
+
+
 def test_evaluation_reads_the_teachers_within_the_runs_budget(store32, tmp_path, monkeypatch):
     """The final agreement with the teachers holds or streams their logits within the run's --ram-budget-gb (recorded
     in run.json), and a streamed evaluation scores what the in-RAM one does."""
