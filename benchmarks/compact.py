@@ -88,18 +88,25 @@ def compact(store: Path, out: Path, option: str, codec: str, log: Path) -> list[
     return json.loads(run_ktc(["compact", str(store), "--out", str(out), option, codec, "--json"], log).stdout)["arrays"]
 
 
-def held_out_cosine(vectors: np.ndarray, units: np.ndarray, codec: str) -> float:
-    """Mean cosine on odd units of a codec fitted (basis, int8 range) on even units only."""
+def fit_codec(fit: np.ndarray, codec: str):
+    """``CodecParams`` of ``codec`` fitted on the vectors ``fit [M, D]``: its PCA basis and one int8 range over
+    them (a compact store keeps a range per unit; one range is what an unseen unit would get)."""
     from kt_cache.codecs import CodecParams, parse_codec, pca_basis, quant_params
 
     spec = parse_codec(codec)
-    fit, test = vectors[units % 2 == 0], vectors[units % 2 == 1]
     params = CodecParams(spec)
     if spec.pca is not None:
         params.arrays.update(pca_basis(fit.sum(0, dtype=np.float64), fit.T.astype(np.float64) @ fit, len(fit), spec.pca)[0])
     if spec.int8:
         code = params.project(fit)
         params.arrays.update(quant_params(code.min(0), code.max(0)))
+    return params
+
+
+def held_out_cosine(vectors: np.ndarray, units: np.ndarray, codec: str) -> float:
+    """Mean cosine on odd units of a codec fitted (basis, int8 range) on even units only."""
+    fit, test = vectors[units % 2 == 0], vectors[units % 2 == 1]
+    params = fit_codec(fit, codec)
     decoded = params.decode(params.encode(test))
     cos = (test * decoded).sum(1) / (np.linalg.norm(test, axis=1) * np.linalg.norm(decoded, axis=1) + 1e-30)
     return float(cos.mean())

@@ -36,7 +36,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 
@@ -44,9 +44,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import compact  # noqa: E402
-
-if TYPE_CHECKING:
-    from kt_cache.codecs import CodecParams
 
 RESULTS = HERE / "results" / "featmap_study.json"
 SHIPPED = (("pca:160,int8", False), ("pca:320,int8", False), ("pca:160,int8", True))   # (codec, sqrt first)
@@ -136,27 +133,13 @@ def best_ms(action: Callable[[], object], repeats: int = 5) -> float:
 
 # ------------------------------------------------------------------------------------------ the shipped codec
 
-def fit_shipped(fit_cells: np.ndarray, codec: str) -> CodecParams:
-    """``CodecParams`` of ``codec`` fitted as ``compact.held_out_cosine`` does: basis and one int8 range from the
-    fit cells (a compact store keeps a range per unit; one global range is what an unseen unit would get)."""
-    from kt_cache.codecs import CodecParams, parse_codec, pca_basis, quant_params
-
-    spec = parse_codec(codec, "--featmap")
-    params = CodecParams(spec)
-    outer = fit_cells.T.astype(np.float64) @ fit_cells
-    params.arrays.update(pca_basis(fit_cells.sum(0, dtype=np.float64), outer, len(fit_cells), spec.pca)[0])
-    code = params.project(fit_cells)
-    params.arrays.update(quant_params(code.min(0), code.max(0)))
-    return params
-
-
 def measure_shipped(split: Split, codec: str, sqrt_first: bool) -> dict:
     """One shipped codec on one split; with ``sqrt_first`` it codes sqrt(x) and decodes by squaring."""
     forward = np.sqrt if sqrt_first else (lambda x: x)
     inverse = (lambda y: np.maximum(y, 0) ** 2) if sqrt_first else (lambda y: y)
     channels = split.fit.shape[-1]
     start = time.perf_counter()
-    params = fit_shipped(forward(split.fit.reshape(-1, channels)), codec)
+    params = compact.fit_codec(forward(split.fit.reshape(-1, channels)), codec)
     fit_s = time.perf_counter() - start
     codes = params.encode(forward(split.test.reshape(-1, channels)))
     decoded = inverse(params.decode(codes)).reshape(split.test.shape)

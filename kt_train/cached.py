@@ -44,6 +44,12 @@ def view_row_bytes(array: Any) -> int:
     return int(array.nbytes) // max(1, int(array.shape[0]) * int(array.shape[1]))
 
 
+def two_windows_bytes(arrays: Any, block_rows: int, window_blocks: int) -> int:
+    """Stream buffers of ``arrays``: per array, the sampler window in use (its block cache) and the next one
+    (read ahead), ``window_blocks`` blocks of ``block_rows`` rows of one view each."""
+    return sum(2 * window_blocks * block_rows * view_row_bytes(a) for a in arrays)
+
+
 class CachedTeachers:
     """The selected teachers' stored outputs, held for cheap per-batch gathers (main process only).
 
@@ -130,11 +136,10 @@ class CachedTeachers:
 
     def _stream(self, arrays: dict[tuple[int, str], StackedSource], budget: int, block_rows: int | None) -> None:
         if block_rows is None:     # a cache entry is one view of a block (``sampler.block_views``)
-            row_bytes = sum(view_row_bytes(a) for a in arrays.values())
             floor = max(int(a.chunks[0]) for a in arrays.values())
             block_rows = self.block_rows
-            while block_rows > floor and block_rows * row_bytes * 2 * self.window_blocks > budget:
-                block_rows //= 2           # two windows: the one in use and the one read ahead
+            while block_rows > floor and two_windows_bytes(arrays.values(), block_rows, self.window_blocks) > budget:
+                block_rows //= 2
         if block_rows < 1 or self.block_rows % block_rows:
             raise ValueError(f"CachedTeachers: block_rows={block_rows} must divide the store's unit rows "
                              f"({self.block_rows}) so a block never spans two shards")
@@ -198,8 +203,7 @@ class CachedTeachers:
         start-up) and ``stream_buffer_bytes`` (two sampler windows of one view per streamed array: the window in
         use, held by its block cache, and the next, read ahead); the rows of a streamed block and how many arrays
         stream."""
-        buffers = sum(self.block_rows * view_row_bytes(cache.array) * (cache.capacity + self.window_blocks)
-                      for cache in self.group_caches.values())
+        buffers = two_windows_bytes([c.array for c in self.group_caches.values()], self.block_rows, self.window_blocks)
         return {"ram_budget_bytes": self.ram_budget_bytes,
                 "held_bytes": sum(int(table.nbytes) for table in self.held.values()),
                 "stream_buffer_bytes": int(buffers), "streamed_arrays": len(self.group_caches),

@@ -17,7 +17,7 @@ from kt_train.checkpoint import load_checkpoint, save_checkpoint
 from kt_train.config import TrainConfig, save_config
 from kt_train.distributed import DistInfo, Trainable, barrier, init_distributed, mean_over_ranks, shutdown, wrap
 from kt_train.metrics import MetricsLog, peak_rss_mib, write_plots
-from kt_train.setup import Run, build_run
+from kt_train.setup import Run, build_run, physical_memory_bytes
 
 
 # Devices whose fused AdamW kernel this torch (2.14) has and this code is tested on; others keep the default.
@@ -73,8 +73,8 @@ def device_memory_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).total_memory)
     try:
-        ram = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (AttributeError, ValueError, OSError):
+        ram = physical_memory_bytes()
+    except (AttributeError, ValueError, OSError):   # no sysconf (Windows): no check
         return None
     return ram // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
 

@@ -109,7 +109,12 @@ def ram_budget_bytes(gib: float | None) -> int:
     the model, the data loader's workers and the OS page cache)."""
     if gib is not None:
         return int(gib * (1 << 30))
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4)
+    return physical_memory_bytes() // 4
+
+
+def physical_memory_bytes() -> int:
+    """The machine's physical memory (bytes)."""
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 def build_run(config: TrainConfig, rank: int = 0, world: int = 1, local_rank: int = 0) -> Run:
