@@ -81,8 +81,9 @@ def pack(store: str, out: str) -> None:
 @click.option("--out", "out", required=True, help="The new compact store (a path that does not exist yet).")
 @click.option("--features", "features", metavar="CODEC", help="Codec of pooled features: fp16, int8, pca:K or "
               "pca:K,int8 (K principal components kept). Default: copied unchanged.")
-@click.option("--featmap", "featmap", metavar="CODEC", help="Codec of spatial maps, per grid cell over the "
-              "channels (same choices). Default: copied unchanged.")
+@click.option("--featmap", "featmap", metavar="CODEC", help="Codec of spatial maps: the same choices, "
+              "per grid cell over the channels, or tc:B, a transform code of each whole map at B bytes per cell. "
+              "Default: copied unchanged.")
 @click.option("--teachers", "teachers", multiple=True, metavar="ID[,ID…]",
               help="Teachers to re-encode (default: every teacher storing that output); others are copied.")
 @click.option("--json", "as_json", is_flag=True, help="Print the measured error of every re-encoded array as JSON.")
@@ -95,7 +96,7 @@ def compact(store: str, out: str, features: str | None, featmap: str | None, tea
     them and `ktc train` decodes transparently. Everything else is copied object by object.
     """
     from kt_cache.compact import compact_store
-    from kt_cache.info import folder_bytes
+    from kt_cache.info import code_widths, folder_bytes
 
     path, records = compact_store(store, out, features, featmap, teachers)
     if as_json:
@@ -103,8 +104,7 @@ def compact(store: str, out: str, features: str | None, featmap: str | None, tea
         return
     for r in records:
         e = r["error"]
-        click.echo(f"{r['teacher']}/{r['output']}: {r['name']} ({r['dim']} -> {r['code_dim']} {r['code_dtype']} "
-                   f"values), mean cosine {e['mean_cosine']:.4f}, worst decile {e['worst_decile_cosine']:.4f}, "
+        click.echo(f"{r['teacher']}/{r['output']}: {r['name']} ({code_widths(r)}), mean cosine {e['mean_cosine']:.4f}, worst decile {e['worst_decile_cosine']:.4f}, "
                    f"relative MSE {e['rel_mse']:.4f} over {e['vectors']} vectors")
     click.echo(f"wrote {path} ({folder_bytes(path)} bytes)")
 

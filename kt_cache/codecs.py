@@ -6,7 +6,9 @@ values; for a featmap, the channels of one grid cell):
 - ``fp16``        code = x in float16 (re-encode a float32 array; a float16 array is copied unchanged);
 - ``int8``        code = round((x - offset) / scale), int8 in [-127, 127]; -128 marks a missing vector;
 - ``pca:K``       code = (x - mean) @ basis.T in float16, ``basis [K, D]`` the top-K principal directions;
-- ``pca:K,int8``  both: the K components quantised to int8.
+- ``pca:K,int8``  both: the K components quantised to int8;
+- ``tc:B``        (featmaps only) a transform code of each whole map at B bytes per grid cell: sqrt, a KLT across
+                  the cells, a channel PCA, Lloyd-Max quantisers with a bit allocation (``kt_cache.transform_codec``).
 
 Decoding: x_hat = (q * scale[u] + offset[u]) @ basis + mean, ``u = row // unit_rows`` (terms absent for the
 codec are skipped). Parameter arrays live at ``teachers/<id>/codec/<output>/``: ``mean [D]`` and ``basis [K, D]``
@@ -33,30 +35,39 @@ PARAM_DIMS = {"mean": ("dim",), "basis": ("component", "dim"), "scale": ("unit",
               "moments": ("unit", "moment")}
 COS_BINS_PER_DECADE = 32               # worst-decile cosine from a histogram of -log10(1 - cos) in [0, 9]
 COS_BINS = 9 * COS_BINS_PER_DECADE
-CODEC_PATTERN = re.compile(r"^(?:(fp16)|(int8)|pca:(\d+)(,int8)?)$")
+CODEC_PATTERN = re.compile(r"^(?:(fp16)|(int8)|pca:(\d+)(,int8)?|tc:(\d+))$")
+CODEC_CHOICES = "fp16, int8, pca:K, pca:K,int8 or (featmap) tc:B"
 
 
 @dataclass(frozen=True)
 class Codec:
-    """One codec: ``pca`` components kept (None: no projection) and ``int8`` quantisation of the code."""
+    """One codec: ``pca`` components kept (None: no projection) and ``int8`` quantisation of the code, or a
+    ``transform`` code of whole maps at that many bytes per grid cell."""
 
     pca: int | None = None
     int8: bool = False
+    transform: int | None = None
 
     @property
     def name(self) -> str:
+        if self.transform is not None:
+            return f"tc:{self.transform}"
         if self.pca is None:
             return "int8" if self.int8 else "fp16"
         return f"pca:{self.pca}" + (",int8" if self.int8 else "")
 
     @property
     def code_dtype(self) -> str:
-        return "int8" if self.int8 else "float16"
+        return "uint8" if self.transform is not None else "int8" if self.int8 else "float16"
 
     def code_dim(self, dim: int) -> int:
         return dim if self.pca is None else self.pca
 
     def param_names(self) -> tuple[str, ...]:
+        if self.transform is not None:
+            from kt_cache.transform_codec import PARAM_NAMES
+
+            return PARAM_NAMES
         return (("mean", "basis") if self.pca is not None else ()) + (("scale", "offset") if self.int8 else ())
 
     def code_bytes(self, dim: int) -> int:
@@ -65,11 +76,14 @@ class Codec:
 
 
 def parse_codec(text: str, option: str = "--features") -> Codec:
-    """``fp16`` | ``int8`` | ``pca:K`` | ``pca:K,int8`` -> Codec; anything else is a UsageError saying so."""
+    """``fp16`` | ``int8`` | ``pca:K`` | ``pca:K,int8`` | ``tc:B`` -> Codec; anything else is a UsageError."""
     match = CODEC_PATTERN.match(str(text).strip().replace(" ", ""))
-    if match is None or (match.group(3) is not None and int(match.group(3)) < 1):
-        raise UsageError(f"{option} {text!r}: not a codec. Expected one of fp16, int8, pca:K or pca:K,int8 with K "
-                         "a positive number of principal components (e.g. pca:256,int8).")
+    if match is None or any(match.group(i) is not None and int(match.group(i)) < 1 for i in (3, 5)):
+        raise UsageError(f"{option} {text!r}: not a codec. Expected one of {CODEC_CHOICES}, with K a positive "
+                         "number of principal components (e.g. pca:256,int8) and B a positive number of code bytes "
+                         "per grid cell (e.g. tc:160, 1/16 of fp16 at 1280 channels).")
+    if match.group(5) is not None:
+        return Codec(transform=int(match.group(5)))
     if match.group(3) is not None:
         return Codec(pca=int(match.group(3)), int8=bool(match.group(4)))
     return Codec(int8=bool(match.group(2)))
@@ -96,6 +110,15 @@ class CodecParams:
         if self.codec.int8:
             arrays["scale"], arrays["offset"] = self.arrays["scale"][unit], self.arrays["offset"][unit]
         return CodecParams(self.codec, arrays, self.unit_rows)
+
+    def code_width(self, dim: int) -> int:
+        return self.codec.code_dim(dim)
+
+    def code_block(self, unit: int, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One unit's ``block [rows, ..., D]`` -> its codes ``[rows, ..., W]`` and their decoding ``[M, D]``."""
+        params = self.unit_quant(unit)
+        codes = params.encode(block.reshape(-1, block.shape[-1]))
+        return codes.reshape(*block.shape[:-1], -1), params.decode(codes)
 
     def project(self, x: np.ndarray) -> np.ndarray:
         """float ``[M, D]`` -> the unquantised code ``[M, W]`` (float32)."""

@@ -19,8 +19,10 @@ import numpy as np
 
 from kt_cache.store import format as fmt
 from kt_cache.codecs import MISSING_CODE, PARAM_DIMS, Codec, CodecParams, ErrorMeter, check_width, codec_record
-from kt_cache.codecs import parse_codec, pca_basis, quant_params
+from kt_cache.codecs import CODEC_CHOICES, parse_codec, pca_basis, quant_params
 from kt_cache.errors import UsageError, did_you_mean
+from kt_cache.transform_codec import MISSING_FLAG, TransformParams, fit_transform
+from kt_cache.transform_codec import PARAM_DIMS as TRANSFORM_DIMS
 
 BLOCK_BYTES = 64 << 20            # decoded float32 bytes read per step
 OUTPUTS = ("features", "featmap")
@@ -47,7 +49,7 @@ def compact_store(location: str, out: str | Path, features: str | None = None, f
     codecs = {o: parse_codec(t, f"--{o}") for o, t in (("features", features), ("featmap", featmap)) if t}
     if not codecs:
         raise UsageError("ktc compact: no codec given. Fix: pass --features CODEC and/or --featmap CODEC "
-                         "(fp16, int8, pca:K or pca:K,int8).")
+                         f"({CODEC_CHOICES}).")
     reader = fmt.StoreReader(location)
     part = Part(reader, {t: t for t in reader.teacher_ids()})
     validate_part(part)
@@ -102,6 +104,9 @@ def job_for(reader: fmt.StoreReader, tid: str, output: str, codec: Codec, array:
                          "re-encoding decoded values would stack two errors. Fix: compact from the original store.")
     dim = int(array.shape[-1])
     check_width(codec, dim, f"--{output}", f"teacher {tid}'s {output}")
+    if codec.transform and output != "featmap":
+        raise UsageError(f"--{output} {codec.name}: the transform codec codes whole spatial maps (--featmap). "
+                         f"Fix: use it with --featmap, and pca:K,int8 for {output} (e.g. pca:{max(1, dim // 4)},int8).")
     if codec == Codec() and np.dtype(array.dtype) == np.float16:
         return []
     return [Job(tid, output, codec, dim)]
@@ -157,30 +162,49 @@ def fit_params(reader: fmt.StoreReader, job: Job) -> tuple[CodecParams, dict[str
 
 def encode_job(reader: fmt.StoreReader, root: Any, job: Job) -> dict[str, Any]:
     """Re-encode one array into the output ``root``; returns the record stored in the teacher's attributes."""
-    params, info = fit_params(reader, job)
+    params, info = fit_transform_job(reader, job) if job.codec.transform else fit_params(reader, job)
     source = reader.checked_arrays(job.teacher_id)[job.output]
     group, meta = root[f"teachers/{job.teacher_id}"], reader.meta
-    width = job.codec.code_dim(job.dim)
+    width = params.code_width(job.dim)
     dims = tuple(source.metadata.dimension_names or ())
-    spec = fmt.ArraySpec(job.output, (*source.shape[1:-1], width), job.codec.code_dtype,
-                         MISSING_CODE if job.codec.int8 else float("nan"), dims[:-1] + ("code",))
-    target = fmt.create_array(group, spec, meta.n_samples, meta.unit_rows, meta.chunk_bytes,
-                              per_view=True)
+    target = fmt.create_array(group, code_spec(job, source.shape, dims, width), meta.n_samples, meta.unit_rows,
+                              meta.chunk_bytes, per_view=True)
     meter, pending, current = ErrorMeter(job.dim), [], 0
     for unit, rows, block in vector_blocks(reader, job):
         if unit != current and pending:
             write_codes(target, pending)
             pending, current = [], unit
-        flat, unit_params = block.reshape(-1, job.dim), params.unit_quant(unit)
-        codes = unit_params.encode(flat)
-        meter.add(flat, unit_params.decode(codes))
-        pending.append((rows, codes.reshape(*block.shape[:-1], width)))
+        codes, decoded = params.code_block(unit, block)
+        meter.add(block.reshape(-1, job.dim), decoded.reshape(-1, job.dim))
+        pending.append((rows, codes))
     write_codes(target, pending)
-    write_params(group, job, params)
+    write_params(group, job, params.arrays)
     record = {"name": job.codec.name, "dim": job.dim, "code_dim": width, "code_dtype": job.codec.code_dtype,
               "source_dtype": str(source.dtype), "error": meter.error(), **info}
     update_attrs(group, job, record, meter)
     return record
+
+
+def code_spec(job: Job, shape: tuple[int, ...], dims: tuple[str, ...], width: int) -> fmt.ArraySpec:
+    """The code array: one code per vector (``[N, ..., W]``), or one per map for ``tc`` (``[N, V, W]``)."""
+    if job.codec.transform:
+        return fmt.ArraySpec(job.output, (shape[1], width), "uint8", MISSING_FLAG, dims[:2] + ("code",))
+    fill = MISSING_CODE if job.codec.int8 else float("nan")
+    return fmt.ArraySpec(job.output, (*shape[1:-1], width), job.codec.code_dtype, fill, dims[:-1] + ("code",))
+
+
+def fit_transform_job(reader: fmt.StoreReader, job: Job) -> tuple[TransformParams, dict[str, Any]]:
+    """A ``tc`` codec fitted on every stored map of the array (two streamed passes, ``fit_transform``)."""
+    grid = reader.checked_arrays(job.teacher_id)[job.output].shape[2:4]
+
+    def maps() -> Iterator[np.ndarray]:
+        for _, _, block in vector_blocks(reader, job):
+            flat = block.reshape(-1, grid[0] * grid[1], job.dim)
+            yield flat[np.isfinite(flat).all(axis=(1, 2))]
+
+    params = fit_transform(maps).params(job.codec.transform)
+    return params, {"grid": [int(g) for g in grid], "components": int(len(params.arrays["basis"])),
+                    "coefficients": int(len(params.coef)), "bits_per_map": params.bits}
 
 
 def write_codes(target: Any, pending: list[tuple[slice, np.ndarray]]) -> None:
@@ -189,13 +213,15 @@ def write_codes(target: Any, pending: list[tuple[slice, np.ndarray]]) -> None:
         target[pending[0][0].start:pending[-1][0].stop] = np.concatenate([codes for _, codes in pending])
 
 
-def write_params(group: Any, job: Job, params: CodecParams) -> None:
+def write_params(group: Any, job: Job, arrays: dict[str, np.ndarray]) -> None:
     from zarr.codecs import ZstdCodec
 
     axis = "channel" if job.output == "featmap" else "feature"
-    for name, values in params.arrays.items():
-        names = tuple(axis if d == "dim" else d for d in PARAM_DIMS[name])
-        chunks = (1, values.shape[1]) if name in ("scale", "offset") else values.shape   # per unit: one object each
+    for name, values in arrays.items():
+        dims = TRANSFORM_DIMS[name] if job.codec.transform else PARAM_DIMS[name]
+        names = tuple(axis if d == "dim" else d for d in dims)
+        per_unit = name in ("scale", "offset") and not job.codec.transform     # per unit: one object each
+        chunks = (1, values.shape[1]) if per_unit else values.shape
         group.create_array(f"codec/{job.output}/{name}", data=np.ascontiguousarray(values, dtype=np.float32),
                            chunks=chunks, compressors=ZstdCodec(level=1), dimension_names=names)
 

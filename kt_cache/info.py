@@ -58,7 +58,8 @@ def feature_vectors(reader: fmt.StoreReader, teacher_id: str, teacher: fmt.Teach
     for path, array in reader.teacher_arrays(teacher_id).items():
         if path in ("features", "featmap"):
             record = codec_record(teacher, path)
-            found[path] = [int(np.prod(array.shape[:-1], dtype=np.int64)),
+            cells = int(np.prod(record["grid"])) if record and "grid" in record else 1    # tc: one code per map
+            found[path] = [int(np.prod(array.shape[:-1], dtype=np.int64)) * cells,
                            int(record["dim"]) if record else int(array.shape[-1])]
     return found
 
@@ -135,9 +136,16 @@ def format_summary(info: dict[str, Any]) -> str:
 
 def codec_line(output: str, record: dict[str, Any]) -> str:
     e = record.get("error") or {}
-    return (f"{output} encoded {record.get('name')} ({record.get('dim')} -> {record.get('code_dim')} "
-            f"{record.get('code_dtype')}): mean cosine {e.get('mean_cosine')}, worst decile "
+    return (f"{output} encoded {record.get('name')} ({code_widths(record)}): mean cosine {e.get('mean_cosine')}, worst decile "
             f"{e.get('worst_decile_cosine')}, relative MSE {e.get('rel_mse')} over {e.get('vectors')} vectors")
+
+
+def code_widths(record: dict[str, Any]) -> str:
+    """What one code holds: ``192 -> 8 int8`` values per vector, or for ``tc`` the bytes of a whole map."""
+    if "grid" in record:
+        grid = "x".join(str(g) for g in record["grid"])
+        return f"{grid} cells x {record.get('dim')} -> {record.get('code_dim')} uint8 bytes per map"
+    return f"{record.get('dim')} -> {record.get('code_dim')} {record.get('code_dtype')}"
 
 
 def sizes_line(sizes: dict[str, int]) -> str:

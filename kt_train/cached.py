@@ -97,6 +97,7 @@ class CachedTeachers:
                        and (params := reader.codec_params(tid, path)) is not None}
         width = {"features": "feature_dim", "featmap": "featmap_dim"}          # decoded width: part of the key
         decoded = {(tid, path): f"{p.codec.name}->{getattr(self.records[tid], width[path])}"
+                   + (f"@{tid}" if p.codec.transform else "")        # a tc bit layout is the teacher's own
                    for (tid, path), p in self.codecs.items()}
         self.groups = plan_groups(self.ids, paths, arrays, decoded)
         self._where = places(self.ids, self.groups)

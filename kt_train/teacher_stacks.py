@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from kt_cache.codecs import MISSING_CODE
+from kt_cache.transform_codec import MISSING_FLAG
 from kt_train.sampler import touched_bytes
 
 TOPK = ("logits_topk/values", "logits_topk/index")
@@ -135,14 +136,18 @@ def read_stacked(source: StackedSource, unit_rows: int) -> np.ndarray:
 
 
 def finite_rows(arrays: dict[str, np.ndarray]) -> np.ndarray | None:
-    """bool ``[B, T]``: every float value of a ``[B, T, ...]`` array is finite and no int8 code is the missing
-    code, over all ``arrays`` of a group (``label_logit`` may be NaN and is ignored); None when none is checked."""
+    """bool ``[B, T]``: every float value of a ``[B, T, ...]`` array is finite, no int8 code is the missing
+    code and no ``tc`` map code (uint8) is flagged missing, over all ``arrays`` of a group (``label_logit`` may be
+    NaN and is ignored); None when none is checked."""
     ok = None
     for path, a in arrays.items():
-        if path == "label_logit" or not (np.issubdtype(a.dtype, np.floating) or a.dtype == np.int8):
+        if path == "label_logit" or not (np.issubdtype(a.dtype, np.floating) or a.dtype in (np.int8, np.uint8)):
             continue
         flat = a.reshape(a.shape[0], a.shape[1], -1)
-        row_ok = (flat != MISSING_CODE).all(axis=2) if a.dtype == np.int8 else np.isfinite(flat).all(axis=2)
+        if a.dtype == np.uint8:
+            row_ok = flat[:, :, 0] != MISSING_FLAG
+        else:
+            row_ok = (flat != MISSING_CODE).all(axis=2) if a.dtype == np.int8 else np.isfinite(flat).all(axis=2)
         ok = row_ok if ok is None else ok & row_ok
     return ok
 
@@ -212,16 +217,21 @@ def stacked_logits(got: dict[str, torch.Tensor], maps: LogitMaps) -> tuple[torch
 class StackedDecoder:
     """A compact codec decoded for a group at once (``kt_cache.codecs.TorchDecoder``'s math per member):
     ``x̂_t = (q · scale_t[u] + offset_t[u]) @ basis_t + mean_t``; codes ``[T, B, ..., W]`` -> fp32 ``[T, B, ..., D]``,
-    missing vectors NaN. ``mean [T, D]``, ``basis [T, K, D]`` are moved to the device once."""
+    missing vectors NaN. ``mean [T, D]``, ``basis [T, K, D]`` are moved to the device once. A ``tc`` codec
+    (``kt_cache.transform_codec``) has its own bit layout per teacher, so its groups hold one teacher:
+    codes ``[1, B, W]`` -> ``[1, B, g, g, C]``."""
 
     def __init__(self, params: Sequence[Any], device: Any) -> None:
         self.codec = params[0].codec
+        self.members = list(params) if self.codec.transform else []
         self.tensors = {name: torch.from_numpy(np.stack([np.asarray(p.arrays[name], dtype=np.float32) for p in params]))
                         .to(device) for name in ("mean", "basis") if name in params[0].arrays}
 
     def __call__(self, codes: torch.Tensor, scale: torch.Tensor | None = None,
                  offset: torch.Tensor | None = None) -> torch.Tensor:
         """``scale``/``offset [T, B, W]``: the int8 parameters of each row's unit."""
+        if self.members:
+            return torch.stack([p.torch_decode(c) for p, c in zip(self.members, codes)])
         code = codes.float()
         T, B, W = codes.shape[0], codes.shape[1], codes.shape[-1]
         if self.codec.int8:

@@ -19,6 +19,7 @@ from kt_cache.finalize import write_object_manifest
 from kt_cache.store import StoreReader
 
 OUTPUTS = ("features", "featmap")
+TC_BYTES = 6                 # code bytes per grid cell of the test's tc codec
 TRAIN = ["--student", "resnet10t", "--img-size", "32", "--epochs", "1", "--batch-size", "4", "--workers", "0",
          "--no-progress"]
 
@@ -42,6 +43,8 @@ def compacted(two_teacher_store, tmp_path_factory):
         out = base / f"{codec.replace(':', '_').replace(',', '_')}.zarr"
         ok("compact", two_teacher_store, "--out", out, "--features", codec, "--featmap", codec)
         stores[codec] = out
+    stores["tc"] = base / "tc.zarr"                # featmaps by the transform codec, features by pca:8,int8
+    ok("compact", two_teacher_store, "--out", stores["tc"], "--features", "pca:8,int8", "--featmap", f"tc:{TC_BYTES}")
     return stores
 
 
@@ -183,7 +186,9 @@ def test_a_missing_code_marks_the_row_invalid_and_is_zeroed(compacted, tmp_path)
 
 @pytest.mark.parametrize("args, message", [
     (["--features", "pca:0"], "not a codec"),
-    (["--features", "int4"], "Expected one of fp16, int8, pca:K or pca:K,int8"),
+    (["--features", "int4"], "Expected one of fp16, int8, pca:K, pca:K,int8 or (featmap) tc:B"),
+    (["--featmap", "tc:0"], "--featmap 'tc:0': not a codec"),
+    (["--features", "tc:16"], "the transform codec codes whole spatial maps (--featmap)"),
     (["--featmap", "pca:8,int16"], "--featmap 'pca:8,int16': not a codec"),
     (["--features", "pca:999"], "at most pca:512 components exist. Fix: choose K <= 512"),
     ([], "no codec given"),
@@ -212,3 +217,89 @@ def test_a_codec_record_that_disagrees_with_the_array_is_damage(compacted, tmp_p
     write_object_manifest(store)
     result = run("info", store)
     assert result.exit_code == 1 and "does not match features of shape [12, 3, 8]" in result.output
+
+
+def test_transform_codec_round_trip_records_the_error_a_recomputation_finds(two_teacher_store, compacted):
+    source, compact = StoreReader(two_teacher_store), StoreReader(compacted["tc"])
+    original, codes = source.read("cnn32", "featmap"), compact.read("cnn32", "featmap")
+    n, views, gy, gx, channels = original.shape
+    params = compact.codec_params("cnn32", "featmap")
+    record = compact.teacher_attrs("cnn32")["codec"]["featmap"]
+    assert params.codec == Codec(transform=TC_BYTES) and record["name"] == f"tc:{TC_BYTES}"
+    assert codes.dtype == np.uint8 and codes.shape == (n, views, record["code_dim"])       # one code per map
+    assert record["code_dim"] == 1 + -(-record["bits_per_map"] // 8) <= TC_BYTES * gy * gx
+    assert record["grid"] == [gy, gx] and record["dim"] == channels
+    decoded = params.decode(codes)
+    assert decoded.shape == original.shape and decoded.dtype == np.float32
+    expect, got = recomputed_error(original, decoded), record["error"]
+    assert got["vectors"] == expect["vectors"] == n * views * gy * gx       # the error is over cell vectors
+    assert got["mean_cosine"] == pytest.approx(expect["mean_cosine"], abs=2e-6)
+    assert got["rel_mse"] == pytest.approx(expect["rel_mse"], rel=1e-4, abs=2e-6)
+    assert got["mean_cosine"] > 0.5
+    np.testing.assert_array_equal(compact.read("vit48", "features"), StoreReader(compacted["pca:8,int8"]).read(
+        "vit48", "features"))                                   # the other option is unaffected
+
+
+def test_transform_codec_store_works_with_every_command(compacted, tmp_path):
+    store = compacted["tc"]
+    text = ok("info", store).output
+    assert f"featmap encoded tc:{TC_BYTES} (2x2 cells x 512 -> " in text and "uint8 bytes per map): mean cosine" in text
+    by_id = {t["id"]: t for t in json.loads(ok("info", store, "--json").output)["teachers"]}
+    assert by_id["cnn32"]["vectors"]["featmap"][0] == 12 * 3 * 4             # cell vectors, not map codes
+    ok("verify", store)
+    ok("subset", store, "--teachers", "cnn32", "--out", tmp_path / "sub.zarr")
+    ok("pack", store, tmp_path / "c.zip")
+    ok("verify", f"zip://{tmp_path / 'c.zip'}")
+    with serve_folder(store.parent) as server:
+        remote = StoreReader(f"{server.url}/{store.name}")
+        np.testing.assert_array_equal(remote.read("cnn32", "featmap"), StoreReader(store).read("cnn32", "featmap"))
+        assert remote.codec_params("cnn32", "featmap").bits == StoreReader(store).codec_params("cnn32", "featmap").bits
+    out = tmp_path / "kpu"
+    ok("train", "--cache", store, "--out", out, "--method", "kpu", *TRAIN, "--log-every", "1")
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in steps if r["kind"] == "step")
+
+
+def test_teacher_batch_holds_the_decoded_transform_coded_maps(compacted):
+    from kt_train.data import CachedTeachers
+
+    store = StoreReader(compacted["tc"])
+    cached = CachedTeachers(store, ["cnn32", "vit48"], needs=("features", "featmaps"))
+    rows, views = np.array([0, 5, 11]), np.array([2, 0, 1])
+    batch = cached.to_teacher_batch(cached.gather(rows, views), None, "cpu")
+    expect = store.codec_params("cnn32", "featmap").decode(store.read("cnn32", "featmap")[rows, views])
+    np.testing.assert_allclose(batch.featmaps["cnn32"].numpy(), expect, rtol=1e-5, atol=1e-5)
+
+
+def test_a_flagged_missing_map_marks_the_row_invalid_and_verify_names_it(compacted, tmp_path):
+    from kt_cache.transform_codec import MISSING_FLAG
+    from kt_train.data import CachedTeachers
+
+    store = tmp_path / "c.zarr"
+    shutil.copytree(compacted["tc"], store)
+    array = zarr.open_array(store / "teachers/cnn32/featmap", mode="r+")
+    codes = array[:]
+    codes[3, 1, 0] = MISSING_FLAG
+    array[:] = codes
+    write_object_manifest(store)
+    assert np.isnan(StoreReader(store).codec_params("cnn32", "featmap").decode(codes[3, 1])).all()
+    cached = CachedTeachers(StoreReader(store), ["cnn32"], needs=("featmaps",))
+    batch = cached.to_teacher_batch(cached.gather(np.array([3, 3]), np.array([1, 0])), None, "cpu")
+    assert batch.valid["cnn32"].tolist() == [False, True]
+    assert (batch.featmaps["cnn32"][0] == 0).all() and batch.featmaps["cnn32"][1].abs().sum() > 0
+    result = run("verify", store)
+    assert result.exit_code == 1 and f"missing code {MISSING_FLAG}" in result.output
+    assert "teachers/cnn32/featmap" in result.output
+
+
+def test_a_transform_record_that_disagrees_with_its_codes_is_damage(compacted, tmp_path):
+    store = tmp_path / "c.zarr"
+    shutil.copytree(compacted["tc"], store)
+    group = zarr.open_group(store / "teachers/cnn32", mode="r+")
+    attrs = dict(group.attrs["ktc_teacher"])
+    attrs["codec"] = dict(attrs["codec"], featmap=dict(attrs["codec"]["featmap"], bits_per_map=8 * 1000))
+    group.attrs["ktc_teacher"] = attrs
+    zarr.consolidate_metadata(str(store))
+    write_object_manifest(store)
+    result = run("info", store)
+    assert result.exit_code == 1 and "does not match featmap of shape [12, 3," in result.output

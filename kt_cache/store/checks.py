@@ -32,6 +32,7 @@ TEACHER_ARRAYS: dict[str, tuple[int, tuple[str, ...]]] = {
     "logits_topk/index": (3, ("uint16", "int32")), "logits_lse": (2, ("float32",)),
     "label_logit": (2, ("float32",)), "featmap": (5, CODES), "done": (1, ("bool",)),
 }
+MAP_CODES = (3, ("uint8",))      # featmap under the tc codec: one code per map (kt_cache.transform_codec)
 SAMPLE_ARRAYS: dict[str, tuple[int, tuple[str, ...]]] = {
     "id": (1, ("str",)), "index": (1, ("int64",)), "label": (1, ("int32",)), "ok": (1, ("bool",)),
     "views": (3, ("float32",)), "digest": (2, ("uint8",)),
@@ -116,9 +117,11 @@ def check_array(array: Any, path: str, name: str, meta: Any, where: str) -> None
     known = SAMPLE_ARRAYS if path.startswith("samples/") else TEACHER_ARRAYS
     if name in known:
         ndim, dtypes = known[name]
-        if len(shape) != ndim or dtype_name(array) not in dtypes:
-            raise damaged(at, f"expected {ndim} dimension(s) of dtype {'/'.join(dtypes)}, got shape {list(shape)} "
-                              f"of dtype {dtype_name(array)}")
+        coded_map = name == "featmap" and (len(shape), dtype_name(array)) == (MAP_CODES[0], MAP_CODES[1][0])
+        if (len(shape) != ndim or dtype_name(array) not in dtypes) and not coded_map:
+            also = " (or 3 of uint8: tc map codes)" if name == "featmap" else ""
+            raise damaged(at, f"expected {ndim} dimension(s) of dtype {'/'.join(dtypes)}{also}, got shape "
+                              f"{list(shape)} of dtype {dtype_name(array)}")
     is_done = known is TEACHER_ARRAYS and name == "done"
     rows, what = (meta.n_units, "n_units") if is_done else (meta.n_samples, "n_samples")
     if not shape or shape[0] != rows:
@@ -238,18 +241,39 @@ def check_codec(teacher: Any, arrays: dict[str, Any], path: str, at: str) -> int
     except UsageError as err:
         raise damaged(at, str(err)) from err
     dim, width = record.get("dim"), record.get("code_dim")
-    if not isinstance(dim, int) or width != codec.code_dim(dim) or arrays[path].shape[-1] != width \
-            or dtype_name(arrays[path]) != codec.code_dtype:
+    shapes = transform_shapes(record, arrays[path]) if codec.transform else \
+        {"mean": (dim,), "basis": (width, dim), "scale": (units_of(arrays), width), "offset": (units_of(arrays), width)}
+    if not isinstance(dim, int) or shapes is None or (not codec.transform and width != codec.code_dim(dim)) \
+            or arrays[path].shape[-1] != width or dtype_name(arrays[path]) != codec.code_dtype:
         raise damaged(at, f"{where} ({short(record)}) does not match {path} of shape {list(arrays[path].shape)}, "
                           f"dtype {dtype_name(arrays[path])}")
-    units = int(arrays["done"].shape[0]) if "done" in arrays else None
-    shapes = {"mean": (dim,), "basis": (width, dim), "scale": (units, width), "offset": (units, width)}
     for name in codec.param_names():
         got = arrays.get(f"codec/{path}/{name}")
         if got is None or tuple(got.shape) != shapes[name]:
             raise damaged(at, f"codec parameter codec/{path}/{name} must have shape {list(shapes[name])}, got "
                               f"{'nothing' if got is None else list(got.shape)}")
     return dim
+
+
+def units_of(arrays: dict[str, Any]) -> int | None:
+    return int(arrays["done"].shape[0]) if "done" in arrays else None
+
+
+def transform_shapes(record: dict[str, Any], codes: Any) -> dict[str, tuple[int, ...]] | None:
+    """The parameter shapes a ``tc`` record implies, or None when the record cannot describe ``codes [N, V, W]``
+    (``kt_cache.transform_codec``: W = 1 flag byte + the packed bits, at most B bytes per cell)."""
+    from kt_cache.codecs import parse_codec
+    from kt_cache.transform_codec import LEVELS
+
+    grid, dim, n, k = record.get("grid"), record.get("dim"), record.get("coefficients"), record.get("components")
+    bits, width = record.get("bits_per_map"), record.get("code_dim")
+    if not (isinstance(grid, list) and len(grid) == 2 and all(isinstance(v, int) for v in [*grid, dim, n, k, bits])):
+        return None
+    cells = grid[0] * grid[1]
+    if len(codes.shape) != 3 or width != 1 + -(-bits // 8) or width > parse_codec(record["name"]).transform * cells:
+        return None
+    return {"mean": (cells, dim), "spatial": (cells, cells), "basis": (k, dim), "coef": (n,), "depth": (n,),
+            "spread": (n,), "levels": (n, LEVELS), "low": (dim,), "high": (dim,)}
 
 
 def short(value: Any, limit: int = 80) -> str:

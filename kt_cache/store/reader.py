@@ -258,8 +258,13 @@ class StoreReader:
         if record is None:
             return None
         codec = parse_codec(record["name"])
-        return CodecParams(codec, {name: self.read(teacher_id, f"codec/{output}/{name}").astype(np.float32)
-                                   for name in codec.param_names()}, self.meta.unit_rows)
+        arrays = {name: self.read(teacher_id, f"codec/{output}/{name}").astype(np.float32)
+                  for name in codec.param_names()}
+        if codec.transform:
+            from kt_cache.transform_codec import TransformParams
+
+            return TransformParams(arrays, codec)
+        return CodecParams(codec, arrays, self.meta.unit_rows)
 
     def done(self, teacher_id: str) -> np.ndarray:
         return np.asarray(self.read(teacher_id, "done"), dtype=bool)

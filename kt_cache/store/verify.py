@@ -28,6 +28,7 @@ import numpy as np
 from kt_cache.store import format as fmt
 from kt_cache.store import checks
 from kt_cache.codecs import MISSING_CODE
+from kt_cache.transform_codec import MISSING_FLAG
 from kt_cache.errors import StoreError
 from kt_cache.store.location import TEMP_FILE, get_bytes, get_many, list_keys
 
@@ -396,11 +397,14 @@ def check_block(path: str, key: str, rows: slice, unit: int, block: np.ndarray, 
             report.add(path, key, f"{where if per_unit else 'the array'}: a codec parameter holds NaN or ±inf, so "
                        f"decoded values would be wrong. Fix: {report.repair}.")
         return
-    if block.dtype == np.int8 and context.get("done") is not None and context["done"][unit]:
-        missing = (flat == MISSING_CODE).any(1) & context["ok"][rows]
+    coded = block.dtype == np.int8 or (block.dtype == np.uint8 and name in ("features", "featmap"))
+    if coded and context.get("done") is not None and context["done"][unit]:
+        code = MISSING_CODE if block.dtype == np.int8 else MISSING_FLAG     # uint8: a tc map code, flag byte first
+        flags = flat == code if block.dtype == np.int8 else block[..., 0].reshape(len(block), -1) == code
+        missing = flags.any(1) & context["ok"][rows]
         if missing.any():
             report.add(path, key, f"{where} is marked done but {int(missing.sum())} decoded row(s) hold the missing "
-                       f"code {MISSING_CODE} (first row {rows.start + int(np.argmax(missing))}). Fix: {report.repair}.")
+                       f"code {code} (first row {rows.start + int(np.argmax(missing))}). Fix: {report.repair}.")
     if block.dtype.kind == "f":
         inf = np.isinf(flat).any(1)
         if inf.any():
