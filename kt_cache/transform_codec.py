@@ -220,6 +220,13 @@ class TransformFit:
         return TransformParams(arrays, Codec(transform=bytes_per_cell))
 
 
+def evenly_spread(start: int, count: int, total: int, wanted: int) -> np.ndarray:
+    """bool ``[count]``: which of maps ``start .. start + count - 1`` (of ``total``) belong to ``wanted`` maps
+    spread evenly over all of them (every map when ``total <= wanted``)."""
+    index = np.arange(start, start + count, dtype=np.int64)
+    return (index * wanted) // total != ((index + 1) * wanted) // total if total > wanted else np.ones(count, bool)
+
+
 def fit_transform(blocks: Callable[[], Iterable[np.ndarray]]) -> TransformFit:
     """Fit on the finite maps ``[M, cells, C]`` that ``blocks()`` yields (called twice: two passes)."""
     moments: MapMoments | None = None
@@ -229,13 +236,11 @@ def fit_transform(blocks: Callable[[], Iterable[np.ndarray]]) -> TransformFit:
     if moments is None or not moments.count:
         raise ValueError("tc: no finite map to fit on")
     transforms = moments.transforms()
-    stride = max(1, moments.count // FIT_MAPS)
     squares, seen, sample = 0.0, 0, []
     for maps in blocks():
         y = coefficients(maps, transforms["mean"], transforms["spatial"], transforms["basis"])
         squares = squares + (y.astype(np.float64) ** 2).sum(0)
-        picked = (np.arange(seen, seen + len(maps)) % stride == 0) & (np.arange(seen, seen + len(maps)) < stride * FIT_MAPS)
-        sample.append(y[picked])
+        sample.append(y[evenly_spread(seen, len(maps), moments.count, FIT_MAPS)])
         seen += len(maps)
     scale = np.sqrt(squares / seen) + 1e-12
     candidates = np.argsort(scale, kind="stable")[::-1][:CANDIDATES]

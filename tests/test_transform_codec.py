@@ -80,3 +80,13 @@ def test_fitted_codec_error_falls_with_its_budget_and_codes_fit_it(relu_maps):
     assert cosines == sorted(cosines) and cosines[-1] > 0.99 and cosines[0] < 0.95
     torch_decoded = params.torch_decode(torch.from_numpy(codes[:5])).numpy()
     np.testing.assert_array_equal(torch_decoded, params.decode(codes[:5]))
+
+
+def test_the_quantisers_sample_is_spread_evenly_over_every_block():
+    from kt_cache.transform_codec import evenly_spread
+
+    picked = np.concatenate([evenly_spread(s, 100, 3840, 2048) for s in range(0, 3800, 100)]
+                            + [evenly_spread(3800, 40, 3840, 2048)])
+    index = np.nonzero(picked)[0]
+    assert len(index) == 2048 and index[0] < 2 and index[-1] > 3837 and np.diff(index).max() == 2
+    assert evenly_spread(10, 5, 100, 2048).all()
