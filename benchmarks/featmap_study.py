@@ -43,6 +43,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import compact  # noqa: E402
+from kt_cache.transform_codec import CANDIDATES, FIT_MAPS, LLOYD_ITERATIONS, MAX_BITS  # noqa: E402
 
 RESULTS = HERE / "results" / "featmap_study.json"
 SHIPPED = (("pca:160,int8", False), ("pca:320,int8", False), ("pca:160,int8", True))   # (codec, sqrt first)

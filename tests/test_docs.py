@@ -51,7 +51,7 @@ def test_readme_tour(tmp_path, monkeypatch):
     shutil.copy(ROOT / "manifests" / "demo.yaml", tmp_path / "manifests" / "demo.yaml")
     outputs = [run(command, tmp_path) for command in commands(ROOT / "README.md")]
     assert "estimated store size" in outputs[0] and "effnet_lite2" in outputs[2]
-    assert "effnet_lite0/featmap: pca:160,int8" in outputs[4] and "mean cosine" in outputs[4]
+    assert "effnet_lite0/featmap: tc:160 (4x4 cells x 1280 -> " in outputs[4] and "mean cosine" in outputs[4]
     assert outputs[5].startswith("OK") and "read it as zip://" in outputs[6]
     for code in blocks(ROOT / "README.md", "python"):
         monkeypatch.chdir(tmp_path)
