@@ -80,9 +80,10 @@ def pack(store: str, out: str) -> None:
 @click.argument("store")
 @click.option("--out", "out", required=True, help="The new compact store (a path that does not exist yet).")
 @click.option("--features", "features", metavar="CODEC", help="Codec of pooled features: fp16, int8, pca:K or "
-              "pca:K,int8 (K principal components kept). Default: copied unchanged.")
+              "pca:K,int8 (K principal components kept; K may be D/N, a fraction of each teacher's width D). "
+              "Default: copied unchanged.")
 @click.option("--featmap", "featmap", metavar="CODEC", help="Codec of spatial maps: the same choices, "
-              "per grid cell over the channels, or tc:B, a transform code of each whole map at B bytes per cell. "
+              "per grid cell over the channels, or tc:B, a transform code of each whole map at B bytes per cell (tc:D/8: 1/16 of fp16). "
               "Default: copied unchanged.")
 @click.option("--teachers", "teachers", multiple=True, metavar="ID[,ID…]",
               help="Teachers to re-encode (default: every teacher storing that output); others are copied.")

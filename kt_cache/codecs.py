@@ -35,26 +35,39 @@ PARAM_DIMS = {"mean": ("dim",), "basis": ("component", "dim"), "scale": ("unit",
               "moments": ("unit", "moment")}
 COS_BINS_PER_DECADE = 32               # worst-decile cosine from a histogram of -log10(1 - cos) in [0, 9]
 COS_BINS = 9 * COS_BINS_PER_DECADE
-CODEC_PATTERN = re.compile(r"^(?:(fp16)|(int8)|pca:(\d+)(,int8)?|tc:(\d+))$")
+CODEC_PATTERN = re.compile(r"^(?:(fp16)|(int8)|pca:(D/)?(\d+)(,int8)?|tc:(D/)?(\d+))$")
 CODEC_CHOICES = "fp16, int8, pca:K, pca:K,int8 or (featmap) tc:B"
 
 
 @dataclass(frozen=True)
 class Codec:
     """One codec: ``pca`` components kept (None: no projection) and ``int8`` quantisation of the code, or a
-    ``transform`` code of whole maps at that many bytes per grid cell."""
+    ``transform`` code of whole maps at that many bytes per grid cell. With ``divisor`` the size was asked as
+    ``D/divisor`` (``pca:D/4,int8``, ``tc:D/8``) and ``for_width`` makes it concrete for vectors of ``D`` values."""
 
     pca: int | None = None
     int8: bool = False
     transform: int | None = None
+    divisor: int | None = None
 
     @property
     def name(self) -> str:
+        def size(value: int) -> str:
+            return f"D/{self.divisor}" if self.divisor else str(value)
+
         if self.transform is not None:
-            return f"tc:{self.transform}"
+            return f"tc:{size(self.transform)}"
         if self.pca is None:
             return "int8" if self.int8 else "fp16"
-        return f"pca:{self.pca}" + (",int8" if self.int8 else "")
+        return f"pca:{size(self.pca)}" + (",int8" if self.int8 else "")
+
+    def for_width(self, dim: int) -> Codec:
+        """The concrete codec for vectors of ``dim`` values: K (or B) = max(1, dim // divisor)."""
+        if self.divisor is None:
+            return self
+        size = max(1, dim // self.divisor)
+        return Codec(pca=size if self.pca is not None else None, int8=self.int8,
+                     transform=size if self.transform is not None else None)
 
     @property
     def code_dtype(self) -> str:
@@ -76,16 +89,19 @@ class Codec:
 
 
 def parse_codec(text: str, option: str = "--features") -> Codec:
-    """``fp16`` | ``int8`` | ``pca:K`` | ``pca:K,int8`` | ``tc:B`` -> Codec; anything else is a UsageError."""
+    """``fp16`` | ``int8`` | ``pca:K`` | ``pca:K,int8`` | ``tc:B`` (K, B a number or ``D/N``) -> Codec; anything
+    else is a UsageError."""
     match = CODEC_PATTERN.match(str(text).strip().replace(" ", ""))
-    if match is None or any(match.group(i) is not None and int(match.group(i)) < 1 for i in (3, 5)):
+    if match is None or any(match.group(i) is not None and int(match.group(i)) < 1 for i in (4, 7)):
         raise UsageError(f"{option} {text!r}: not a codec. Expected one of {CODEC_CHOICES}, with K a positive "
                          "number of principal components (e.g. pca:256,int8) and B a positive number of code bytes "
-                         "per grid cell (e.g. tc:160, 1/16 of fp16 at 1280 channels).")
-    if match.group(5) is not None:
-        return Codec(transform=int(match.group(5)))
-    if match.group(3) is not None:
-        return Codec(pca=int(match.group(3)), int8=bool(match.group(4)))
+                         "per grid cell (e.g. tc:160, 1/16 of fp16 at 1280 channels); either may be D/N, a fraction "
+                         "of each teacher's width (pca:D/4,int8, tc:D/8).")
+    if match.group(7) is not None:
+        return Codec(transform=int(match.group(7)), divisor=int(match.group(7)) if match.group(6) else None)
+    if match.group(4) is not None:
+        return Codec(pca=int(match.group(4)), int8=bool(match.group(5)),
+                     divisor=int(match.group(4)) if match.group(3) else None)
     return Codec(int8=bool(match.group(2)))
 
 

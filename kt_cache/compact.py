@@ -103,6 +103,7 @@ def job_for(reader: fmt.StoreReader, tid: str, output: str, codec: Codec, array:
         raise UsageError(f"teacher {tid} of {reader.where}: {output} is already compacted ({record.get('name')}); "
                          "re-encoding decoded values would stack two errors. Fix: compact from the original store.")
     dim = int(array.shape[-1])
+    codec = codec.for_width(dim)                  # pca:D/4 or tc:D/8: this teacher's own K or B
     check_width(codec, dim, f"--{output}", f"teacher {tid}'s {output}")
     if codec.transform and output != "featmap":
         raise UsageError(f"--{output} {codec.name}: the transform codec codes whole spatial maps (--featmap). "

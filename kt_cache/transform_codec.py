@@ -260,6 +260,10 @@ class TransformParams:
         self.depth = self.arrays["depth"].astype(np.int64)
         self.coef = self.arrays["coef"].astype(np.int64)
         self.groups = [(d, np.nonzero(self.depth == d)[0]) for d in range(MAX_BITS, 0, -1) if (self.depth == d).any()]
+        cells, k = len(self.arrays["spatial"]), len(self.arrays["basis"])
+        # components each spatial row codes are a prefix in practice (both transforms order by variance): decode
+        # multiplies only that prefix by the basis, about half of the products at 16 cells
+        self.prefix = [int((self.coef[self.coef // k == row] % k).max(initial=-1)) + 1 for row in range(cells)]
         self._torch: dict[str, dict[str, torch.Tensor]] = {}
 
     @property
@@ -322,7 +326,12 @@ class TransformParams:
         cells, channels = t["mean"].shape
         y = torch.zeros((len(flat), cells * len(t["basis"])), device=codes.device)
         y[:, t["coef"]] = t["levels"].reshape(-1)[t["flat_level"] + index] * t["spread"]
-        roots = torch.einsum("ij,mjc->mic", t["spatial"], y.reshape(len(flat), cells, -1) @ t["basis"]) + t["mean"]
+        y = y.reshape(len(flat), cells, -1)
+        rows = torch.zeros((len(flat), cells, channels), device=codes.device)
+        for row, width in enumerate(self.prefix):
+            if width:
+                rows[:, row] = y[:, row, :width] @ t["basis"][:width]
+        roots = torch.einsum("ij,mjc->mic", t["spatial"], rows) + t["mean"]
         maps = torch.clamp(roots * roots.abs(), t["low"], t["high"])
         maps = maps.masked_fill((flat[:, 0] == MISSING_FLAG)[:, None, None], float("nan"))
         grid = math.isqrt(cells)                          # featmaps are square: ``featmap_grid`` x ``featmap_grid``

@@ -240,7 +240,7 @@ def test_transform_codec_round_trip_records_the_error_a_recomputation_finds(two_
         "vit48", "features"))                                   # the other option is unaffected
 
 
-def test_transform_codec_store_works_with_every_command(compacted, tmp_path):
+def test_transform_codec_store_works_with_every_command(two_teacher_store, compacted, tmp_path):
     store = compacted["tc"]
     text = ok("info", store).output
     assert f"featmap encoded tc:{TC_BYTES} (2x2 cells x 512 -> " in text and "uint8 bytes per map): mean cosine" in text
@@ -248,6 +248,11 @@ def test_transform_codec_store_works_with_every_command(compacted, tmp_path):
     assert by_id["cnn32"]["vectors"]["featmap"][0] == 12 * 3 * 4             # cell vectors, not map codes
     ok("verify", store)
     ok("subset", store, "--teachers", "cnn32", "--out", tmp_path / "sub.zarr")
+    ok("subset", two_teacher_store, "--teachers", "vit48", "--out", tmp_path / "plain.zarr")
+    ok("merge", tmp_path / "sub.zarr", tmp_path / "plain.zarr", "--out", tmp_path / "merged.zarr")
+    merged = StoreReader(tmp_path / "merged.zarr")
+    np.testing.assert_array_equal(merged.read("cnn32", "featmap"), StoreReader(store).read("cnn32", "featmap"))
+    assert merged.codec_params("cnn32", "featmap").codec == Codec(transform=TC_BYTES)
     ok("pack", store, tmp_path / "c.zip")
     ok("verify", f"zip://{tmp_path / 'c.zip'}")
     with serve_folder(store.parent) as server:
@@ -303,3 +308,15 @@ def test_a_transform_record_that_disagrees_with_its_codes_is_damage(compacted, t
     write_object_manifest(store)
     result = run("info", store)
     assert result.exit_code == 1 and "does not match featmap of shape [12, 3," in result.output
+
+
+def test_sizes_given_as_a_fraction_of_d_resolve_per_teacher(two_teacher_store, tmp_path):
+    out = tmp_path / "relative.zarr"
+    result = ok("compact", two_teacher_store, "--out", out, "--features", "pca:D/4,int8", "--featmap", "tc:D/64")
+    reader = StoreReader(out)
+    names = {tid: {o: r["name"] for o, r in reader.teacher_attrs(tid)["codec"].items()} for tid in ("cnn32", "vit48")}
+    assert names == {"cnn32": {"features": "pca:128,int8", "featmap": "tc:8"},       # D = 512
+                     "vit48": {"features": "pca:48,int8", "featmap": "tc:3"}}         # D = 192
+    assert "cnn32/featmap: tc:8 (2x2 cells x 512 -> " in result.output
+    assert "--features pca:D/4,int8 --featmap tc:D/64" in json.loads((out / "ktc-objects.json").read_text())["made_by"]
+    ok("verify", out)
