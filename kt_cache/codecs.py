@@ -227,15 +227,18 @@ def codec_record(teacher: Any, output: str) -> dict[str, Any] | None:
 
 
 def size_table(vectors: dict[str, tuple[int, int]]) -> dict[str, int]:
-    """Bytes (before zstd) of feature-like arrays under each codec family: ``vectors`` maps an array to
-    (number of vectors, width). PCA rows keep a quarter and an eighth of each width."""
-    table = {"fp32": 0, "fp16": 0, "int8": 0, "pca:D/4,int8": 0, "pca:D/8,int8": 0}
-    for count, dim in vectors.values():
+    """Bytes (before zstd) of feature-like arrays under each codec family: ``vectors`` maps an array
+    (``<teacher>/features`` or ``<teacher>/featmap``) to (number of vectors, width; a featmap's vectors are its
+    cells). PCA rows keep a quarter and an eighth of each width; the last row is the sharing setting of
+    docs/store-format.md: features ``pca:D/4,int8``, maps ``tc:D/8`` (D/8 bytes per cell, flag bytes left out)."""
+    table = {"fp32": 0, "fp16": 0, "int8": 0, "pca:D/4,int8": 0, "pca:D/8,int8": 0, "pca:D/4,int8 + maps tc:D/8": 0}
+    for name, (count, dim) in vectors.items():
         table["fp32"] += count * dim * 4
         table["fp16"] += count * dim * 2
         table["int8"] += count * dim
         table["pca:D/4,int8"] += count * max(1, dim // 4)
         table["pca:D/8,int8"] += count * max(1, dim // 8)
+        table["pca:D/4,int8 + maps tc:D/8"] += count * max(1, dim // (8 if name.endswith("/featmap") else 4))
     return table
 
 

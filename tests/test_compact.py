@@ -124,6 +124,9 @@ def test_every_command_works_on_a_compact_store(two_teacher_store, compacted, tm
     by_id = {t["id"]: t for t in info["teachers"]}
     assert by_id["vit48"]["codecs"]["features"]["name"] == "pca:8,int8"
     assert info["codec_sizes"]["pca:D/8,int8"] < info["codec_sizes"]["fp16"]
+    vectors = [(path, count, dim) for t in info["teachers"] for path, (count, dim) in t["vectors"].items()]
+    assert info["codec_sizes"]["pca:D/4,int8 + maps tc:D/8"] == sum(
+        count * dim // (8 if path == "featmap" else 4) for path, count, dim in vectors)
     text = ok("info", store).output
     assert "features encoded pca:8,int8 (192 -> 8 int8): mean cosine" in text
     assert "pca:D/4,int8" in text
