@@ -162,6 +162,7 @@ def real_weights(out: Path, per_photo: int) -> list[dict]:
                          if codec != "fp16" else 1.0})
             if output == "featmap" and codec in READ_PATH_CODECS:    # decode cost per batch of the trainer
                 rows[-1]["read_path"] = read_path_speed(store, target, batches=10, needs=("features", "featmaps"))
+                rows[-1]["read_path"]["decode_mflop_per_map"] = decode_mflop(target, dim)
             print(f"  {output:<8} {codec:<13} cos {rows[-1]['error']['mean_cosine']:.4f} "
                   f"(held out {rows[-1]['held_out_cosine']:.4f}) {stored / n_views:.0f} B/view stored")
     return rows
@@ -222,6 +223,17 @@ def read_path_speed(plain: Path, small: Path, repeats: int = 5, batches: int = 4
     return {"batch": batch, "s_per_batch": best, "ratio": best["compact"] / best["fp16"]}
 
 
+def decode_mflop(store: Path, dim: int) -> float:
+    """Multiply-adds x 2 of decoding one map of the store's ``lite0/featmap`` (the products with the basis)."""
+    from kt_cache.store import StoreReader
+
+    params = StoreReader(store).codec_params("lite0", "featmap")
+    if params.codec.transform:
+        return 2 * sum(params.prefix) * dim / 1e6
+    cells = 16
+    return 2 * cells * params.codec.code_dim(dim) * dim / 1e6
+
+
 def summarise(runs: list[dict], images: int, epochs: int) -> list[dict]:
     rows = []
     for method in ("kd", "uniform"):
@@ -257,8 +269,10 @@ def markdown(result: dict) -> str:
                  f"{r['read_path']['s_per_batch']['fp16'] * 1e3:.1f} ms ({r['read_path']['ratio']:.1f}x)" for r in timed]
         lines += ["", f"The trainer's read path for these maps (gather + decode to a float32 `TeacherBatch` of the "
                   f"teacher's features and map (its ImageNet logits name no photo class), batch {timed[0]['read_path']['batch']}, on this CPU, best of "
-                  f"5): {'; '.join(parts)} from the fp16 store. A `tc` decode is two matrix products per map "
-                  "(about 40 MFLOP at 1280 channels), which a GPU absorbs and a CPU pays."]
+                  f"5): {'; '.join(parts)} from the fp16 store. Decoding a map is "
+                  "mostly its product with the channel basis: "
+                  + "; ".join(f"`{r['codec']}` {r['read_path']['decode_mflop_per_map']:.1f} MFLOP" for r in timed)
+                  + ", which a GPU absorbs and a CPU pays."]
     d = result["digits"]
     lines += ["", "### `ktc compact` on the digits benchmark: students from the fp16 store and a compact store", "",
               f"Store compacted with `--features {DIGITS_CODEC[0]} --featmap {DIGITS_CODEC[1]}` "
