@@ -12,6 +12,8 @@ Parts (one command runs all; results in ``OUT/compact.json``; with ``--doc`` als
    fitted on even units, measured on odd units) is reported too: rows the fit has not seen, but crops of the
    same 12 photos (the store's rows are a random permutation). On photos unseen at fit time the bases do much
    worse (``benchmarks/featmap_study.py``).
+   ``kpu`` (which reads the map every step) is trained for one epoch from the fp16 store and from ``tc:160``:
+   samples/s side by side.
 2. **Digits.** The digits benchmark's teacher zoo (``benchmarks/digits_zoo.py``), its store compacted; ``kd`` and
    ``uniform`` students (3 seeds) from the fp16 store and from the compact store, top-1 mean and spread, and
    the training loop's samples/s.
@@ -223,6 +225,32 @@ def read_path_speed(plain: Path, small: Path, repeats: int = 5, batches: int = 4
     return {"batch": batch, "s_per_batch": best, "ratio": best["compact"] / best["fp16"]}
 
 
+def map_training_speed(out: Path, codec: str = "tc:160", repeats: int = 2) -> dict:
+    """Samples/s of one ``kpu`` epoch (it reads the teacher's map every step) from the fp16 store and from its
+    ``codec`` copy, alternately ``repeats`` times; the best epoch of each (resnet10t, 64 px, batch 64)."""
+    plain = out / "lite0.zarr"
+    small = out / f"featmap-{codec.replace(':', '_').replace(',', '_')}.zarr"
+    flags = ["--method", "kpu", "--student", "resnet10t", "--img-size", "64", "--epochs", "1", "--batch-size", "64",
+             "--workers", "0", "--no-progress", "--seed", "0"]
+    best = {"fp16": float("inf"), codec: float("inf")}
+    for repeat in range(repeats):
+        for name, store in (("fp16", plain), (codec, small)):
+            run = out / "train" / f"{name.replace(':', '_')}-{repeat}"
+            shutil.rmtree(run, ignore_errors=True)
+            run_ktc(["train", "--cache", str(store), "--out", str(run), *flags], out / "logs" / f"train-{run.name}.log")
+            records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            best[name] = min(best[name], next(r["seconds"] for r in records if r["kind"] == "epoch"))
+    samples = store_samples(plain)
+    return {"codec": codec, "samples": samples, "samples_per_s": {k: samples / v for k, v in best.items()},
+            "ratio": best["fp16"] / best[codec]}
+
+
+def store_samples(store: Path) -> int:
+    from kt_cache.store import StoreReader
+
+    return StoreReader(store).n_samples
+
+
 def decode_mflop(store: Path, dim: int) -> float:
     """Multiply-adds x 2 of decoding one map of the store's ``lite0/featmap`` (the products with the basis)."""
     from kt_cache.store import StoreReader
@@ -273,6 +301,12 @@ def markdown(result: dict) -> str:
                   "mostly its product with the channel basis: "
                   + "; ".join(f"`{r['codec']}` {r['read_path']['decode_mflop_per_map']:.1f} MFLOP" for r in timed)
                   + ", which a GPU absorbs and a CPU pays."]
+    mt = result.get("map_training")
+    if mt:
+        speed = mt["samples_per_s"]
+        lines += ["", f"Training that reads the map every step (`kpu`, resnet10t at 64 px, batch 64, {mt['samples']} "
+                  f"samples, one epoch, best of 2 alternating runs on this 2-core CPU): {speed['fp16']:.0f} samples/s "
+                  f"from the fp16 store, {speed[mt['codec']]:.0f} from `{mt['codec']}` ({mt['ratio']:.2f}x)."]
     d = result["digits"]
     lines += ["", "### `ktc compact` on the digits benchmark: students from the fp16 store and a compact store", "",
               f"Store compacted with `--features {DIGITS_CODEC[0]} --featmap {DIGITS_CODEC[1]}` "
@@ -320,15 +354,17 @@ def main(argv: list[str] | None = None) -> None:
         return
     print("[1/2] real weights: EfficientNet-Lite0 over photo crops")
     real = real_weights(args.out / "real", args.crops)
+    training = map_training_speed(args.out / "real")
     if args.real_only:
         saved = args.out / "compact.json" if (args.out / "compact.json").exists() else HERE / "results" / "compact.json"
-        finish(args, {**json.loads(saved.read_text()), "photos": real[0]["vectors"] // 4, "real": real})
+        finish(args, {**json.loads(saved.read_text()), "photos": real[0]["vectors"] // 4, "real": real,
+                      "map_training": training})
         return
     print("[2/2] digits: kd and uniform from fp16 and compact stores")
     seeds = tuple(int(s) for s in args.seeds.split(","))
     found = digits(args.out / "digits", seeds, args.epochs)
     found["rows"] = summarise(found["runs"], found["train_images"], args.epochs)
-    finish(args, {"photos": real[0]["vectors"] // 4, "real": real, "digits": found})
+    finish(args, {"photos": real[0]["vectors"] // 4, "real": real, "map_training": training, "digits": found})
 
 
 def finish(args: argparse.Namespace, result: dict) -> None:
