@@ -14,9 +14,22 @@ import torch
 from kt_cache.store import StoreReader
 
 
-def predictive_teachers(reader: StoreReader, wanted: list[str]) -> list[str]:
+def predictive_teachers(reader: StoreReader, wanted: list[str]) -> tuple[list[str], list[str]]:
+    """The predictive teachers with logits among ``wanted`` (default: every teacher), and those of them left out
+    because none of their logits is a target class (a run that used only their features or maps, e.g. ``kpu``):
+    their votes name no class the student can predict."""
+    from kt_train.labels import label_map_for
+
     ids = [t for t in wanted if t in reader.teacher_ids()] or reader.teacher_ids()
-    return [t for t in ids if reader.teacher_record(t).role == "predictive" and "logits" in reader.teacher_record(t).outputs]
+    voting, unmapped = [], []
+    for tid in ids:
+        record = reader.teacher_record(tid)
+        if record.role != "predictive" or "logits" not in record.outputs:
+            continue
+        names = list(record.class_names) if record.class_names is not None else None
+        mapped = (label_map_for(reader.class_names, names, record.num_classes) >= 0).any()
+        (voting if mapped else unmapped).append(tid)
+    return voting, unmapped
 
 
 def votes(tb: Any) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -84,9 +97,12 @@ def teacher_agreement(student: Any, cache: str, run: dict[str, Any], batch_size:
     from kt_train.skipping import Skipped
 
     reader = StoreReader(cache)
-    teachers = predictive_teachers(reader, run.get("teachers", []))
+    teachers, unmapped = predictive_teachers(reader, run.get("teachers", []))
+    left_out = {"unmapped_teachers": unmapped} if unmapped else {}
     if not teachers:
-        return {"n": 0, "teachers": [], "note": "the store has no predictive teachers with logits"}
+        note = "the store has no predictive teachers with logits" + (
+            f" in the target classes ({', '.join(unmapped)} name none of them)" if unmapped else "")
+        return {"n": 0, "teachers": [], "note": note, **left_out}
     budget = run.get("ram_budget_bytes") or ram_budget_bytes(None)
     cached = CachedTeachers(reader, teachers, needs={"logits"}, ram_budget_bytes=int(budget))
     dataset, skipped = store_views(reader, student, run.get("data_root")), Skipped()
@@ -94,4 +110,4 @@ def teacher_agreement(student: Any, cache: str, run: dict[str, Any], batch_size:
     fraction = {k: round(h / n, 6) if n else None for k, (h, n) in hits.items()}
     skipped.report(f"the store {cache}")
     return {"consensus": fraction.pop("consensus"), "per_teacher": fraction, "n": len(dataset) - len(skipped.names),
-            "teachers": teachers, **skipped.as_metrics()}
+            "teachers": teachers, **left_out, **skipped.as_metrics()}

@@ -404,3 +404,19 @@ def test_a_run_saved_with_per_teacher_heads_resumes_to_the_same_student(store, t
     for name in ("student.safetensors", "method.safetensors"):
         a, b = (load_file(str(out / name)) for out in (new, old))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_a_run_that_uses_no_logits_finishes_when_a_teachers_logits_name_no_target_class(tmp_path):
+    """kpu reads features and maps only: a teacher whose classes are not the dataset's (e.g. ImageNet logits over
+    a folder of other classes) trains, and the final agreement leaves it out and says so instead of failing."""
+    from extract_helpers import finished_project
+
+    base = finished_project(tmp_path / "p", [cnn_teacher(classes=["x1", "x2", "x3"])])
+    out = tmp_path / "kpu"
+    result = invoke("train", "--cache", base / "out.zarr", "--out", out, *COMMON, "--method", "kpu")
+    assert result.exit_code == 0, result.output
+    agreement = json.loads((out / "eval.json").read_text())["teacher_agreement"]
+    assert agreement["unmapped_teachers"] == ["cnn32"] and agreement["n"] == 0
+    assert "cnn32 name none of them" in agreement["note"]
+    refused = invoke("train", "--cache", base / "out.zarr", "--out", tmp_path / "kd", *COMMON, "--method", "kd")
+    assert refused.exit_code == 2 and "in the target label space" in refused.output      # kd needs those logits
