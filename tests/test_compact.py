@@ -15,6 +15,7 @@ from extract_helpers import cnn_teacher, finished_project
 from http_server import serve_folder
 from kt_cache.cli import cli
 from kt_cache.codecs import MISSING_CODE, Codec, parse_codec
+from kt_cache.transform_codec import MISSING_FLAG
 from kt_cache.finalize import write_object_manifest
 from kt_cache.store import StoreReader
 
@@ -169,22 +170,31 @@ def test_teacher_batch_holds_the_decoded_features(two_teacher_store, compacted):
         assert cached.teacher_infos()[cached.ids.index(tid)].feature_dim == store.teacher_attrs(tid)["feature_dim"]
 
 
-def test_a_missing_code_marks_the_row_invalid_and_is_zeroed(compacted, tmp_path):
+@pytest.mark.parametrize("codec, tid, output, where, code", [
+    ("int8", "vit48", "features", (3, 1, 5), MISSING_CODE),      # one vector's code
+    ("tc", "cnn32", "featmap", (3, 1, 0), MISSING_FLAG),         # a tc map's flag byte
+])
+def test_a_missing_code_marks_the_row_invalid_is_zeroed_and_verify_names_it(compacted, tmp_path, codec, tid, output,
+                                                                             where, code):
     from kt_train.data import CachedTeachers
 
     store = tmp_path / "c.zarr"
-    shutil.copytree(compacted["int8"], store)
-    array = zarr.open_array(store / "teachers/vit48/features", mode="r+")
+    shutil.copytree(compacted[codec], store)
+    array = zarr.open_array(store / f"teachers/{tid}/{output}", mode="r+")
     codes = array[:]
-    codes[3, 1, 5] = MISSING_CODE
+    codes[where] = code
     array[:] = codes
     write_object_manifest(store)
-    cached = CachedTeachers(StoreReader(store), ["vit48"], needs=("features",))
+    assert np.isnan(StoreReader(store).codec_params(tid, output).decode(codes[3, 1:2], np.array([3]))).any()
+    field = "features" if output == "features" else "featmaps"
+    cached = CachedTeachers(StoreReader(store), [tid], needs=(field,))
     batch = cached.to_teacher_batch(cached.gather(np.array([3, 3]), np.array([1, 0])), None, "cpu")
-    assert batch.valid["vit48"].tolist() == [False, True]
-    assert (batch.features["vit48"][0] == 0).all() and batch.features["vit48"][1].abs().sum() > 0
+    values = getattr(batch, field)[tid]
+    assert batch.valid[tid].tolist() == [False, True]
+    assert (values[0] == 0).all() and values[1].abs().sum() > 0
     result = run("verify", store)
-    assert result.exit_code == 1 and "missing code -128" in result.output and "teachers/vit48/features" in result.output
+    assert result.exit_code == 1 and f"missing code {code}" in result.output
+    assert f"teachers/{tid}/{output}" in result.output
 
 
 @pytest.mark.parametrize("args, message", [
@@ -209,17 +219,22 @@ def test_compacting_twice_is_refused(compacted, tmp_path):
     assert result.exit_code == 2 and "already compacted (int8)" in result.output
 
 
-def test_a_codec_record_that_disagrees_with_the_array_is_damage(compacted, tmp_path):
+@pytest.mark.parametrize("codec, tid, output, key, value, shape", [
+    ("pca:8,int8", "vit48", "features", "code_dim", 16, "[12, 3, 8]"),
+    ("tc", "cnn32", "featmap", "bits_per_map", 8000, "[12, 3,"),        # more bits than the codes hold
+])
+def test_a_codec_record_that_disagrees_with_the_array_is_damage(compacted, tmp_path, codec, tid, output, key, value,
+                                                                shape):
     store = tmp_path / "c.zarr"
-    shutil.copytree(compacted["pca:8,int8"], store)
-    group = zarr.open_group(store / "teachers/vit48", mode="r+")
+    shutil.copytree(compacted[codec], store)
+    group = zarr.open_group(store / f"teachers/{tid}", mode="r+")
     attrs = dict(group.attrs["ktc_teacher"])
-    attrs["codec"] = dict(attrs["codec"], features=dict(attrs["codec"]["features"], code_dim=16))
+    attrs["codec"] = dict(attrs["codec"], **{output: dict(attrs["codec"][output], **{key: value})})
     group.attrs["ktc_teacher"] = attrs
     zarr.consolidate_metadata(str(store))
     write_object_manifest(store)
     result = run("info", store)
-    assert result.exit_code == 1 and "does not match features of shape [12, 3, 8]" in result.output
+    assert result.exit_code == 1 and f"does not match {output} of shape {shape}" in result.output
 
 
 def test_transform_codec_round_trip_records_the_error_a_recomputation_finds(two_teacher_store, compacted):
@@ -277,40 +292,6 @@ def test_teacher_batch_holds_the_decoded_transform_coded_maps(compacted):
     batch = cached.to_teacher_batch(cached.gather(rows, views), None, "cpu")
     expect = store.codec_params("cnn32", "featmap").decode(store.read("cnn32", "featmap")[rows, views])
     np.testing.assert_allclose(batch.featmaps["cnn32"].numpy(), expect, rtol=1e-5, atol=1e-5)
-
-
-def test_a_flagged_missing_map_marks_the_row_invalid_and_verify_names_it(compacted, tmp_path):
-    from kt_cache.transform_codec import MISSING_FLAG
-    from kt_train.data import CachedTeachers
-
-    store = tmp_path / "c.zarr"
-    shutil.copytree(compacted["tc"], store)
-    array = zarr.open_array(store / "teachers/cnn32/featmap", mode="r+")
-    codes = array[:]
-    codes[3, 1, 0] = MISSING_FLAG
-    array[:] = codes
-    write_object_manifest(store)
-    assert np.isnan(StoreReader(store).codec_params("cnn32", "featmap").decode(codes[3, 1])).all()
-    cached = CachedTeachers(StoreReader(store), ["cnn32"], needs=("featmaps",))
-    batch = cached.to_teacher_batch(cached.gather(np.array([3, 3]), np.array([1, 0])), None, "cpu")
-    assert batch.valid["cnn32"].tolist() == [False, True]
-    assert (batch.featmaps["cnn32"][0] == 0).all() and batch.featmaps["cnn32"][1].abs().sum() > 0
-    result = run("verify", store)
-    assert result.exit_code == 1 and f"missing code {MISSING_FLAG}" in result.output
-    assert "teachers/cnn32/featmap" in result.output
-
-
-def test_a_transform_record_that_disagrees_with_its_codes_is_damage(compacted, tmp_path):
-    store = tmp_path / "c.zarr"
-    shutil.copytree(compacted["tc"], store)
-    group = zarr.open_group(store / "teachers/cnn32", mode="r+")
-    attrs = dict(group.attrs["ktc_teacher"])
-    attrs["codec"] = dict(attrs["codec"], featmap=dict(attrs["codec"]["featmap"], bits_per_map=8 * 1000))
-    group.attrs["ktc_teacher"] = attrs
-    zarr.consolidate_metadata(str(store))
-    write_object_manifest(store)
-    result = run("info", store)
-    assert result.exit_code == 1 and "does not match featmap of shape [12, 3," in result.output
 
 
 def test_sizes_given_as_a_fraction_of_d_resolve_per_teacher(two_teacher_store, tmp_path):
