@@ -254,7 +254,8 @@ class ErrorMeter:
         self.x_sum, self.dec_sum, self.dec_sq = np.zeros(dim), np.zeros(dim), np.zeros(dim)
 
     def add(self, x: np.ndarray, decoded: np.ndarray) -> None:
-        keep = np.isfinite(x).all(axis=1)
+        # a vector stored as missing decodes to NaN (tc: every cell of a map holding any non-finite value)
+        keep = np.isfinite(x).all(axis=1) & np.isfinite(decoded).all(axis=1)
         x, xh = x[keep].astype(np.float64), decoded[keep].astype(np.float64)
         cos = cosines(x, xh)
         t = -np.log10(np.maximum(1.0 - cos, 10.0 ** -9))

@@ -203,7 +203,12 @@ def fit_transform_job(reader: fmt.StoreReader, job: Job) -> tuple[TransformParam
             flat = block.reshape(-1, grid[0] * grid[1], job.dim)
             yield flat[np.isfinite(flat).all(axis=(1, 2))]
 
-    params = fit_transform(maps).params(job.codec.transform)
+    fit = fit_transform(maps)
+    if fit is None:
+        raise UsageError(f"--featmap {job.codec.name}: teacher {job.teacher_id} of {reader.where} holds no map without "
+                         "NaN (every stored image failed to decode), so there is nothing to fit the codec on. Fix: "
+                         "leave it out with --teachers, or re-extract it from readable images.")
+    params = fit.params(job.codec.transform)
     return params, {"grid": [int(g) for g in grid], "components": int(len(params.arrays["basis"])),
                     "coefficients": int(len(params.coef)), "bits_per_map": params.bits}
 

@@ -227,14 +227,15 @@ def evenly_spread(start: int, count: int, total: int, wanted: int) -> np.ndarray
     return (index * wanted) // total != ((index + 1) * wanted) // total if total > wanted else np.ones(count, bool)
 
 
-def fit_transform(blocks: Callable[[], Iterable[np.ndarray]]) -> TransformFit:
-    """Fit on the finite maps ``[M, cells, C]`` that ``blocks()`` yields (called twice: two passes)."""
+def fit_transform(blocks: Callable[[], Iterable[np.ndarray]]) -> TransformFit | None:
+    """Fit on the finite maps ``[M, cells, C]`` that ``blocks()`` yields (called twice: two passes); None when
+    it yields none."""
     moments: MapMoments | None = None
     for maps in blocks():
         moments = moments or MapMoments(maps.shape[1], maps.shape[2])
         moments.add(maps)
     if moments is None or not moments.count:
-        raise ValueError("tc: no finite map to fit on")
+        return None
     transforms = moments.transforms()
     squares, seen, sample = 0.0, 0, []
     for maps in blocks():

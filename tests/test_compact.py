@@ -304,3 +304,14 @@ def test_sizes_given_as_a_fraction_of_d_resolve_per_teacher(two_teacher_store, t
     assert "cnn32/featmap: tc:8 (2x2 cells x 512 -> " in result.output
     assert "--features pca:D/4,int8 --featmap tc:D/64" in json.loads((out / "ktc-objects.json").read_text())["made_by"]
     ok("verify", out)
+
+
+def test_a_transform_codec_with_no_readable_map_to_fit_on_is_refused(two_teacher_store, tmp_path):
+    store = tmp_path / "nan.zarr"
+    shutil.copytree(two_teacher_store, store)
+    array = zarr.open_array(store / "teachers/cnn32/featmap", mode="r+")
+    array[:] = np.full(array.shape, np.nan, dtype=array.dtype)
+    write_object_manifest(store)
+    result = run("compact", store, "--out", tmp_path / "x.zarr", "--featmap", "tc:4", "--teachers", "cnn32")
+    assert result.exit_code == 2 and "teacher cnn32" in result.output and "holds no map without NaN" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "x.zarr").exists()
