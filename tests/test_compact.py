@@ -17,6 +17,7 @@ from kt_cache.cli import cli
 from kt_cache.codecs import MISSING_CODE, Codec, parse_codec
 from kt_cache.transform_codec import MISSING_FLAG
 from kt_cache.finalize import write_object_manifest
+from kt_cache.errors import StoreError
 from kt_cache.store import StoreReader
 
 OUTPUTS = ("features", "featmap")
@@ -315,3 +316,16 @@ def test_a_transform_codec_with_no_readable_map_to_fit_on_is_refused(two_teacher
     result = run("compact", store, "--out", tmp_path / "x.zarr", "--featmap", "tc:4", "--teachers", "cnn32")
     assert result.exit_code == 2 and "teacher cnn32" in result.output and "holds no map without NaN" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "x.zarr").exists()
+
+
+def test_tc_parameters_that_cannot_decode_the_codes_are_damage(compacted, tmp_path):
+    store = tmp_path / "c.zarr"
+    shutil.copytree(compacted["tc"], store)
+    depth = zarr.open_array(store / "teachers/cnn32/codec/featmap/depth", mode="r+")
+    depth[:] = np.minimum(depth[:] + 1, 7)           # more bits than the stored codes hold
+    write_object_manifest(store)
+    with pytest.raises(StoreError, match="cannot decode its codes: depth adds up to"):
+        StoreReader(store).codec_params("cnn32", "featmap")
+    result = run("verify", store)
+    assert result.exit_code == 1 and "teachers/cnn32/codec/featmap" in result.output
+    assert "depth adds up to" in result.output and "Traceback" not in result.output

@@ -263,7 +263,12 @@ class StoreReader:
         if codec.transform:
             from kt_cache.transform_codec import TransformParams
 
-            return TransformParams(arrays, codec)
+            params = TransformParams(arrays, codec)
+            problem = params.problem(int(record["code_dim"]))
+            if problem:
+                raise checks.damaged(self.where, f"teacher {teacher_id}: the tc parameters at codec/{output}/ cannot "
+                                                 f"decode its codes: {problem}")
+            return params
         return CodecParams(codec, arrays, self.meta.unit_rows)
 
     def done(self, teacher_id: str) -> np.ndarray:

@@ -183,7 +183,19 @@ def check_layout(reader: fmt.StoreReader, report: VerifyReport) -> dict[str, Any
             continue
         arrays.update({f"teachers/{teacher_id}/{name}": array for name, array in found.items()})
         report.warnings += provenance_gaps(teacher_id, teacher)
+        check_transform_params(reader, teacher_id, teacher, report)
     return arrays
+
+
+def check_transform_params(reader: fmt.StoreReader, teacher_id: str, teacher: fmt.TeacherRecord,
+                           report: VerifyReport) -> None:
+    """A ``tc`` codec's parameter values can decode its codes (indices in range, bits adding up to the width)."""
+    for output, record in (teacher.codec or {}).items():
+        if isinstance(record, dict) and str(record.get("name", "")).startswith("tc:"):
+            try:
+                reader.codec_params(teacher_id, output)
+            except StoreError as err:
+                report.add(f"teachers/{teacher_id}/codec/{output}", None, str(err))
 
 
 PROVENANCE = ("source", "model", "pretrained", "weights", "weights_sha256", "preprocess", "library_versions",
