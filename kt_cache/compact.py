@@ -10,8 +10,9 @@ recorded in the teacher's attributes; its parameters are arrays beside the data.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +31,24 @@ OUTPUTS = ("features", "featmap")
 
 @dataclass(frozen=True)
 class Job:
-    """One array to re-encode: ``teachers/<teacher_id>/<output>`` with ``codec``; vectors of ``dim`` values."""
+    """One array to re-encode: ``teachers/<teacher_id>/<output>`` with ``codec``; vectors of ``dim`` values.
+    ``bar``: the progress bar its passes over the rows advance (``progress_bar``)."""
 
     teacher_id: str
     output: str
     codec: Codec
     dim: int
+    bar: Any = field(default=None, compare=False)
+
+
+def progress_bar(job: Job, rows: int) -> Any:
+    """A tqdm bar over every pass of ``job`` over the store's rows (a tc fit: two, plus the encode; PCA: one,
+    int8: one, plus the encode); shown on a terminal unless ``KTC_NO_PROGRESS=1``."""
+    from tqdm import tqdm
+
+    passes = 3 if job.codec.transform else 1 + (job.codec.pca is not None) + job.codec.int8
+    return tqdm(total=rows * passes, unit="row", desc=f"{job.teacher_id}/{job.output} -> {job.codec.name}",
+                disable=True if os.environ.get("KTC_NO_PROGRESS") == "1" else None, dynamic_ncols=True)
 
 
 def compact_store(location: str, out: str | Path, features: str | None = None, featmap: str | None = None,
@@ -61,7 +74,9 @@ def compact_store(location: str, out: str | Path, features: str | None = None, f
 
     def rewrite(root: Any) -> None:
         for job in jobs:
-            records.append({"teacher": job.teacher_id, "output": job.output, **encode_job(reader, root, job)})
+            with progress_bar(job, reader.meta.n_samples) as bar:
+                record = encode_job(reader, root, replace(job, bar=bar))
+            records.append({"teacher": job.teacher_id, "output": job.output, **record})
 
     exclude = tuple(f"teachers/{j.teacher_id}/{j.output}/" for j in jobs)
     path = write_store([part], [0] * reader.meta.n_units, Path(out), made_by, exclude=exclude, rewrite=rewrite)
@@ -125,6 +140,8 @@ def vector_blocks(reader: fmt.StoreReader, job: Job) -> Iterator[tuple[int, slic
         for start in range(span.start, span.stop, step):
             rows = slice(start, min(start + step, span.stop))
             yield unit, rows, reader.read(job.teacher_id, job.output, rows).astype(np.float32)
+            if job.bar is not None:
+                job.bar.update(rows.stop - rows.start)
 
 
 def finite_vectors(block: np.ndarray) -> np.ndarray:

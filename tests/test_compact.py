@@ -329,3 +329,26 @@ def test_tc_parameters_that_cannot_decode_the_codes_are_damage(compacted, tmp_pa
     result = run("verify", store)
     assert result.exit_code == 1 and "teachers/cnn32/codec/featmap" in result.output
     assert "depth adds up to" in result.output and "Traceback" not in result.output
+
+
+def test_each_re_encoded_array_has_a_progress_bar_that_counts_every_pass(two_teacher_store, tmp_path, monkeypatch):
+    import io
+
+    import tqdm
+
+    finished = {}
+
+    class Recorded(tqdm.tqdm):
+        def __init__(self, *args, **kwargs):        # shown as on a terminal (off when stderr is not one)
+            super().__init__(*args, **{**kwargs, "disable": False, "file": io.StringIO()})
+
+        def close(self):
+            finished.setdefault(self.desc, (self.n, self.total))      # tqdm closes again when collected
+            super().close()
+
+    monkeypatch.setattr(tqdm, "tqdm", Recorded)
+    monkeypatch.delenv("KTC_NO_PROGRESS", raising=False)
+    ok("compact", two_teacher_store, "--out", tmp_path / "c.zarr", "--features", "pca:8,int8", "--featmap", "tc:4")
+    assert sorted(finished) == ["cnn32/featmap -> tc:4", "cnn32/features -> pca:8,int8",
+                                "vit48/featmap -> tc:4", "vit48/features -> pca:8,int8"]
+    assert all(n == total == 12 * 3 for n, total in finished.values())       # 12 rows, three passes each
