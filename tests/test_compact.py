@@ -266,6 +266,10 @@ def test_transform_codec_store_works_with_every_command(two_teacher_store, compa
     by_id = {t["id"]: t for t in json.loads(ok("info", store, "--json").output)["teachers"]}
     assert by_id["cnn32"]["vectors"]["featmap"][0] == 12 * 3 * 4             # cell vectors, not map codes
     ok("verify", store)
+    from kt_cache.xarray_view import open_datatree
+
+    tree = open_datatree(store)["teachers/cnn32"]          # codes of different widths side by side
+    assert tree["featmap"].dims == ("sample", "view", "featmap_code") and tree.sizes["features_code"] == 8
     ok("subset", store, "--teachers", "cnn32", "--out", tmp_path / "sub.zarr")
     ok("subset", two_teacher_store, "--teachers", "vit48", "--out", tmp_path / "plain.zarr")
     ok("merge", tmp_path / "sub.zarr", tmp_path / "plain.zarr", "--out", tmp_path / "merged.zarr")
