@@ -88,6 +88,14 @@ class Codec:
         return self.code_dim(dim) * np.dtype(self.code_dtype).itemsize
 
 
+def code_axis(output: str, whole_maps: bool = False) -> str:
+    """Name of a code array's last dimension: ``feature_code``, ``channel_code`` (a map's cells coded one by one)
+    or ``map_code`` (``tc``: one code per map). Distinct names: a teacher's features and maps may hold codes of
+    different widths, which plain ``xarray.open_zarr`` of its group could not hold on one dimension name (stores
+    from before these names call both ``code``)."""
+    return "map_code" if whole_maps else "feature_code" if output == "features" else "channel_code"
+
+
 def parse_codec(text: str, option: str = "--features") -> Codec:
     """``fp16`` | ``int8`` | ``pca:K`` | ``pca:K,int8`` | ``tc:B`` (K, B a number or ``D/N``) -> Codec; anything
     else is a UsageError."""

@@ -20,7 +20,7 @@ import numpy as np
 
 from kt_cache.store import format as fmt
 from kt_cache.codecs import MISSING_CODE, PARAM_DIMS, Codec, CodecParams, ErrorMeter, check_width, codec_record
-from kt_cache.codecs import CODEC_CHOICES, parse_codec, pca_basis, quant_params
+from kt_cache.codecs import CODEC_CHOICES, code_axis, parse_codec, pca_basis, quant_params
 from kt_cache.errors import UsageError, did_you_mean
 from kt_cache.transform_codec import MISSING_FLAG, TransformParams, fit_transform
 from kt_cache.transform_codec import PARAM_DIMS as TRANSFORM_DIMS
@@ -206,9 +206,9 @@ def encode_job(reader: fmt.StoreReader, root: Any, job: Job) -> dict[str, Any]:
 def code_spec(job: Job, shape: tuple[int, ...], dims: tuple[str, ...], width: int) -> fmt.ArraySpec:
     """The code array: one code per vector (``[N, ..., W]``), or one per map for ``tc`` (``[N, V, W]``)."""
     if job.codec.transform:
-        return fmt.ArraySpec(job.output, (shape[1], width), "uint8", MISSING_FLAG, dims[:2] + ("code",))
+        return fmt.ArraySpec(job.output, (shape[1], width), "uint8", MISSING_FLAG, dims[:2] + (code_axis(job.output, True),))
     fill = MISSING_CODE if job.codec.int8 else float("nan")
-    return fmt.ArraySpec(job.output, (*shape[1:-1], width), job.codec.code_dtype, fill, dims[:-1] + ("code",))
+    return fmt.ArraySpec(job.output, (*shape[1:-1], width), job.codec.code_dtype, fill, dims[:-1] + (code_axis(job.output),))
 
 
 def fit_transform_job(reader: fmt.StoreReader, job: Job) -> tuple[TransformParams, dict[str, Any]]:

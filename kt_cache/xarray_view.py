@@ -8,7 +8,7 @@ same way every command refuses it), then opens every group lazily (dask arrays, 
 - ``teachers/<id>`` holds that teacher's arrays on the same ``sample``/``view`` coordinates, with the top-k
   pair as ``logits_topk_values`` / ``logits_topk_index`` and, for full logits, ``class`` = the teacher's
   class names. ``done`` (per unit) and compact codec parameters (``codec/…``) are left out; a compacted
-  array holds codes along ``features_code`` / ``featmap_code`` (decode them with ``StoreReader.codec_params``).
+  array holds codes along ``feature_code``, ``channel_code`` or ``map_code`` (decode them with ``StoreReader.codec_params``).
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ def open_group(xr: Any, store: Any, group: str, drop: tuple[str, ...] = ()) -> A
 
 def teacher_dataset(xr: Any, reader: Any, tid: str) -> Any:
     """One teacher's arrays (top-k pair lifted out of its sub-group), with ``class`` names for full logits.
-    Compacted arrays are opened one at a time and their last dimension ``code`` becomes ``<output>_code``:
-    features and maps may hold codes of different widths (``pca:320,int8`` beside ``tc:160``)."""
-    from kt_cache.codecs import codec_record
+    Compacted arrays are opened one at a time; a last dimension named ``code`` (stores written before
+    ``kt_cache.codecs.code_axis``) gets that name: features and maps may hold codes of different widths."""
+    from kt_cache.codecs import code_axis, codec_record
 
     arrays, attrs = reader.teacher_arrays(tid), reader.teacher_attrs(tid)
     names = [path for path in arrays if "/" not in path]
@@ -57,7 +57,9 @@ def teacher_dataset(xr: Any, reader: Any, tid: str) -> Any:
     ds = open_group(xr, reader.store, f"teachers/{tid}", ("done", *coded))
     for output in coded:
         alone = open_group(xr, reader.store, f"teachers/{tid}", tuple(n for n in names if n != output))[output]
-        ds = ds.assign({output: alone.rename({"code": f"{output}_code"})})
+        if "code" in alone.dims:
+            alone = alone.rename({"code": code_axis(output, alone.ndim == 3 and output == "featmap")})
+        ds = ds.assign({output: alone})
     if "logits_topk/values" in arrays:
         topk = open_group(xr, reader.store, f"teachers/{tid}/logits_topk")
         ds = ds.assign(logits_topk_values=topk["values"], logits_topk_index=topk["index"])

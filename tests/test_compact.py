@@ -269,7 +269,11 @@ def test_transform_codec_store_works_with_every_command(two_teacher_store, compa
     from kt_cache.xarray_view import open_datatree
 
     tree = open_datatree(store)["teachers/cnn32"]          # codes of different widths side by side
-    assert tree["featmap"].dims == ("sample", "view", "featmap_code") and tree.sizes["features_code"] == 8
+    assert tree["featmap"].dims == ("sample", "view", "map_code") and tree.sizes["feature_code"] == 8
+    import xarray
+
+    plain = xarray.open_zarr(store, group="teachers/cnn32", zarr_format=3)      # without ktc, too
+    assert plain["featmap"].dims[-1] == "map_code" and plain["features"].dims[-1] == "feature_code"
     ok("subset", store, "--teachers", "cnn32", "--out", tmp_path / "sub.zarr")
     ok("subset", two_teacher_store, "--teachers", "vit48", "--out", tmp_path / "plain.zarr")
     ok("merge", tmp_path / "sub.zarr", tmp_path / "plain.zarr", "--out", tmp_path / "merged.zarr")

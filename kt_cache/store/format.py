@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from kt_cache.store import checks
-from kt_cache.codecs import MISSING_CODE
+from kt_cache.codecs import MISSING_CODE, code_axis
 from kt_cache.errors import StoreError
 from kt_cache.store.records import (  # the attribute records and their names are part of the format (re-exported)
     DATASET_CLASSES, FORMAT_NAME, FORMAT_VERSION, ROOT_ATTR, TEACHER_ATTR, StoreMeta, TeacherRecord, read_store_meta,
@@ -120,11 +120,11 @@ def teacher_array_specs(plan: Any, n_views: int, coded: bool = True) -> list[Arr
     ``coded=False`` gives the float arrays a unit is computed in before it is encoded."""
     spec, dtype, nan = plan.spec, plan.spec.dtype, float("nan")
     code = coded and getattr(spec, "codec", None) == "int8"
-    vec_dtype, vec_fill, last = ("int8", MISSING_CODE, "code") if code else (dtype, nan, None)
+    vec_dtype, vec_fill = ("int8", MISSING_CODE) if code else (dtype, nan)
     out: list[ArraySpec] = []
     if "features" in spec.outputs:
         out.append(ArraySpec("features", (n_views, plan.feature_dim), vec_dtype, vec_fill,
-                             ("sample", "view", last or "feature")))
+                             ("sample", "view", code_axis("features") if code else "feature")))
     if "logits" in spec.outputs:
         if spec.logits_topk is None:
             out.append(ArraySpec("logits", (n_views, plan.num_classes), dtype, nan, ("sample", "view", "class")))
@@ -138,7 +138,8 @@ def teacher_array_specs(plan: Any, n_views: int, coded: bool = True) -> list[Arr
     if "featmap" in spec.outputs:
         g = spec.featmap_grid
         row = (n_views, g, g, plan.featmap_dim)
-        out.append(ArraySpec("featmap", row, vec_dtype, vec_fill, ("sample", "view", "grid_y", "grid_x", last or "channel")))
+        out.append(ArraySpec("featmap", row, vec_dtype, vec_fill,
+                             ("sample", "view", "grid_y", "grid_x", code_axis("featmap") if code else "channel")))
     return out
 
 
