@@ -11,6 +11,8 @@ Stages (each timed; a failing stage is recorded with its error and the others st
    decode/resize cost, GPU utilisation from ``nvidia-smi``.
 4. **train**: plain CE vs ``kd`` and ``uniform`` at 10 and 100 cached teachers, resnet50 student at 224 px in
    bf16: samples/s and the share of each step spent waiting for the loader.
+5. **codec**: decoding a batch of ``tc:D/8`` compact feature maps on the device vs the plain store's fp16 cast
+   (``benchmarks/gpu_codec.py``).
 
 ``--device cpu --tiny`` runs the same stages with tiny models on a CPU in seconds, so the device run cannot
 fail on a typo. Nothing is ever estimated: on a CPU the record says device "cpu" and every figure that needs a
@@ -37,12 +39,13 @@ sys.path.insert(0, str(HERE))
 
 import common  # noqa: E402  (puts the repo and tests/ on sys.path, sets KTC_NO_PROGRESS)
 from gpu_common import Stopwatch, device_info, run_cuda_tests  # noqa: E402
+from gpu_codec import run_codec_stage  # noqa: E402
 from gpu_extract import make_jpegs, run_extract_stage  # noqa: E402
 from gpu_profile import make_profile  # noqa: E402
 from gpu_report import write_section  # noqa: E402
 from gpu_train import run_train_stage  # noqa: E402
 
-STAGES = ("images", "cuda_tests", "extract", "train")
+STAGES = ("images", "cuda_tests", "extract", "train", "codec")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -110,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     run_stage(record, "cuda_tests", lambda: run_cuda_tests(work), args.out)
     run_stage(record, "extract", lambda: run_extract_stage(work, args.device, profile, peak), args.out)
     run_stage(record, "train", lambda: run_train_stage(work, args.device, profile), args.out)
+    run_stage(record, "codec", lambda: run_codec_stage(args.device, profile), args.out)
     record.update(complete=not any("error" in record[s] for s in STAGES), wall_s=time.perf_counter() - start,
                   finished=time.strftime("%Y-%m-%d %H:%M:%S"))
     save(record, args.out)

@@ -57,6 +57,10 @@ class Profile:
     train_views: int = 2
     train_teachers: list[dict] = field(default_factory=list)
     teacher_counts: tuple[int, int] = (10, 100)
+    codec_grid: int = 4                  # the codec stage: maps of grid x grid cells of codec_channels (Lite0's)
+    codec_channels: int = 1280
+    codec_fit_maps: int = 1024           # maps the tc codec is fitted on (on the host: ~20 s)
+    codec_batch: int = 256               # maps decoded per timed call (one teacher's batch)
 
 
 def default_workers() -> int:
@@ -82,7 +86,7 @@ def tiny_profile(images: int | None = None) -> Profile:
                    floor_warmup=1, floor_batches=2, decode_probe=4, student="resnet10t", student_size=32,
                    train_batch=4, train_warmup=1, train_steps=2,
                    train_teachers=[timm_entry(f"t{i:02d}_resnet10t", "resnet10t", 32) for i in range(2)],
-                   teacher_counts=(2, 4))
+                   teacher_counts=(2, 4), codec_grid=2, codec_channels=32, codec_fit_maps=96, codec_batch=16)
 
 
 def make_profile(tiny: bool, images: int | None = None, steps: int | None = None) -> Profile:

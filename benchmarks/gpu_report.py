@@ -84,9 +84,23 @@ def tests_lines(ct: dict[str, Any]) -> list[str]:
             f"$ {ct['command']}", "```", ""]
 
 
+def codec_lines(cd: dict[str, Any] | None) -> list[str]:
+    if not cd:
+        return []
+    if "error" in cd:
+        return ["### Compact feature maps", "", f"Failed: `{cd['error']}`", ""]
+    return ["### Compact feature maps: decoding in the read path (`benchmarks/gpu_codec.py`)", "",
+            f"`{cd['codec']}` on synthetic {cd['grid']}x{cd['grid']}x{cd['channels']} maps ({cd['code_bytes']} code "
+            f"bytes per map against {cd['fp16_bytes']} in fp16; mean cosine {num(cd['mean_cosine'], '.4f')}; fitted on "
+            f"{cd['fit_maps']} maps in {num(cd['fit_s'])} s on the host): decoding {cd['maps']} maps takes "
+            f"**{num(cd['decode_ms'], '.2f')} ms** ({num(cd['maps_per_s'], '.0f')} maps/s, "
+            f"{num(cd['mflop_per_map'])} MFLOP per map); the plain store's device work for the same maps, an fp16 "
+            f"cast, {num(cd['fp16_cast_ms'], '.3f')} ms.", ""]
+
+
 def render(record: dict[str, Any]) -> str:
     lines = [BEGIN, *head_lines(record), *extract_lines(record["extract"]), *train_lines(record["train"]),
-             *tests_lines(record["cuda_tests"]), END]
+             *codec_lines(record.get("codec")), *tests_lines(record["cuda_tests"]), END]
     return "\n".join(lines) + "\n"
 
 

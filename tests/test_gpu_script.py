@@ -48,7 +48,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
 def test_tiny_cpu_run_records_every_stage(tiny_run):
     record, _ = tiny_run
     assert record["complete"] and record["profile"] == "tiny"
-    assert set(record["stage_s"]) == {"images", "cuda_tests", "extract", "train"}
+    assert set(record["stage_s"]) == {"images", "cuda_tests", "extract", "train", "codec"}
     assert record["machine"]["device"] == "cpu" and record["machine"]["peak_tflops_16bit"] is None
     ex = record["extract"]
     positive(ex, EXTRACT_KEYS)
@@ -68,6 +68,15 @@ def test_tiny_cpu_run_trains_five_configurations(tiny_run):
         positive(config, TRAIN_KEYS)
         assert 0 <= config["loader_wait_fraction"] < 1
     assert train["dtype"] == "float32"                        # no AMP on a CPU: not reported as bf16
+
+
+@pytest.mark.slow
+def test_tiny_cpu_run_times_the_compact_map_decode(tiny_run):
+    codec = tiny_run[0]["codec"]
+    assert codec["codec"] == "tc:4" and codec["code_bytes"] <= 4 * 4 < codec["fp16_bytes"]      # 2x2 cells, D = 32
+    positive(codec, ("fit_s", "decode_ms", "fp16_cast_ms", "maps_per_s", "mflop_per_map"))
+    assert 0.5 < codec["mean_cosine"] <= 1.0
+    assert "### Compact feature maps: decoding in the read path" in tiny_run[1].read_text()
 
 
 @pytest.mark.slow
