@@ -300,7 +300,8 @@ def markdown(result: dict) -> str:
                   f"5): {'; '.join(parts)} from the fp16 store. Decoding a map is "
                   "mostly its product with the channel basis: "
                   + "; ".join(f"`{r['codec']}` {r['read_path']['decode_mflop_per_map']:.1f} MFLOP" for r in timed)
-                  + ", which a GPU absorbs and a CPU pays."]
+                  + ". On a GPU that is one small matrix product per batch; not measured here (no device), "
+                  "`benchmarks/gpu.py`'s codec stage measures it."]
     mt = result.get("map_training")
     if mt:
         speed = mt["samples_per_s"]
