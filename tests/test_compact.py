@@ -286,10 +286,13 @@ def test_transform_codec_store_works_with_every_command(two_teacher_store, compa
         remote = StoreReader(f"{server.url}/{store.name}")
         np.testing.assert_array_equal(remote.read("cnn32", "featmap"), StoreReader(store).read("cnn32", "featmap"))
         assert remote.codec_params("cnn32", "featmap").bits == StoreReader(store).codec_params("cnn32", "featmap").bits
-    out = tmp_path / "kpu"
-    ok("train", "--cache", store, "--out", out, "--method", "kpu", *TRAIN, "--log-every", "1")
-    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert all(np.isfinite(r["loss"]) for r in steps if r["kind"] == "step")
+    for budget, streamed in (("4", False), ("0.0000001", True)):      # held in RAM, then streamed in blocks
+        out = tmp_path / f"kpu-{budget}"
+        ok("train", "--cache", store, "--out", out, "--method", "kpu", *TRAIN, "--log-every", "1",
+           "--ram-budget-gb", budget)
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert all(np.isfinite(r["loss"]) for r in records if r["kind"] == "step")
+        assert (records[0]["kind"], records[0]["streamed_arrays"] > 0) == ("memory", streamed)
 
 
 def test_teacher_batch_holds_the_decoded_transform_coded_maps(compacted):
