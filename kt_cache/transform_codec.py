@@ -340,7 +340,7 @@ class TransformParams:
         cells, channels = t["mean"].shape
         y = torch.zeros((len(flat), cells * len(t["basis"])), device=codes.device)
         y[:, t["coef"]] = t["levels"].reshape(-1)[t["flat_level"] + index] * t["spread"]
-        y = y.reshape(len(flat), cells, -1)
+        y = y.reshape(len(flat), cells, len(t["basis"]))
         rows = torch.zeros((len(flat), cells, channels), device=codes.device)
         for row, width in enumerate(self.prefix):
             if width:

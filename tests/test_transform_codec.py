@@ -90,3 +90,13 @@ def test_the_quantisers_sample_is_spread_evenly_over_every_block():
     index = np.nonzero(picked)[0]
     assert len(index) == 2048 and index[0] < 2 and index[-1] > 3837 and np.diff(index).max() == 2
     assert evenly_spread(10, 5, 100, 2048).all()
+
+
+def test_a_budget_that_codes_nothing_stores_the_flag_alone_and_decodes_the_mean_map():
+    maps = np.maximum(np.random.default_rng(0).normal(size=(50, 1, 8)), 0).astype(np.float32)
+    params = fit_transform(lambda: [maps]).params(1)        # one cell, one byte: the flag takes it
+    codes = params.encode(maps)
+    assert params.bits == 0 and codes.shape == (50, 1) and (codes == 0).all()
+    decoded = params.decode(codes).reshape(50, 8)
+    mean_root = (np.sqrt(maps)).mean(0).reshape(8)
+    np.testing.assert_allclose(decoded, np.broadcast_to(mean_root ** 2, (50, 8)), rtol=1e-5)
