@@ -26,28 +26,20 @@ from kt_train.teacher_stacks import (
     LogitMaps,
     StackedDecoder,
     StackedSource,
+    decoded_row_bytes,
     finite_rows,
     places,
     plan_groups,
     read_stacked,
     stacked_logits,
     to_device,
+    two_windows_bytes,
+    view_row_bytes,
     zero_invalid_rows,
 )
 
 GiB = 1 << 30
 ALL_FIELDS = frozenset({"features", "logits", "featmaps", "label_logit", "lse", "logit_mean", "logit_std"})
-
-
-def view_row_bytes(array: Any) -> int:
-    """Bytes of one row of one view of ``array [N, V, ...]``: what a streamed block holds per row."""
-    return int(array.nbytes) // max(1, int(array.shape[0]) * int(array.shape[1]))
-
-
-def two_windows_bytes(arrays: Any, block_rows: int, window_blocks: int) -> int:
-    """Stream buffers of ``arrays``: per array, the sampler window in use (its block cache) and the next one
-    (read ahead), ``window_blocks`` blocks of ``block_rows`` rows of one view each."""
-    return sum(2 * window_blocks * block_rows * view_row_bytes(a) for a in arrays)
 
 
 class CachedTeachers:
@@ -104,6 +96,10 @@ class CachedTeachers:
         sources = {(g, path): StackedSource([arrays[(tid, path)] for tid in group.ids])
                    for g, group in enumerate(self.groups) for path in group.paths}
         self.ram_budget_bytes = int(ram_budget_bytes)
+        first = [group.ids[0] for group in self.groups]            # a group's teachers share shapes and codec
+        self._row_bytes = {(g, path): (view_row_bytes(a), decoded_row_bytes(path, a, self.records[first[g]],
+                                                                            (first[g], path) in self.codecs))
+                           for (g, path), a in sources.items()}
         self._place(sources, self.ram_budget_bytes, block_rows)
         self._prepare()
 
@@ -199,16 +195,26 @@ class CachedTeachers:
                 cache.prefetch(self._windows[window], self._views[self._windows[window]])
             self._ahead = window
 
-    def memory_plan(self) -> dict[str, Any]:
+    def memory_plan(self, batch_size: int = 0) -> dict[str, Any]:
         """Bytes the teacher arrays take in RAM, bounded together by ``ram_budget_bytes``: ``held_bytes`` (loaded at
         start-up) and ``stream_buffer_bytes`` (two sampler windows of one view per streamed array: the window in
         use, held by its block cache, and the next, read ahead); the rows of a streamed block and how many arrays
-        stream."""
+        stream; and ``batch_tensor_bytes``, what one batch of ``batch_size`` builds beside them (``batch_bytes``)."""
         buffers = two_windows_bytes([c.array for c in self.group_caches.values()], self.block_rows, self.window_blocks)
         return {"ram_budget_bytes": self.ram_budget_bytes,
                 "held_bytes": sum(int(table.nbytes) for table in self.held.values()),
                 "stream_buffer_bytes": int(buffers), "streamed_arrays": len(self.group_caches),
-                "block_rows": self.block_rows if self.group_caches else None}
+                "block_rows": self.block_rows if self.group_caches else None,
+                "batch_tensor_bytes": self.batch_bytes(batch_size)}
+
+    def batch_bytes(self, batch_size: int) -> int:
+        """Host bytes of the teacher tensors one batch of ``batch_size`` samples builds, outside the budget: the
+        gathered rows (one view) of every array ``[B, T, ...]`` and their ``[T, B, ...]`` copy, the float32
+        decoding of features and maps, and each logit group's float32 scores in the target classes ``[T, B, C]``
+        twice (the scattered output and the float copy of what it scatters). Grows with the teachers, not with N."""
+        per_sample = sum(2 * stored + decoded for stored, decoded in self._row_bytes.values())
+        scores = sum(len(self.groups[g].ids) for g in self._logit_groups) * self.num_classes * 4
+        return int(batch_size) * (per_sample + 2 * scores)
 
     def close(self) -> None:
         """Let go of every held array and block (the final evaluation then reads within the budget on its own)."""
@@ -221,12 +227,15 @@ class CachedTeachers:
         self.held, self.tables = {}, {tid: {} for tid in self.ids}
         self._on_device.clear()
 
-    def describe_memory(self) -> str:
-        """One line for the start of ``ktc train``: where the teacher arrays live, against the budget."""
-        plan, gib = self.memory_plan(), float(1 << 30)
+    def describe_memory(self, batch_size: int = 0) -> str:
+        """One line for the start of ``ktc train``: where the teacher arrays live, against the budget, and what a
+        batch's teacher tensors add."""
+        plan, gib = self.memory_plan(batch_size), float(1 << 30)
         line = (f"memory: teacher arrays {plan['held_bytes'] / gib:.2f} GiB held in RAM, "
                 f"{plan['stream_buffer_bytes'] / gib:.2f} GiB of stream buffers "
                 f"(--ram-budget-gb {plan['ram_budget_bytes'] / gib:.2f})")
+        if batch_size:
+            line += f", plus {plan['batch_tensor_bytes'] / gib:.2f} GiB of teacher tensors per batch of {batch_size}"
         if plan["streamed_arrays"]:
             line += f"; {plan['streamed_arrays']} stacked array(s) streamed in blocks of {plan['block_rows']} rows"
         need = plan["held_bytes"] + plan["stream_buffer_bytes"]

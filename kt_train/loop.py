@@ -163,7 +163,7 @@ def train(config: TrainConfig, show_progress: bool = True,
         device_bytes = device_memory_bytes(run.device)
         check_model_fits(model_state, device_bytes, config.method)
         if notify is not None and info.is_main:
-            notify(run.cached.describe_memory())
+            notify(run.cached.describe_memory(config.batch_size))
             notify(describe_model_memory(model_state, device_bytes, config.method))
         model = wrap(Trainable(run.students, run.method), info, run.device)
         per_epoch = len(run.loader)
@@ -176,7 +176,7 @@ def train(config: TrainConfig, show_progress: bool = True,
             if not config.resume and (out / "metrics.jsonl").exists():
                 os.remove(out / "metrics.jsonl")
         log = MetricsLog(out, enabled=info.is_main)
-        log.write({"kind": "memory", **run.cached.memory_plan(), **model_state})
+        log.write({"kind": "memory", **run.cached.memory_plan(config.batch_size), **model_state})
         while epoch < config.epochs and step < total:
             start = time.perf_counter()
             step = train_epoch(run, model, epoch, step, total, opt, log, info, show_progress)

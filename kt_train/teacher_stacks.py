@@ -135,6 +135,28 @@ def read_stacked(source: StackedSource, unit_rows: int) -> np.ndarray:
     return out
 
 
+def view_row_bytes(array: Any) -> int:
+    """Bytes of one row of one view of ``array [N, V, ...]``: what a streamed block holds per row."""
+    return int(array.nbytes) // max(1, int(array.shape[0]) * int(array.shape[1]))
+
+
+def two_windows_bytes(arrays: Any, block_rows: int, window_blocks: int) -> int:
+    """Stream buffers of ``arrays``: per array, the sampler window in use (its block cache) and the next one
+    (read ahead), ``window_blocks`` blocks of ``block_rows`` rows of one view each."""
+    return sum(2 * window_blocks * block_rows * view_row_bytes(a) for a in arrays)
+
+
+def decoded_row_bytes(path: str, array: Any, record: Any, coded: bool) -> int:
+    """float32 bytes of one row of one view of a stacked ``features``/``featmap`` array ``[N, V, T, ...]`` as methods
+    use it (``coded``: a compact codec's decoded width, from the teacher's ``record``); 0 for the other paths."""
+    if path not in ("features", "featmap"):
+        return 0
+    if not coded:
+        return 4 * view_row_bytes(array) // array.dtype.itemsize
+    width = record.feature_dim if path == "features" else record.featmap_grid ** 2 * record.featmap_dim
+    return 4 * int(array.shape[2]) * int(width)
+
+
 def finite_rows(arrays: dict[str, np.ndarray]) -> np.ndarray | None:
     """bool ``[B, T]``: every float value of a ``[B, T, ...]`` array is finite, no int8 code is the missing
     code and no ``tc`` map code (uint8) is flagged missing, over all ``arrays`` of a group (``label_logit`` may be

@@ -175,6 +175,22 @@ def test_teacher_batch_fields_valid_mask_and_infos(store, arrays, cached):
     assert infos["vit48"].feature_mean.shape == (infos["vit48"].feature_dim,) == infos["vit48"].feature_std.shape
 
 
+def test_the_memory_plan_counts_what_one_batch_of_teacher_tensors_holds(cached):
+    """``batch_tensor_bytes``: the gathered rows, their [T, B, ...] copy, float32 features/maps and the scores in
+    the target classes; at least what a gathered batch and its TeacherBatch hold, at most 3x that."""
+    def held(value):
+        tensors = value.tensors if hasattr(value, "tensors") else [value] if isinstance(value, torch.Tensor) else []
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    rows, views = np.arange(8), np.zeros(8, dtype=np.int64)
+    gathered = cached.gather(rows, views)
+    batch = cached.to_teacher_batch(gathered, None, "cpu")
+    measured = sum(a.nbytes for a in gathered.stacks.values()) + sum(held(v) for v in vars(batch).values())
+    estimate = cached.memory_plan(8)["batch_tensor_bytes"]
+    assert estimate == cached.batch_bytes(8) == 8 * cached.batch_bytes(1)       # per sample, not per store row
+    assert measured <= estimate <= 3 * measured
+
+
 def test_needs_limit_what_is_loaded(store):
     teachers = CachedTeachers(StoreReader(store), ["cnn32", "vit48"], needs=frozenset({"features"}))
     got = teachers.gather(np.array([0, 1]), np.array([0, 2]))

@@ -138,7 +138,7 @@ def test_a_small_ram_budget_streams_and_trains_the_same_student(store32, tmp_pat
         result = invoke("train", "--cache", store32 / "out.zarr", "--out", tmp_path / name, *COMMON, "--method", method,
                         "--ram-budget-gb", gib, "--window-blocks", "1")
         assert result.exit_code == 0, result.output
-        assert "memory: teacher arrays" in result.output
+        assert "memory: teacher arrays" in result.output and "GiB of teacher tensors per batch of 4" in result.output
         records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         plans[name] = next(r for r in records if r["kind"] == "memory")
         assert all(r["peak_rss_mib"] > 0 for r in records if r["kind"] == "epoch")
@@ -152,6 +152,7 @@ def test_a_small_ram_budget_streams_and_trains_the_same_student(store32, tmp_pat
     plan = plans["streamed"]      # what is held plus the stream buffers stays within the budget
     assert plan["streamed_arrays"] >= 1 and plan["block_rows"] == 4 and plan["held_bytes"] < held_all
     assert 0 < plan["held_bytes"] + plan["stream_buffer_bytes"] <= plan["ram_budget_bytes"]
+    assert plan["batch_tensor_bytes"] == plans["ram"]["batch_tensor_bytes"] > 0        # where the arrays live: same
     bad = invoke("train", "--cache", store32 / "out.zarr", "--out", tmp_path / "bad", *COMMON, "--ram-budget-gb", "0")
     assert bad.exit_code == 2 and "--ram-budget-gb 0.0: must be > 0" in bad.output
 
