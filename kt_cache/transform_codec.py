@@ -104,7 +104,10 @@ def lloyd_max(columns: SortedColumns, bits: int, iterations: int) -> tuple[np.nd
     for _ in range(iterations):
         counts, sums, _ = columns.cells(midpoints(levels))
         # an empty cell keeps its level; sorting keeps the boundaries ascending
-        levels = np.sort(np.where(counts > 0, sums / np.maximum(counts, 1), levels), axis=0)
+        moved = np.sort(np.where(counts > 0, sums / np.maximum(counts, 1), levels), axis=0)
+        if np.array_equal(moved, levels):           # a fixed point: more iterations would change nothing
+            break
+        levels = moved
     counts, sums, squares = columns.cells(midpoints(levels))
     mse = (squares - 2 * levels * sums + counts * levels ** 2).sum(0) / columns.m
     return levels.astype(np.float32), np.maximum(mse, 0)
