@@ -83,8 +83,8 @@ def pack(store: str, out: str) -> None:
               "pca:K,int8 (K principal components kept; K may be D/N, a fraction of each teacher's width D). "
               "Default: copied unchanged.")
 @click.option("--featmap", "featmap", metavar="CODEC", help="Codec of spatial maps: the same choices, "
-              "per grid cell over the channels, or tc:B, a transform code of each whole map at B bytes per cell (tc:D/8: 1/16 of fp16). "
-              "Default: copied unchanged.")
+              "per grid cell over the channels, or tc:B, a transform code of each whole map at B bytes per cell "
+              "(tc:D/8: 1/16 of fp16). Default: copied unchanged.")
 @click.option("--teachers", "teachers", multiple=True, metavar="ID[,ID…]",
               help="Teachers to re-encode (default: every teacher storing that output); others are copied.")
 @click.option("--json", "as_json", is_flag=True, help="Print the measured error of every re-encoded array as JSON.")
@@ -105,8 +105,9 @@ def compact(store: str, out: str, features: str | None, featmap: str | None, tea
         return
     for r in records:
         e = r["error"]
-        click.echo(f"{r['teacher']}/{r['output']}: {r['name']} ({code_widths(r)}), mean cosine {e['mean_cosine']:.4f}, worst decile {e['worst_decile_cosine']:.4f}, "
-                   f"relative MSE {e['rel_mse']:.4f} over {e['vectors']} vectors")
+        click.echo(f"{r['teacher']}/{r['output']}: {r['name']} ({code_widths(r)}), mean cosine {e['mean_cosine']:.4f}, "
+                   f"worst decile {e['worst_decile_cosine']:.4f}, relative MSE {e['rel_mse']:.4f} over "
+                   f"{e['vectors']} vectors")
     click.echo(f"wrote {path} ({folder_bytes(path)} bytes)")
 
 

@@ -206,9 +206,11 @@ def encode_job(reader: fmt.StoreReader, root: Any, job: Job) -> dict[str, Any]:
 def code_spec(job: Job, shape: tuple[int, ...], dims: tuple[str, ...], width: int) -> fmt.ArraySpec:
     """The code array: one code per vector (``[N, ..., W]``), or one per map for ``tc`` (``[N, V, W]``)."""
     if job.codec.transform:
-        return fmt.ArraySpec(job.output, (shape[1], width), "uint8", MISSING_FLAG, dims[:2] + (code_axis(job.output, True),))
+        return fmt.ArraySpec(job.output, (shape[1], width), "uint8", MISSING_FLAG,
+                             dims[:2] + (code_axis(job.output, True),))
     fill = MISSING_CODE if job.codec.int8 else float("nan")
-    return fmt.ArraySpec(job.output, (*shape[1:-1], width), job.codec.code_dtype, fill, dims[:-1] + (code_axis(job.output),))
+    return fmt.ArraySpec(job.output, (*shape[1:-1], width), job.codec.code_dtype, fill,
+                         dims[:-1] + (code_axis(job.output),))
 
 
 def fit_transform_job(reader: fmt.StoreReader, job: Job) -> tuple[TransformParams, dict[str, Any]]:

@@ -136,8 +136,9 @@ def format_summary(info: dict[str, Any]) -> str:
 
 def codec_line(output: str, record: dict[str, Any]) -> str:
     e = record.get("error") or {}
-    return (f"{output} encoded {record.get('name')} ({code_widths(record)}): mean cosine {e.get('mean_cosine')}, worst decile "
-            f"{e.get('worst_decile_cosine')}, relative MSE {e.get('rel_mse')} over {e.get('vectors')} vectors")
+    return (f"{output} encoded {record.get('name')} ({code_widths(record)}): mean cosine {e.get('mean_cosine')}, "
+            f"worst decile {e.get('worst_decile_cosine')}, relative MSE {e.get('rel_mse')} over {e.get('vectors')} "
+            "vectors")
 
 
 def code_widths(record: dict[str, Any]) -> str:

@@ -276,11 +276,13 @@ class TransformParams:
         if not all(np.array_equal(a[n], np.round(a[n])) for n in ("coef", "depth")):
             return "coef and depth must hold whole numbers"
         if len(self.coef) and (self.coef.min() < 0 or self.coef.max() >= cells * k):
-            return f"coef must index the {cells} x {k} coefficients, got values in [{self.coef.min()}, {self.coef.max()}]"
+            return (f"coef must index the {cells} x {k} coefficients, got values in "
+                    f"[{self.coef.min()}, {self.coef.max()}]")
         if len(self.depth) and (self.depth.min() < 1 or self.depth.max() > MAX_BITS):
             return f"depth must be 1..{MAX_BITS} bits, got values in [{self.depth.min()}, {self.depth.max()}]"
         if self.code_bytes != code_width:
-            return f"depth adds up to {self.bits} bits, a code of {self.code_bytes} bytes, but the codes have {code_width}"
+            return (f"depth adds up to {self.bits} bits, a code of {self.code_bytes} bytes, but the codes have "
+                    f"{code_width}")
         return None
 
     @property

@@ -8,7 +8,8 @@ same way every command refuses it), then opens every group lazily (dask arrays, 
 - ``teachers/<id>`` holds that teacher's arrays on the same ``sample``/``view`` coordinates, with the top-k
   pair as ``logits_topk_values`` / ``logits_topk_index`` and, for full logits, ``class`` = the teacher's
   class names. ``done`` (per unit) and compact codec parameters (``codec/…``) are left out; a compacted
-  array holds codes along ``feature_code``, ``channel_code`` or ``map_code`` (decode them with ``StoreReader.codec_params``).
+  array holds codes along ``feature_code``, ``channel_code`` or ``map_code`` (decode them with
+  ``StoreReader.codec_params``).
 """
 
 from __future__ import annotations
