@@ -137,7 +137,7 @@ def real_weights(out: Path, per_photo: int) -> list[dict]:
         vectors = raw.reshape(-1, raw.shape[-1])
         fp16_stored = folder_bytes(store / "teachers" / "lite0" / output)
         for codec in codecs:
-            target = out / f"{output}-{codec.replace(':', '_').replace(',', '_')}.zarr"
+            target = compacted_path(out, output, codec)
             if target.exists():
                 shutil.rmtree(target)
             n_views = raw.shape[0] * raw.shape[1]
@@ -228,8 +228,10 @@ def read_path_speed(plain: Path, small: Path, repeats: int = 5, batches: int = 4
 def map_training_speed(out: Path, codec: str = "tc:160", repeats: int = 2) -> dict:
     """Samples/s of one ``kpu`` epoch (it reads the teacher's map every step) from the fp16 store and from its
     ``codec`` copy, alternately ``repeats`` times; the best epoch of each (resnet10t, 64 px, batch 64)."""
+    from kt_cache.store import StoreReader
+
     plain = out / "lite0.zarr"
-    small = out / f"featmap-{codec.replace(':', '_').replace(',', '_')}.zarr"
+    small = compacted_path(out, "featmap", codec)
     flags = ["--method", "kpu", "--student", "resnet10t", "--img-size", "64", "--epochs", "1", "--batch-size", "64",
              "--workers", "0", "--no-progress", "--seed", "0"]
     best = {"fp16": float("inf"), codec: float("inf")}
@@ -240,25 +242,25 @@ def map_training_speed(out: Path, codec: str = "tc:160", repeats: int = 2) -> di
             run_ktc(["train", "--cache", str(store), "--out", str(run), *flags], out / "logs" / f"train-{run.name}.log")
             records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
             best[name] = min(best[name], next(r["seconds"] for r in records if r["kind"] == "epoch"))
-    samples = store_samples(plain)
+    samples = StoreReader(plain).n_samples
     return {"codec": codec, "samples": samples, "samples_per_s": {k: samples / v for k, v in best.items()},
             "ratio": best["fp16"] / best[codec]}
 
 
-def store_samples(store: Path) -> int:
-    from kt_cache.store import StoreReader
-
-    return StoreReader(store).n_samples
+def compacted_path(out: Path, output: str, codec: str) -> Path:
+    """Where ``real_weights`` writes the store with ``output`` re-encoded by ``codec``."""
+    return out / f"{output}-{codec.replace(':', '_').replace(',', '_')}.zarr"
 
 
 def decode_mflop(store: Path, dim: int) -> float:
     """Multiply-adds x 2 of decoding one map of the store's ``lite0/featmap`` (the products with the basis)."""
     from kt_cache.store import StoreReader
 
-    params = StoreReader(store).codec_params("lite0", "featmap")
+    reader = StoreReader(store)
+    params = reader.codec_params("lite0", "featmap")
     if params.codec.transform:
         return 2 * sum(params.prefix) * dim / 1e6
-    cells = 16
+    cells = reader.teacher_record("lite0").featmap_grid ** 2
     return 2 * cells * params.codec.code_dim(dim) * dim / 1e6
 
 

@@ -199,7 +199,7 @@ class TransformFit:
     quantisers and errors. ``params(bytes_per_cell)`` allocates bits and returns the codec's parameters."""
 
     transforms: dict[str, np.ndarray]
-    scale: np.ndarray                  # [cells * C] spread of each coefficient
+    spread: np.ndarray                 # [cells * C] spread of each coefficient
     candidates: np.ndarray             # [n] flat positions offered bits, largest spread first
     levels: list[np.ndarray]           # per depth [2**d, n], in units of the spread
     error: np.ndarray                  # [MAX_BITS + 1, n] squared error in coefficient units
@@ -218,7 +218,7 @@ class TransformFit:
             levels[chosen, :1 << d] = self.levels[d][:, coded[chosen]].T
         arrays = {**self.transforms, "basis": self.transforms["basis"][used],
                   "coef": (position // channels * len(used) + rank).astype(np.float32),
-                  "depth": depth[coded].astype(np.float32), "spread": self.scale[position].astype(np.float32),
+                  "depth": depth[coded].astype(np.float32), "spread": self.spread[position].astype(np.float32),
                   "levels": levels}
         return TransformParams(arrays, Codec(transform=bytes_per_cell))
 
@@ -246,11 +246,11 @@ def fit_transform(blocks: Callable[[], Iterable[np.ndarray]]) -> TransformFit | 
         squares = squares + (y.astype(np.float64) ** 2).sum(0)
         sample.append(y[evenly_spread(seen, len(maps), moments.count, FIT_MAPS)])
         seen += len(maps)
-    scale = np.sqrt(squares / seen) + 1e-12
-    candidates = np.argsort(scale, kind="stable")[::-1][:CANDIDATES]
-    standardised = np.concatenate(sample)[:, candidates] / scale[candidates]
+    spread = np.sqrt(squares / seen) + 1e-12
+    candidates = np.argsort(spread, kind="stable")[::-1][:CANDIDATES]
+    standardised = np.concatenate(sample)[:, candidates] / spread[candidates]
     levels, error = fit_quantisers(standardised)
-    return TransformFit(transforms, scale, candidates, levels, error * scale[candidates] ** 2)
+    return TransformFit(transforms, spread, candidates, levels, error * spread[candidates] ** 2)
 
 
 # ------------------------------------------------------------------------------------------------ coding

@@ -247,7 +247,7 @@ class StackedDecoder:
         self.codec = params[0].codec
         self.members = list(params) if self.codec.transform else []
         self.tensors = {name: torch.from_numpy(np.stack([np.asarray(p.arrays[name], dtype=np.float32) for p in params]))
-                        .to(device) for name in ("mean", "basis") if name in params[0].arrays}
+                        .to(device) for name in ("mean", "basis") if name in params[0].arrays and not self.members}
 
     def __call__(self, codes: torch.Tensor, scale: torch.Tensor | None = None,
                  offset: torch.Tensor | None = None) -> torch.Tensor:

@@ -241,7 +241,7 @@ def check_codec(teacher: Any, arrays: dict[str, Any], path: str, at: str) -> int
     except UsageError as err:
         raise damaged(at, str(err)) from err
     dim, width = record.get("dim"), record.get("code_dim")
-    shapes = transform_shapes(record, arrays[path]) if codec.transform else \
+    shapes = transform_shapes(record, arrays[path], codec.transform) if codec.transform else \
         {"mean": (dim,), "basis": (width, dim), "scale": (units_of(arrays), width), "offset": (units_of(arrays), width)}
     if not isinstance(dim, int) or shapes is None or (not codec.transform and width != codec.code_dim(dim)) \
             or arrays[path].shape[-1] != width or dtype_name(arrays[path]) != codec.code_dtype:
@@ -259,10 +259,9 @@ def units_of(arrays: dict[str, Any]) -> int | None:
     return int(arrays["done"].shape[0]) if "done" in arrays else None
 
 
-def transform_shapes(record: dict[str, Any], codes: Any) -> dict[str, tuple[int, ...]] | None:
-    """The parameter shapes a ``tc`` record implies, or None when the record cannot describe ``codes [N, V, W]``
+def transform_shapes(record: dict[str, Any], codes: Any, bytes_per_cell: int) -> dict[str, tuple[int, ...]] | None:
+    """The parameter shapes a ``tc:B`` record implies, or None when the record cannot describe ``codes [N, V, W]``
     (``kt_cache.transform_codec``: W = 1 flag byte + the packed bits, at most B bytes per cell)."""
-    from kt_cache.codecs import parse_codec
     from kt_cache.transform_codec import LEVELS
 
     grid, dim, n, k = record.get("grid"), record.get("dim"), record.get("coefficients"), record.get("components")
@@ -270,7 +269,7 @@ def transform_shapes(record: dict[str, Any], codes: Any) -> dict[str, tuple[int,
     if not (isinstance(grid, list) and len(grid) == 2 and all(isinstance(v, int) for v in [*grid, dim, n, k, bits])):
         return None
     cells = grid[0] * grid[1]
-    if len(codes.shape) != 3 or width != 1 + -(-bits // 8) or width > parse_codec(record["name"]).transform * cells:
+    if len(codes.shape) != 3 or width != 1 + -(-bits // 8) or width > bytes_per_cell * cells:
         return None
     return {"mean": (cells, dim), "spatial": (cells, cells), "basis": (k, dim), "coef": (n,), "depth": (n,),
             "spread": (n,), "levels": (n, LEVELS), "low": (dim,), "high": (dim,)}
