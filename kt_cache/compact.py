@@ -182,7 +182,7 @@ def encode_job(reader: fmt.StoreReader, root: Any, job: Job) -> dict[str, Any]:
     """Re-encode one array into the output ``root``; returns the record stored in the teacher's attributes."""
     params, info = fit_transform_job(reader, job) if job.codec.transform else fit_params(reader, job)
     source = reader.checked_arrays(job.teacher_id)[job.output]
-    group, meta = root[f"teachers/{job.teacher_id}"], reader.meta
+    group, meta = fmt.teacher_group(root, job.teacher_id), reader.meta
     width = params.code_width(job.dim)
     dims = tuple(source.metadata.dimension_names or ())
     target = fmt.create_array(group, code_spec(job, source.shape, dims, width), meta.n_samples, meta.unit_rows,

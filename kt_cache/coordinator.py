@@ -176,12 +176,13 @@ def prepare_teacher(root: Any, plan: Any, overwrite: bool) -> str:
     status = "created"
     weights_sha = weights_file_sha256(plan)
     if plan.id in teachers:
-        stored = fmt.read_teacher_record(teachers[plan.id], plan.id, "store")
+        current = fmt.teacher_group(root, plan.id)
+        stored = fmt.read_teacher_record(current, plan.id, "store")
         # A local weights file is compared by content; hub weights are hashed only once loaded (finalize).
         same = stored.entry_sha256 == entry_sha and weights_sha in (None, stored.weights_sha256)
-        if not overwrite and same and stored_arrays_match(teachers[plan.id], plan, meta):
+        if not overwrite and same and stored_arrays_match(current, plan, meta):
             return "resumed"
-        if not overwrite and any_unit_done(teachers[plan.id]):
+        if not overwrite and any_unit_done(current):
             raise StoreMismatchError(changed_teacher_message(plan, stored, weights_sha))
         del teachers[plan.id]   # --overwrite, or an earlier run that failed before any unit: nothing is lost
         status = "recreated"

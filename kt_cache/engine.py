@@ -294,5 +294,5 @@ def submit_unit(root: Any, writer: UnitWriter, teachers: list[WaveTeacher], curr
         if parts is None:
             continue
         arrays = {path: np.concatenate([p[path] for p in parts]) for path in parts[0]}
-        group = root[f"teachers/{wt.plan.id}"]
+        group = fmt.teacher_group(root, wt.plan.id)
         writer.submit(lambda g=group, a=arrays, p=wt.plan: fmt.write_unit(g, unit, rows, fmt.encode_unit_arrays(a, p)))

@@ -1,7 +1,8 @@
 """Finalize a store after a run: per-teacher stats and timings, consolidated metadata, object manifest.
 
 Single-process (the coordinator's job). Consolidation is redone after every run, so a teacher added
-later is never hidden from remote readers by stale consolidated metadata.
+later is never hidden from remote readers by stale consolidated metadata. It writes format v3: the root lists
+the teachers, and each teacher's ``zarr.json`` holds the consolidated metadata of its own nodes.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def finalize_store(path: Path, timings: dict[str, Any], ids: np.ndarray,
     meta = fmt.read_store_meta(root, str(path))
     ok = np.asarray(root["samples/ok"][:], dtype=bool)
     for teacher_id, timing in timings.items():
-        update_teacher_attrs(root[f"teachers/{teacher_id}"], timing, ok, meta.unit_rows,
+        update_teacher_attrs(fmt.teacher_group(root, teacher_id), timing, ok, meta.unit_rows,
                              (weights_sha256 or {}).get(teacher_id))
     failed = failed_rows(root, ok, meta)     # the whole store's, not this run's: a resumed run decodes a part
     meta = meta.replace(failed_samples=tuple(str(ids[row]) for row in failed[:1000]), n_failed_samples=int(failed.size))
@@ -107,20 +108,40 @@ def remove_orphan_temps(path: Path) -> list[str]:
 
 
 def consolidate(path: Path) -> None:
-    """Consolidated metadata in the root ``zarr.json``, written without indentation and with the nodes' spec
-    defaults left out (``minimal_node``): every reader parses it, and zarr's indented form is ~2.5x the bytes
-    (``benchmarks/bench_metadata.py``)."""
+    """Format v3's consolidated metadata: each teacher's ``zarr.json`` holds the metadata of every node under it,
+    and the root lists the teachers (``StoreMeta.teachers``) and records version 3. A reader parses the root and
+    the teachers it opens, not every node of every teacher (v2 consolidated all of them into the root: 5.5 KB
+    per teacher that every reader parsed, ``benchmarks/bench_metadata.py``). Documents are written without
+    indentation and with the nodes' spec defaults left out (``minimal_node``); a v2 root's consolidated copy of
+    every node is removed (zarr would look nowhere else for a node)."""
     import zarr
 
-    with warnings.catch_warnings():   # "consolidated metadata is not in the v3 spec": known, documented
-        warnings.simplefilter("ignore")
-        zarr.consolidate_metadata(str(path))
-    document = path / "zarr.json"
-    doc = json.loads(document.read_text())
+    root = fmt.open_group(str(path), mode="r+", consolidated=False)
+    ids = sorted(root["teachers"].group_keys()) if "teachers" in root else []
+    for teacher_id in ids:
+        with warnings.catch_warnings():   # "consolidated metadata is not in the v3 spec": known, documented
+            warnings.simplefilter("ignore")
+            zarr.consolidate_metadata(str(path), path=f"teachers/{teacher_id}")
+        rewrite_document(path / "teachers" / teacher_id / "zarr.json", minimal_consolidated)
+    for document in (path / "zarr.json", path / "teachers" / "zarr.json"):
+        if document.is_file():
+            rewrite_document(document, lambda doc: {k: v for k, v in doc.items() if k != "consolidated_metadata"})
+    root = fmt.open_group(str(path), mode="r+", consolidated=False)
+    meta = fmt.read_store_meta(root, str(path))
+    fmt.write_store_meta(root, meta.replace(version=fmt.FORMAT_VERSION, teachers=tuple(ids)))
+    rewrite_document(path / "zarr.json", lambda doc: doc)
+
+
+def minimal_consolidated(doc: dict[str, Any]) -> dict[str, Any]:
     nodes = (doc.get("consolidated_metadata") or {}).get("metadata") or {}
     doc["consolidated_metadata"]["metadata"] = {key: minimal_node(node) for key, node in nodes.items()}
-    compact = json.dumps(doc, separators=(",", ":"))
-    tmp = path / "zarr.json.partial"
+    return doc
+
+
+def rewrite_document(document: Path, change: Any) -> None:
+    """``document`` (a ``zarr.json``) changed by ``change(doc)``, written without indentation, atomically."""
+    compact = json.dumps(change(json.loads(document.read_text())), separators=(",", ":"))
+    tmp = document.with_name("zarr.json.partial")
     tmp.write_text(compact)
     os.replace(tmp, document)
 

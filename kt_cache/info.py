@@ -95,7 +95,7 @@ def store_summary(store: str) -> dict[str, Any]:
         "samples_ok": int(np.asarray(samples["ok"]).sum()),
         "labelled": int((np.asarray(samples["label"]) >= 0).sum()),
         "bytes": store_bytes(reader), "remote": reader.location is None or reader.location.local_folder is None,
-        "teachers": [teacher_summary(reader, t) for t in reader.teacher_ids()],
+        "teachers": [teacher_summary(reader, t) for t in open_all(reader)],
     }
     summary["codec_sizes"] = codec_sizes(summary["teachers"])
     return summary
@@ -153,3 +153,9 @@ def sizes_line(sizes: dict[str, int]) -> str:
     from kt_cache.cli_extract import human_bytes
 
     return " · ".join(f"{name} {human_bytes(n)}" for name, n in sizes.items())
+
+
+def open_all(reader: fmt.StoreReader) -> list[str]:
+    """Every teacher id, each group opened (concurrently: one metadata read each in v3)."""
+    reader.open_teachers(reader.teacher_ids())
+    return reader.teacher_ids()

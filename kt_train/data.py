@@ -50,29 +50,32 @@ def select_teachers(reader: StoreReader, spec: Iterable[str]) -> list[str]:
         UsageError: an unknown id/role (with a did-you-mean), nothing selected, or an incomplete teacher.
     """
     stored = reader.teacher_ids()
-    roles = {tid: reader.teacher_record(tid).role for tid in stored}
     items = [part.strip() for item in spec for part in str(item).split(",") if part.strip()] or ["all"]
     chosen: list[str] = []
     for item in items:
-        ids = _match_item(item, stored, roles, reader.where)
+        ids = [item] if item in stored else _match_role(item, stored, reader)
         chosen += [tid for tid in ids if tid not in chosen]
+    reader.open_teachers(chosen)             # concurrently: one metadata read each
     for tid in chosen:
         _check_complete(reader, tid, [t for t in chosen if t != tid])
     return chosen
 
 
-def _match_item(item: str, stored: list[str], roles: dict[str, str], where: str) -> list[str]:
+def _match_role(item: str, stored: list[str], reader: StoreReader) -> list[str]:
+    """The teachers ``item`` (a role or "all") names; a store lists ids without roles, so the roles (each
+    teacher's metadata) are read only here, never for a selection by id."""
+    reader.open_teachers(stored)
+    roles = {tid: reader.teacher_record(tid).role for tid in stored}
     listing = ", ".join(f"{t} ({roles[t]})" for t in stored) or "none"
-    if item in roles:
-        return [item]
     if item == "all" or item in ROLES:
         ids = [t for t in stored if item == "all" or roles[t] == item]
         if not ids:
-            raise UsageError(f"--teachers {item!r}: the store {where} has no {'' if item == 'all' else item + ' '}"
-                             f"teacher (stored: {listing}). Fix: pick stored teacher ids or roles.")
+            raise UsageError(f"--teachers {item!r}: the store {reader.where} has no "
+                             f"{'' if item == 'all' else item + ' '}teacher (stored: {listing}). Fix: pick stored "
+                             "teacher ids or roles.")
         return ids
     hint = did_you_mean(item, [*stored, *ROLES, "all"])
-    raise UsageError(f"--teachers: unknown teacher id or role {item!r} for the store {where}.{hint} Stored "
+    raise UsageError(f"--teachers: unknown teacher id or role {item!r} for the store {reader.where}.{hint} Stored "
                      f"teachers: {listing}; roles: {', '.join(ROLES)}, or 'all'. Fix: use one of these.")
 
 

@@ -94,9 +94,16 @@ def test_subset_over_http_fetches_only_its_teacher(served, remote_source: Path, 
 
 
 def test_http_store_without_consolidated_metadata_is_refused_clearly(served) -> None:
+    """No teacher list in the root, or a teacher document without its nodes' metadata: https cannot list them."""
     _, store, url = served
+    teacher = json.loads((store / "teachers/cnn32/zarr.json").read_text())
+    teacher.pop("consolidated_metadata")
+    (store / "teachers/cnn32/zarr.json").write_text(json.dumps(teacher))
+    with pytest.raises(StoreError, match="teachers/cnn32/zarr.json holds no consolidated metadata.*no listing"):
+        StoreReader(url).teacher_arrays("cnn32")
+    assert StoreReader(url).teacher_arrays("vit48")       # the other teacher still reads
     doc = json.loads((store / "zarr.json").read_text())
-    doc.pop("consolidated_metadata")
+    del doc["attributes"]["ktc"]["teachers"]
     (store / "zarr.json").write_text(json.dumps(doc))
     with pytest.raises(StoreError, match="no consolidated metadata.*no listing"):
         StoreReader(url)

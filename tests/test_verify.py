@@ -150,11 +150,27 @@ def test_missing_and_unlisted_objects(store: Path) -> None:
 
 
 def test_stale_consolidation_and_missing_manifest(store: Path) -> None:
-    group = zarr.open_group(str(store), mode="r+", use_consolidated=False)["teachers/vit48"]
-    group.attrs["ktc_teacher"] = dict(group.attrs["ktc_teacher"], role="descriptive")
+    """v3: a node added or changed after finalize, or a teacher the root does not list, is reported stale."""
+    import json
+
+    root = zarr.open_group(str(store), mode="r+", use_consolidated=False)
+    group = zarr.open_group(str(store), path="teachers/vit48", mode="r+", use_consolidated=False)
+    group.create_array("extra", shape=(2,), dtype="float32", fill_value=0.0)
+    group["features"].attrs["note"] = "changed"
+    meta = dict(root.attrs["ktc"])
+    root.attrs["ktc"] = dict(meta, teachers=[t for t in meta["teachers"] if t != "cnn32"])
     write_object_manifest(store)
     stale = run("verify", store, "--quick")
-    assert stale.exit_code == 1 and "teachers/vit48" in stale.output and "consolidated copy (stale)" in stale.output
+    assert stale.exit_code == 1, stale.output
+    assert "teachers/vit48/extra/zarr.json: stored but missing from teachers/vit48/zarr.json's consolidated" in stale.output
+    assert "teachers/vit48/features/zarr.json: differs from its copy in teachers/vit48/zarr.json" in stale.output
+    assert "teachers/cnn32/zarr.json: stored but missing from the root's teacher list" in stale.output
+    doc = json.loads((store / "teachers/vit48/zarr.json").read_text())
+    doc.pop("consolidated_metadata")
+    (store / "teachers/vit48/zarr.json").write_text(json.dumps(doc))
+    write_object_manifest(store)
+    bare = run("verify", store, "--quick")
+    assert bare.exit_code == 1 and "no consolidated metadata for this teacher's nodes" in bare.output, bare.output
     (store / "ktc-objects.json").unlink()
     result = run("verify", store, "--quick")
     assert result.exit_code == 1 and "never finalized" in result.output

@@ -73,6 +73,19 @@ def check_root_meta(meta: dict[str, Any], where: str) -> None:
         raise damaged(where, f"attrs['ktc']['dataset']['fingerprint'] must be a string, got {short(dataset.get('fingerprint'))}")
     if not isinstance(meta.get("views", {}), dict):
         raise damaged(where, f"attrs['ktc']['views'] must be an object, got {short(meta.get('views'))}")
+    check_teacher_list(meta.get("teachers"), where)
+
+
+def check_teacher_list(teachers: Any, where: str) -> None:
+    """v3's ``teachers``: None (v1/v2), or distinct path-safe ids in sorted order."""
+    if teachers is None:
+        return
+    names = isinstance(teachers, list) and all(isinstance(t, str) for t in teachers)
+    if not names or teachers != sorted(set(teachers)):
+        raise damaged(where, f"attrs['ktc']['teachers'] must be a sorted list of distinct teacher ids, got "
+                             f"{short(teachers)}")
+    for teacher_id in teachers:
+        check_teacher_id(teacher_id, where)
 
 
 def check_teacher_id(teacher_id: str, where: str) -> None:
@@ -281,13 +294,14 @@ def short(value: Any, limit: int = 80) -> str:
 
 
 def locate_bad_node(root_doc: bytes | None) -> str:
-    """Name the first node of the consolidated metadata that Zarr cannot parse ('' when none is found)."""
+    """Name the first node of a group document's consolidated metadata that Zarr cannot parse ('' when none is
+    found)."""
     from zarr.core.metadata.v3 import ArrayV3Metadata
 
     try:
         nodes = json.loads(root_doc or b"{}").get("consolidated_metadata", {}).get("metadata", {})
     except (ValueError, AttributeError):
-        return "the root zarr.json is not valid JSON"
+        return "the zarr.json is not valid JSON"
     for key, node in sorted(nodes.items()) if isinstance(nodes, dict) else []:
         if isinstance(node, dict) and node.get("node_type") == "array":
             try:

@@ -1,15 +1,16 @@
-"""Store format v2: the single definition of the ktc Zarr v3 layout, with its writer (reader: ``kt_cache.store.reader``).
+"""Store format v3: the single definition of the ktc Zarr v3 layout, with its writer (reader: ``kt_cache.store.reader``).
 
 Layout (docs/store-format.md is the user-facing description of exactly this)::
 
-    <store>/                        attrs["ktc"]: format, version, samples, views, units, dataset, order
+    <store>/                        attrs["ktc"]: format, version, samples, views, units, dataset, order, teachers
       samples/id        [N]         str, path relative to the dataset root, in row order
       samples/index     [N]         int64, position of the sample in the sorted dataset listing
       samples/label     [N]         int32, -1 when unknown
       samples/ok        [N]         bool, image decoded (written with each unit's first pass)
       samples/views     [N, V, 5]   float32 (x0, y0, w, h, flip), normalised
       samples/digest    [N, 16]     uint8 blake2b-128 of the image file's bytes (0: not recorded)
-      teachers/<id>/                attrs["ktc_teacher"]: provenance, preprocessing, outputs, stats
+      teachers/<id>/                attrs["ktc_teacher"]: provenance, preprocessing, outputs, stats; its
+                                    zarr.json holds the consolidated metadata of its nodes (v3)
         features        [N, V, D]   float16|float32
         logits          [N, V, C]   float16|float32 (full logits), or
         logits_topk/values [N, V, k], logits_topk/index [N, V, k] (uint16 | int32)
@@ -20,10 +21,12 @@ Layout (docs/store-format.md is the user-facing description of exactly this)::
         stats/features  [2, D]      float32 mean and std of the (decoded) features over decoded rows (v2)
         codec/<output>/*            a compact store's codec parameters (kt_cache.codecs)
 
-v2 (this ktc writes it; v1 stays readable): feature statistics are the array ``stats/features`` (v1: JSON
-lists in ``attrs["ktc_teacher"]["feature_stats"]``), and a teacher whose logits are the dataset's classes
-records ``class_names: "dataset"`` instead of repeating the list, so consolidated metadata stays small at
-hundreds of teachers. ``StoreReader.teacher_record`` and ``StoreReader.feature_stats`` read both versions.
+v3 (this ktc writes it; v1 and v2 stay readable): the root lists its teachers (``attrs["ktc"]["teachers"]``) and
+each teacher's own ``zarr.json`` holds the consolidated metadata of its nodes, so a reader parses the metadata
+of the teachers it opens and the root document stays small at 1000 teachers (v1/v2 consolidate every node in the
+root). v2: feature statistics are the array ``stats/features`` (v1: JSON lists in
+``attrs["ktc_teacher"]["feature_stats"]``), and a teacher whose logits are the dataset's classes records
+``class_names: "dataset"`` instead of repeating the list. ``StoreReader`` reads all three.
 The attributes themselves are typed records (``kt_cache.store.records``: ``StoreMeta``, ``TeacherRecord``), the only
 code that parses or writes them.
 
@@ -288,6 +291,17 @@ def open_group(store: Any, mode: str = "r", consolidated: bool | None = None) ->
     return open_root(target, str(store), mode, consolidated)
 
 
+def teacher_group(root: Any, teacher_id: str, consolidated: bool | None = False) -> Any:
+    """``teachers/<id>`` of an opened root, in the root's mode. v3 keeps a teacher's nodes consolidated in its own
+    ``zarr.json``, and zarr never looks past a group's consolidated metadata: code that adds an array or changes
+    a node must open the group with ``consolidated=False`` (the default) to see the store as it is."""
+    import zarr
+
+    path = "/".join(part for part in (root.path, "teachers", teacher_id) if part)
+    return zarr.open_group(root.store, path=path, mode="r" if root.read_only else "r+", use_consolidated=consolidated,
+                           zarr_format=3)
+
+
 def open_root(target: Any, where: str, mode: str = "r", consolidated: bool | None = None) -> Any:
     import zarr
 
@@ -341,6 +355,7 @@ __all__ = [
     "ArraySpec", "CheckedRows", "StoreMeta", "StoreReader", "TeacherRecord", "bad_objects", "chunk_layout",
     "class_names_attr", "create_array", "create_codec_arrays", "create_done_array", "encode_unit_arrays", "index_dtype",
     "is_parameter", "missing_objects_error", "n_units", "object_key", "open_group", "open_root", "read_rows",
-    "read_store_meta", "read_teacher_record", "sample_array_specs", "teacher_array_specs", "unit_slice", "write_feature_stats",
+    "read_store_meta", "read_teacher_record", "sample_array_specs", "teacher_array_specs", "teacher_group", "unit_slice",
+    "write_feature_stats",
     "write_samples_unit", "write_store_meta", "write_teacher_record", "write_unit",
 ]

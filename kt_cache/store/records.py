@@ -19,7 +19,7 @@ from kt_cache.store import checks
 from kt_cache.errors import StoreError
 
 FORMAT_NAME = "ktc"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 ROOT_ATTR = "ktc"
 TEACHER_ATTR = "ktc_teacher"
 DATASET_CLASSES = "dataset"               # v2: ``class_names`` equal to the dataset's target classes
@@ -35,10 +35,13 @@ def json_form(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class StoreMeta:
-    """Root ``attrs["ktc"]``: format version, sizes, dataset, view policy, row order, provenance.
+    """Root ``attrs["ktc"]``: format version, sizes, dataset, view policy, row order, teachers, provenance.
 
     ``dataset`` keeps the producer's dataset record (``kind``, ``root``, ``fingerprint``, ``n_listed``, ``limit``,
     ``classes``; shards add ``shards`` and ``pattern``); ``views`` the view policy (``kt_cache.views.ViewsSpec``).
+    ``teachers`` (v3, written by finalize) is the id of every teacher group, sorted: readers find the teachers
+    there, without listing the store, and open only the ones they use (each teacher's own ``zarr.json`` holds the
+    consolidated metadata of its nodes). None in v1/v2 stores, whose root consolidates every node.
     """
 
     version: int
@@ -54,6 +57,7 @@ class StoreMeta:
     cpu_threads: int | None = None
     n_failed_samples: int = 0
     failed_samples: tuple[str, ...] = ()
+    teachers: tuple[str, ...] | None = None
     keys: frozenset[str] = frozenset()
     unknown: dict[str, Any] = field(default_factory=dict)
 
@@ -83,6 +87,8 @@ class StoreMeta:
         names = [f.name for f in dataclasses.fields(cls) if f.name not in ("keys", "unknown")]
         known = {k: meta[k] for k in names if meta.get(k) is not None}
         known["failed_samples"] = tuple(str(s) for s in meta.get("failed_samples") or ())
+        if meta.get("teachers") is not None:
+            known["teachers"] = tuple(meta["teachers"])
         rest = {k: v for k, v in meta.items() if k not in names and k != "format"}
         return cls(**known, keys=frozenset(meta), unknown=rest)
 

@@ -348,9 +348,8 @@ def write_store(parts: list[Part], owners: list[int], out: Path, made_by: str, e
         record_renames(root, parts)
         if rewrite is not None:
             rewrite(root)
-        version = max(p.reader.meta.version for p in parts)       # v1 and v2 teachers read alike
-        fmt.write_store_meta(root, parts[0].reader.meta.replace(version=version))   # last: unfinished until set
-        consolidate(Path(staging))
+        fmt.write_store_meta(root, parts[0].reader.meta)   # last: unfinished until set
+        consolidate(Path(staging))      # lists the teachers and records v3 (v1-layout teachers read alike)
         write_object_manifest(staging, made_by=made_by)
     return out
 
@@ -360,6 +359,6 @@ def record_renames(root: Any, parts: list[Part]) -> None:
     for part in parts:
         for old, new in part.teachers.items():
             if old != new:
-                group = root[f"teachers/{new}"]
+                group = fmt.teacher_group(root, new)
                 record = fmt.read_teacher_record(group, new, part.reader.where)
                 fmt.write_teacher_record(group, record.replace(renamed_from=old))

@@ -1,8 +1,9 @@
 """``ktc upgrade STORE``: convert an older store to the format this ktc writes, in place, re-encoding no chunk.
 
-v1 -> v2 changes metadata only (docs/store-format.md, "Versions"): a teacher's feature statistics move from JSON
-lists in its attributes to the array ``stats/features``, a class list equal to the dataset's target classes becomes
-``"dataset"``, and the root records version 2. Chunks are untouched, so their ``ktc-objects.json`` entries are kept
+Every step changes metadata only (docs/store-format.md, "Versions"). v1 -> v2: a teacher's feature statistics move
+from JSON lists in its attributes to the array ``stats/features``, and a class list equal to the dataset's target
+classes becomes ``"dataset"``. v2 -> v3: the root lists its teachers and each teacher's ``zarr.json`` holds the
+consolidated metadata of its nodes, instead of the root holding every node's. The root records version 3. Chunks are untouched, so their ``ktc-objects.json`` entries are kept
 as they are (not re-hashed: a chunk damaged before the upgrade still fails ``ktc verify`` after it); the rewritten
 metadata documents and the new statistics arrays get new entries. The metadata documents are checked against
 their entries first, so an upgrade never vouches for metadata that changed since the store was finalized.
@@ -73,7 +74,7 @@ def upgrade_store(store: str) -> dict[str, Any]:
 
 def upgrade_teacher(root: Any, teacher_id: str, reader: fmt.StoreReader) -> bool:
     """Move one teacher's attributes to the v2 layout; False when it already has it (a rerun after an interruption)."""
-    group = root[f"teachers/{teacher_id}"]
+    group = fmt.teacher_group(root, teacher_id)
     record = fmt.read_teacher_record(group, teacher_id, reader.where)
     stats = record.feature_stats
     names = fmt.class_names_attr(record.names(reader.class_names, teacher_id, reader.where), reader.class_names)

@@ -6,7 +6,8 @@ Checks, in order (``--quick`` stops after the metadata checks, reading no chunk)
 2. orphan temp files of killed writers (zarr LocalStore's ``<key>.<32 hex>.partial``) are removed;
 3. ``ktc-objects.json`` exists; every listed object exists and nothing unlisted is stored (listable stores);
    with ``--quick``, each listed object's size matches (local folders and zips: a stat, no read);
-   consolidated metadata exists and lists every node with current attributes;
+   consolidated metadata exists and lists every node as stored (v3: the root's teacher list and each teacher's
+   document; v1/v2: the root's document);
 4. metadata documents (``zarr.json``) match their sha256 (all objects without ``--quick``);
 5. every object decodes; rows of decoded samples (``samples/ok``) in ``done`` units hold no NaN
    (``label_logit`` may be NaN: unknown label or class not covered); no array holds ±inf; top-k indices
@@ -100,6 +101,7 @@ def verify_store(location: str, quick: bool = False, clean: bool = True,
     """Verify the store at ``location`` (local path or URL); see the module docstring for the checks."""
     reader = fmt.StoreReader(location, storage_options=storage_options)
     packed = reader.location is not None and (reader.location.kind == "zip" or (reader.location.url or "").startswith("zip:"))
+    reader.open_teachers(reader.teacher_ids())        # concurrently: one metadata read each in v3
     report = VerifyReport(reader.where, quick, teachers=reader.teacher_ids(), packed=packed)
     handle_orphans(reader, report, clean)
     manifest = load_manifest(reader, report)
@@ -222,15 +224,52 @@ def json_document(reader: fmt.StoreReader, key: str) -> dict[str, Any] | None:
 
 
 def check_consolidation(reader: fmt.StoreReader, manifest: dict[str, Any] | None, report: VerifyReport) -> None:
-    """Consolidated metadata exists and lists every node (a stale one hides teachers from remote readers)."""
+    """Consolidated metadata exists and lists every node as stored (a stale one hides nodes from readers): v3, the
+    root's teacher list and each teacher's own document; v1/v2, the root's document."""
     fix = ("Fix: rerun `ktc extract` with the store's manifest (it re-finalizes), or ask the producer to."
            if report.made_by.startswith("ktc extract") and not report.packed else f"Fix: {report.repair}.")
     if not reader.consolidated:
         report.add("store", "zarr.json", f"no consolidated metadata: readers over https cannot discover teachers. {fix}")
         return
-    nodes = dict(((json_document(reader, "zarr.json") or {}).get("consolidated_metadata") or {}).get("metadata") or {})
     keys = list(manifest or {}) + (list_keys(reader.store) if reader.location is None or reader.location.listable else [])
     stored = {k[: -len("/zarr.json")] for k in keys if k.endswith("/zarr.json")}
+    if reader.meta.teachers is None:
+        check_root_consolidation(reader, stored, fix, report)
+        return
+    groups = {node.split("/")[1] for node in stored if node.startswith("teachers/") and node.count("/") == 1}
+    for teacher_id in sorted(groups - set(reader.meta.teachers)):
+        report.add(f"teachers/{teacher_id}", f"teachers/{teacher_id}/zarr.json", "stored but missing from the root's "
+                   f"teacher list (attrs['ktc']['teachers'], stale): readers do not see this teacher. {fix}")
+    for teacher_id in reader.teacher_ids():
+        check_teacher_consolidation(reader, f"teachers/{teacher_id}", stored, fix, report)
+
+
+def check_teacher_consolidation(reader: fmt.StoreReader, group: str, stored: set[str], fix: str,
+                                report: VerifyReport) -> None:
+    """v3: the teacher's ``zarr.json`` holds every node under it, each as its own document says."""
+    from kt_cache.finalize import minimal_node
+
+    consolidated = (json_document(reader, f"{group}/zarr.json") or {}).get("consolidated_metadata")
+    if not isinstance(consolidated, dict):
+        report.add(group, f"{group}/zarr.json", f"no consolidated metadata for this teacher's nodes: readers over "
+                   f"https cannot find its arrays. {fix}")
+        return
+    nodes = consolidated.get("metadata") or {}
+    for node in sorted(n for n in stored if n.startswith(group + "/")):
+        name = node[len(group) + 1:]
+        own = json_document(reader, f"{node}/zarr.json")
+        copy = {k: v for k, v in (nodes.get(name) or {}).items() if k != "consolidated_metadata"}
+        if name not in nodes:
+            report.add(node, f"{node}/zarr.json", f"stored but missing from {group}/zarr.json's consolidated "
+                       f"metadata (stale). {fix}")
+        elif own is not None and minimal_node(own) != copy:
+            report.add(node, f"{node}/zarr.json", f"differs from its copy in {group}/zarr.json's consolidated "
+                       f"metadata (stale). {fix}")
+
+
+def check_root_consolidation(reader: fmt.StoreReader, stored: set[str], fix: str, report: VerifyReport) -> None:
+    """v1/v2: the root's consolidated metadata lists every node, with each teacher's current attributes."""
+    nodes = dict(((json_document(reader, "zarr.json") or {}).get("consolidated_metadata") or {}).get("metadata") or {})
     for node in sorted(stored - set(nodes)):
         report.add(node, f"{node}/zarr.json", f"stored but missing from the consolidated metadata (stale). {fix}")
     for teacher_id in reader.teacher_ids():
