@@ -108,8 +108,8 @@ def remove_orphan_temps(path: Path) -> list[str]:
 
 
 def consolidate(path: Path) -> None:
-    """Format v3's consolidated metadata: each teacher's ``zarr.json`` holds the metadata of every node under it,
-    and the root lists the teachers (``StoreMeta.teachers``) and records version 3. A reader parses the root and
+    """Format v3's consolidated metadata: each teacher's ``zarr.json`` (and ``samples/zarr.json``) holds the
+    metadata of every node under it, and the root lists the teachers (``StoreMeta.teachers``) and records version 3. A reader parses the root and
     the teachers it opens, not every node of every teacher (v2 consolidated all of them into the root: 5.5 KB
     per teacher that every reader parsed, ``benchmarks/bench_metadata.py``). Documents are written without
     indentation and with the nodes' spec defaults left out (``minimal_node``); a v2 root's consolidated copy of
@@ -118,11 +118,12 @@ def consolidate(path: Path) -> None:
 
     root = fmt.open_group(str(path), mode="r+", consolidated=False)
     ids = sorted(root["teachers"].group_keys()) if "teachers" in root else []
-    for teacher_id in ids:
+    groups = ["samples"] * ("samples" in root) + [f"teachers/{teacher_id}" for teacher_id in ids]
+    for group in groups:      # samples/ too: over https its arrays are found only this way (xarray lists them)
         with warnings.catch_warnings():   # "consolidated metadata is not in the v3 spec": known, documented
             warnings.simplefilter("ignore")
-            zarr.consolidate_metadata(str(path), path=f"teachers/{teacher_id}")
-        rewrite_document(path / "teachers" / teacher_id / "zarr.json", minimal_consolidated)
+            zarr.consolidate_metadata(str(path), path=group)
+        rewrite_document(path / group / "zarr.json", minimal_consolidated)
     for document in (path / "zarr.json", path / "teachers" / "zarr.json"):
         if document.is_file():
             rewrite_document(document, lambda doc: {k: v for k, v in doc.items() if k != "consolidated_metadata"})

@@ -43,7 +43,13 @@ def open_datatree(store: str | Path) -> Any:
 
 
 def open_group(xr: Any, store: Any, group: str, drop: tuple[str, ...] = ()) -> Any:
-    return xr.open_zarr(store, group=group, consolidated=None, zarr_format=3, drop_variables=list(drop))
+    """``group`` as an xarray Dataset. xarray looks for consolidated metadata at the root only and warns when
+    there is none (a v3 store keeps it in each group's own document, which zarr then reads): a known fallback."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Failed to open Zarr store with consolidated metadata")
+        return xr.open_zarr(store, group=group, consolidated=None, zarr_format=3, drop_variables=list(drop))
 
 
 def teacher_dataset(xr: Any, reader: Any, tid: str) -> Any:

@@ -119,3 +119,20 @@ def write_shards(images: Path, out: Path, n_shards: int = 2, labels: bool = True
                     info.size = len(text)
                     tar.addfile(info, io.BytesIO(text))
     return shards
+
+
+def edit_metadata(store: Path, node: str, change) -> None:
+    """Apply ``change`` to every stored copy of a node's metadata, as an attacker would: its own ``zarr.json``
+    (the root's for ``node=""``) and, for a node under a teacher, its copy in the teacher's consolidated metadata
+    (store format v3)."""
+    import json
+
+    docs = [(store / node / "zarr.json", lambda d: d)]
+    parts = node.split("/")
+    if len(parts) > 2 and parts[0] == "teachers":
+        name = "/".join(parts[2:])
+        docs.append((store / "/".join(parts[:2]) / "zarr.json", lambda d: d["consolidated_metadata"]["metadata"][name]))
+    for path, pick in docs:
+        doc = json.loads(path.read_text())
+        change(pick(doc))
+        path.write_text(json.dumps(doc))

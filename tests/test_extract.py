@@ -96,11 +96,13 @@ def test_opens_with_xarray_and_consolidated_metadata(project):
     xr = pytest.importorskip("xarray")
     tmp_path, manifest = project
     extract(manifest)
-    ds = xr.open_zarr(str(tmp_path / "out.zarr" / "teachers" / "cnn32"), consolidated=False)
+    ds = xr.open_zarr(str(tmp_path / "out.zarr" / "teachers" / "cnn32"), consolidated=True)   # the teacher's own
     assert ds["features"].dims == ("sample", "view", "feature")
     assert ds["featmap"].dims == ("sample", "view", "grid_y", "grid_x", "channel")
-    root = zarr.open_group(str(tmp_path / "out.zarr"), mode="r", use_consolidated=True)
-    assert sorted(name for name, _ in root["teachers"].groups()) == ["cnn32", "vit48"]
+    root = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")
+    assert root.attrs["ktc"]["teachers"] == ["cnn32", "vit48"] and root.metadata.consolidated_metadata is None
+    teacher = root["teachers/cnn32"]
+    assert {"done", "features", "logits_topk/values"} <= set(teacher.metadata.consolidated_metadata.flattened_metadata)
     objects = json.loads((tmp_path / "out.zarr" / "ktc-objects.json").read_text())["objects"]
     assert "teachers/cnn32/done/c/0" in objects and all(len(o["sha256"]) == 64 for o in objects.values())
 
@@ -125,7 +127,7 @@ def test_teacher_attrs_record_provenance_stats_and_timing(project):
     assert max(stats["std"]) > 0
     assert StoreReader(str(tmp_path / "out.zarr")).teacher_attrs("cnn32")["class_names"] == list(CLASSES)
     meta = root.attrs["ktc"]
-    assert (meta["format"], meta["version"]) == ("ktc", 2)
+    assert (meta["format"], meta["version"]) == ("ktc", 3)
     assert meta["views"] == {"count": 3, "seed": 0, "scale": [0.35, 1.0], "ratio": [0.75, 4 / 3], "flip": True,
                              "center_crop": 0.875}
     assert meta["dataset"]["classes"] == list(CLASSES) and len(meta["dataset"]["fingerprint"]) == 64
@@ -215,8 +217,9 @@ def test_add_teacher_runs_only_the_new_one(tmp_path):
     assert rows["vit48"][1] == "created" and int(rows["vit48"][4]) == 6 * 3
     after = (tmp_path / "out.zarr" / "teachers" / "cnn32" / "features" / "c" / "0" / "0" / "0").read_bytes()
     assert before == after
-    consolidated = zarr.open_group(str(tmp_path / "out.zarr"), mode="r", use_consolidated=True)
-    assert "vit48" in [name for name, _ in consolidated["teachers"].groups()]
+    root = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")
+    assert root.attrs["ktc"]["teachers"] == ["cnn32", "vit48"]
+    assert root["teachers/vit48"].metadata.consolidated_metadata is not None
 
 
 def test_changed_teacher_is_refused_unless_overwritten(tmp_path):
@@ -327,6 +330,6 @@ def test_extract_and_info_report_the_same_size(tmp_path):
     manifest = write_manifest(tmp_path / "teachers.yaml", [cnn_teacher()])
     first, again = extract(manifest), extract(manifest)
     info = CliRunner().invoke(cli, ["info", str(tmp_path / "out.zarr")]).output.splitlines()[0]
-    on_disk = info.split("ktc store v2, ")[1].split(" on disk")[0]
+    on_disk = info.split("ktc store v3, ")[1].split(" on disk")[0]
     assert f"size      {on_disk} on disk (as `ktc info` reports it)" in again.output
     assert "size      " in first.output and "nothing to do" in again.output

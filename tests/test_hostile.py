@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import zarr
 from click.testing import CliRunner
+from extract_helpers import edit_metadata
 
 from kt_cache.cli import cli
 from kt_cache.errors import StoreError
@@ -28,13 +29,8 @@ def store(hostile_source: Path, tmp_path: Path) -> Path:
 
 
 def edit_node(store: Path, node: str, change: Callable[[dict], None]) -> None:
-    """Apply ``change`` to a node's zarr.json and to its copy in the consolidated metadata (as an attacker would)."""
-    docs = [(store / node / "zarr.json", lambda d: d)] if node else []
-    docs.append((store / "zarr.json", lambda d: d["consolidated_metadata"]["metadata"][node] if node else d))
-    for path, pick in docs:
-        doc = json.loads(path.read_text())
-        change(pick(doc))
-        path.write_text(json.dumps(doc))
+    """Apply ``change`` to every stored copy of a node's metadata (as an attacker would)."""
+    edit_metadata(store, node, change)
 
 
 def set_keys(**values) -> Callable[[dict], None]:
@@ -125,7 +121,7 @@ def test_unsafe_sample_ids(store: Path, tmp_path: Path, bad_id: str) -> None:
     assert result.exit_code == 1 and "samples/id  object samples/id/c/1" in result.output and "row 6" in result.output
 
 
-@pytest.mark.parametrize("version", [3, 0, "1", True, None])
+@pytest.mark.parametrize("version", [4, 0, "1", True, None])
 def test_unknown_format_version(store: Path, tmp_path: Path, version) -> None:
     edit_node(store, "", set_root(version=version))
     assert_clear_everywhere(store, tmp_path, f"format version {json.dumps(version) if version is not True else 'True'}"
@@ -161,8 +157,7 @@ def test_zarr_v2_store_is_not_opened(store: Path, tmp_path: Path) -> None:
 def test_unsafe_teacher_id(store: Path, tmp_path: Path) -> None:
     (store / "teachers" / "cnn32").rename(store / "teachers" / "cnn 32")
     doc = json.loads((store / "zarr.json").read_text())
-    nodes = doc["consolidated_metadata"]["metadata"]
-    doc["consolidated_metadata"]["metadata"] = {k.replace("teachers/cnn32", "teachers/cnn 32"): v for k, v in nodes.items()}
+    doc["attributes"]["ktc"]["teachers"] = ["cnn 32", "vit48"]
     (store / "zarr.json").write_text(json.dumps(doc))
     assert_clear_everywhere(store, tmp_path, "teacher group name \"cnn 32\" is not a path-safe teacher id")
 

@@ -73,7 +73,6 @@ def test_a_damaged_type_is_refused_naming_the_key(project, tmp_path, where, key,
     root = zarr.open_group(str(store), mode="r+", use_consolidated=False)
     node, attr = (root, "ktc") if where == "root" else (root["teachers/cnn32"], "ktc_teacher")
     node.attrs[attr] = {**node.attrs[attr], key: value}
-    zarr.consolidate_metadata(str(store))
     with pytest.raises(StoreError) as err:
         StoreReader(str(store)).teacher_record("cnn32")
     assert says in str(err.value) and "Fix:" in str(err.value)

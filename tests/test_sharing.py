@@ -111,7 +111,6 @@ def edit_root_attrs(store: Path, **changes) -> None:
             target = child
         target[last] = value
     root.attrs["ktc"] = meta
-    zarr.consolidate_metadata(str(store))
 
 
 @pytest.mark.parametrize(("change", "message"), [

@@ -293,7 +293,7 @@ def short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def locate_bad_node(root_doc: bytes | None) -> str:
+def locate_bad_node(root_doc: bytes | None, prefix: str = "") -> str:
     """Name the first node of a group document's consolidated metadata that Zarr cannot parse ('' when none is
     found)."""
     from zarr.core.metadata.v3 import ArrayV3Metadata
@@ -307,7 +307,7 @@ def locate_bad_node(root_doc: bytes | None) -> str:
             try:
                 ArrayV3Metadata.from_dict(dict(node))
             except Exception as err:   # noqa: BLE001 - any parse failure names the node
-                return f"array {key}: {type(err).__name__}: {err}"
+                return f"array {prefix}{key}: {type(err).__name__}: {err}"
     return ""
 
 

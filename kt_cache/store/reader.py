@@ -191,8 +191,8 @@ class StoreReader:
             self._nodes[teacher_id] = list(group.members(max_depth=None))
 
     def open_teacher_group(self, teacher_id: str) -> Any:
-        from kt_cache.store.format import teacher_group
-
+        """The teacher's group (v3: with its nodes' consolidated metadata); a missing or damaged document is a
+        StoreError naming it."""
         from kt_cache.store.format import network_errors, teacher_group, unreachable_message
         from kt_cache.store.location import get_bytes
 
@@ -204,8 +204,9 @@ class StoreReader:
         except network_errors() as err:
             raise StoreError(unreachable_message(self.where, err)) from err
         except (ValueError, KeyError, TypeError) as err:
-            detail = checks.locate_bad_node(get_bytes(self.store, document)) or f"{type(err).__name__}: {err}"
-            raise checks.damaged(self.where, f"{document} cannot be parsed: {detail}") from err
+            detail = (checks.locate_bad_node(get_bytes(self.store, document), f"teachers/{teacher_id}/")
+                      or f"{type(err).__name__}: {err}")
+            raise checks.damaged(self.where, f"{document} cannot be parsed: {detail.rstrip('.')}") from err
 
     def teacher_record(self, teacher_id: str) -> TeacherRecord:
         """The teacher's ``TeacherRecord``, its types and its agreement with the arrays checked (read once);

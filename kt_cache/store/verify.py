@@ -240,19 +240,19 @@ def check_consolidation(reader: fmt.StoreReader, manifest: dict[str, Any] | None
     for teacher_id in sorted(groups - set(reader.meta.teachers)):
         report.add(f"teachers/{teacher_id}", f"teachers/{teacher_id}/zarr.json", "stored but missing from the root's "
                    f"teacher list (attrs['ktc']['teachers'], stale): readers do not see this teacher. {fix}")
-    for teacher_id in reader.teacher_ids():
-        check_teacher_consolidation(reader, f"teachers/{teacher_id}", stored, fix, report)
+    for group in ["samples", *(f"teachers/{teacher_id}" for teacher_id in reader.teacher_ids())]:
+        check_group_consolidation(reader, group, stored, fix, report)
 
 
-def check_teacher_consolidation(reader: fmt.StoreReader, group: str, stored: set[str], fix: str,
-                                report: VerifyReport) -> None:
-    """v3: the teacher's ``zarr.json`` holds every node under it, each as its own document says."""
+def check_group_consolidation(reader: fmt.StoreReader, group: str, stored: set[str], fix: str,
+                              report: VerifyReport) -> None:
+    """v3: a teacher's (or samples') ``zarr.json`` holds every node under it, each as its own document says."""
     from kt_cache.finalize import minimal_node
 
     consolidated = (json_document(reader, f"{group}/zarr.json") or {}).get("consolidated_metadata")
     if not isinstance(consolidated, dict):
-        report.add(group, f"{group}/zarr.json", f"no consolidated metadata for this teacher's nodes: readers over "
-                   f"https cannot find its arrays. {fix}")
+        report.add(group, f"{group}/zarr.json", f"no consolidated metadata for the nodes under {group}: readers "
+                   f"over https cannot find its arrays. {fix}")
         return
     nodes = consolidated.get("metadata") or {}
     for node in sorted(n for n in stored if n.startswith(group + "/")):

@@ -3,12 +3,12 @@ clear StoreError (exit 1) before any allocation, never terabytes of RAM or a tra
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from extract_helpers import edit_metadata
 
 from kt_cache.cli import cli
 
@@ -17,12 +17,8 @@ TRAIN = ["--student", "resnet10t", "--img-size", "32", "--epochs", "1", "--batch
 
 
 def edit_label_array(store: Path, change) -> None:
-    """Change samples/label's metadata in its zarr.json and in the consolidated copy, as an attacker would."""
-    for path, pick in ((store / "samples" / "label" / "zarr.json", lambda d: d),
-                       (store / "zarr.json", lambda d: d["consolidated_metadata"]["metadata"]["samples/label"])):
-        doc = json.loads(path.read_text())
-        change(pick(doc))
-        path.write_text(json.dumps(doc))
+    """Change every stored copy of samples/label's metadata, as an attacker would."""
+    edit_metadata(store, "samples/label", change)
 
 
 @pytest.mark.parametrize("case,change,expect", [
