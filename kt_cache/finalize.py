@@ -108,29 +108,40 @@ def remove_orphan_temps(path: Path) -> list[str]:
 
 
 def consolidate(path: Path) -> None:
-    """Format v3's consolidated metadata: each teacher's ``zarr.json`` (and ``samples/zarr.json``) holds the
-    metadata of every node under it, and the root lists the teachers (``StoreMeta.teachers``) and records version 3. A reader parses the root and
-    the teachers it opens, not every node of every teacher (v2 consolidated all of them into the root: 5.5 KB
-    per teacher that every reader parsed, ``benchmarks/bench_metadata.py``). Documents are written without
-    indentation and with the nodes' spec defaults left out (``minimal_node``); a v2 root's consolidated copy of
-    every node is removed (zarr would look nowhere else for a node)."""
+    """Format v3's consolidated metadata: each group's ``zarr.json`` below the root (``samples``, each teacher,
+    and groups inside a teacher such as ``logits_topk``) holds the metadata of every node under it, and the root
+    lists the teachers (``StoreMeta.teachers``) and records version 3. A reader parses the root and the teachers
+    it opens, not every node of every teacher (v2 consolidated all of them into the root: 5.5 KB per teacher
+    that every reader parsed, ``benchmarks/bench_metadata.py``), and over https any group opens without a
+    listing (xarray lists a group's arrays). Documents are written without indentation and with the nodes' spec
+    defaults left out (``minimal_node``); a v2 root's consolidated copy of every node is removed (zarr would look
+    nowhere else for a node)."""
     import zarr
 
     root = fmt.open_group(str(path), mode="r+", consolidated=False)
     ids = sorted(root["teachers"].group_keys()) if "teachers" in root else []
-    groups = ["samples"] * ("samples" in root) + [f"teachers/{teacher_id}" for teacher_id in ids]
-    for group in groups:      # samples/ too: over https its arrays are found only this way (xarray lists them)
+    groups = group_documents(path)
+    for document in groups.values():     # first, so no group's copy of a child carries the child's own copy
+        rewrite_document(document, lambda doc: {k: v for k, v in doc.items() if k != "consolidated_metadata"})
+    for group in sorted(key for key in groups if key not in ("", "teachers")):   # a parent before its children
         with warnings.catch_warnings():   # "consolidated metadata is not in the v3 spec": known, documented
             warnings.simplefilter("ignore")
             zarr.consolidate_metadata(str(path), path=group)
-        rewrite_document(path / group / "zarr.json", minimal_consolidated)
-    for document in (path / "zarr.json", path / "teachers" / "zarr.json"):
-        if document.is_file():
-            rewrite_document(document, lambda doc: {k: v for k, v in doc.items() if k != "consolidated_metadata"})
+        rewrite_document(groups[group], minimal_consolidated)
     root = fmt.open_group(str(path), mode="r+", consolidated=False)
     meta = fmt.read_store_meta(root, str(path))
     fmt.write_store_meta(root, meta.replace(version=fmt.FORMAT_VERSION, teachers=tuple(ids)))
     rewrite_document(path / "zarr.json", lambda doc: doc)
+
+
+def group_documents(path: Path) -> dict[str, Path]:
+    """Every group's ``zarr.json`` in the store folder, by group path (``""`` for the root)."""
+    found = {}
+    for document in sorted(path.rglob("zarr.json")):
+        if json.loads(document.read_text()).get("node_type") == "group":
+            key = document.parent.relative_to(path).as_posix()
+            found["" if key == "." else key] = document
+    return found
 
 
 def minimal_consolidated(doc: dict[str, Any]) -> dict[str, Any]:
