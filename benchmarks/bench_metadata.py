@@ -167,6 +167,16 @@ def render(result: dict) -> list[str]:
                      f"{row['bytes_per_teacher'] / 1e3:.2f} KB | {(row['attrs_bytes'] + row['arrays_bytes']) / 1e3:.1f} KB "
                      f"({row['attrs_bytes'] / 1e3:.1f} / {row['arrays_bytes'] / 1e3:.1f}) | "
                      f"{row['open_used_s']:.2f} s | {row['open_and_attrs_s']:.2f} s | {row['ktc_info_s']:.1f} s |")
+    v3 = [row for row in result["rows"] if row["version"] == "v3"]
+    if v3:
+        top = max(v3, key=lambda row: row["teachers"])
+        lines += ["", f"Target (root metadata <= 4 KB per teacher): {top['bytes_per_teacher'] / 1e3:.2f} KB per teacher at "
+                  f"{top['teachers']} teachers in v3, "
+                  f"{'PASS' if top['bytes_per_teacher'] <= 4000 else 'MISS'}. The root holds the dataset's class list "
+                  "once and one id per teacher; each teacher's own `zarr.json` "
+                  f"({top['teacher_json_bytes'] / 1e3:.1f} KB here) is read only by a reader that opens that teacher. "
+                  "`ktc info` and *open + all* read every teacher's document, so they take as long as in v2 (one read "
+                  "each, fetched concurrently); a reader of a few teachers no longer pays for the others."]
     return lines + [""]
 
 

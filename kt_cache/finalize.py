@@ -2,7 +2,7 @@
 
 Single-process (the coordinator's job). Consolidation is redone after every run, so a teacher added
 later is never hidden from remote readers by stale consolidated metadata. It writes format v3: the root lists
-the teachers, and each teacher's ``zarr.json`` holds the consolidated metadata of its own nodes.
+the teachers, and each group below the root holds the consolidated metadata of the nodes under it.
 """
 
 from __future__ import annotations

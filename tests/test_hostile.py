@@ -162,6 +162,27 @@ def test_unsafe_teacher_id(store: Path, tmp_path: Path) -> None:
     assert_clear_everywhere(store, tmp_path, "teacher group name \"cnn 32\" is not a path-safe teacher id")
 
 
+@pytest.mark.parametrize("listed,says", [
+    (["cnn32", "cnn32", "vit48"], "must be a sorted list of distinct teacher ids"),
+    (["vit48", "cnn32"], "must be a sorted list of distinct teacher ids"),
+    ("cnn32", "must be a sorted list of distinct teacher ids"),
+    (["../x", "cnn32"], "is not a path-safe teacher id"),
+])
+def test_a_damaged_teacher_list(store: Path, tmp_path: Path, listed, says) -> None:
+    edit_node(store, "", set_root(teachers=listed))
+    assert_clear_everywhere(store, tmp_path, says)
+
+
+def test_a_listed_teacher_whose_group_is_gone(store: Path, tmp_path: Path) -> None:
+    shutil.rmtree(store / "teachers" / "cnn32")
+    assert_clear_everywhere(store, tmp_path, "the root lists teacher cnn32, but teachers/cnn32/zarr.json is missing")
+
+
+def test_a_teacher_document_that_is_not_json(store: Path, tmp_path: Path) -> None:
+    (store / "teachers/cnn32/zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attrib')
+    assert_clear_everywhere(store, tmp_path, "teachers/cnn32/zarr.json cannot be parsed: the zarr.json is not valid JSON")
+
+
 def test_object_manifest_with_escaping_keys(store: Path, tmp_path: Path) -> None:
     (tmp_path / "secret.txt").write_text("not yours")
     doc = json.loads((store / "ktc-objects.json").read_text())

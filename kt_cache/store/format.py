@@ -10,7 +10,8 @@ Layout (docs/store-format.md is the user-facing description of exactly this)::
       samples/views     [N, V, 5]   float32 (x0, y0, w, h, flip), normalised
       samples/digest    [N, 16]     uint8 blake2b-128 of the image file's bytes (0: not recorded)
       teachers/<id>/                attrs["ktc_teacher"]: provenance, preprocessing, outputs, stats; its
-                                    zarr.json holds the consolidated metadata of its nodes (v3)
+                                    zarr.json (as every group's below the root) holds the consolidated
+                                    metadata of the nodes under it (v3)
         features        [N, V, D]   float16|float32
         logits          [N, V, C]   float16|float32 (full logits), or
         logits_topk/values [N, V, k], logits_topk/index [N, V, k] (uint16 | int32)
