@@ -131,7 +131,7 @@ def consolidate(path: Path) -> None:
     root = fmt.open_group(str(path), mode="r+", consolidated=False)
     meta = fmt.read_store_meta(root, str(path))
     fmt.write_store_meta(root, meta.replace(version=fmt.FORMAT_VERSION, teachers=tuple(ids)))
-    rewrite_document(path / "zarr.json", lambda doc: doc)
+    rewrite_document(path / "zarr.json", lambda doc: doc)         # zarr indents it: compact, as every document
 
 
 def group_documents(path: Path) -> dict[str, Path]:

@@ -96,7 +96,9 @@ class StoreReader:
         self.store = open_store(self.location, storage_options) if self.location else store
         self.root = open_root(self.store, self.where, "r", consolidated)
         self.meta: StoreMeta = read_store_meta(self.root, self.where)
-        self.listed = self.meta.teachers is not None and consolidated is not False   # v3: the root lists them
+        # ``consolidated``: teachers are found without a listing (v3: the root's list; v1/v2: the root's copy of
+        # every node); ``listed``: the v3 list is used (``consolidated=False`` lists the store, e.g. mid-run)
+        self.listed = self.meta.teachers is not None and consolidated is not False
         self.consolidated = self.listed or self.root.metadata.consolidated_metadata is not None
         if self.location is not None and not self.location.listable and not self.consolidated:
             raise StoreError(f"{self.where}: this store has no consolidated metadata, and {self.location.protocol}:// "

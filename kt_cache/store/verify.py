@@ -32,6 +32,7 @@ from kt_cache.codecs import MISSING_CODE
 from kt_cache.transform_codec import MISSING_FLAG
 from kt_cache.errors import StoreError
 from kt_cache.store.location import TEMP_FILE, get_bytes, get_many, list_keys
+from kt_cache.store.verify_consolidation import check_consolidation
 
 BATCH_BYTES = 256 << 20          # objects hashed / rows decoded per step
 TEMP_MIN_AGE_S = 60              # younger temp files may belong to a running writer
@@ -212,77 +213,6 @@ def provenance_gaps(teacher_id: str, teacher: fmt.TeacherRecord) -> list[str]:
     if "features" in teacher.outputs and not teacher.feature_stats:
         gaps.append("feature_stats")
     return [f"teacher {teacher_id}: provenance lacks {', '.join(gaps)}"] if gaps else []
-
-
-def json_document(reader: fmt.StoreReader, key: str) -> dict[str, Any] | None:
-    """A metadata document as a dict; None when absent or not a JSON object (other checks report that)."""
-    try:
-        doc = json.loads(get_bytes(reader.store, key) or b"null")
-    except ValueError:
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
-def check_consolidation(reader: fmt.StoreReader, manifest: dict[str, Any] | None, report: VerifyReport) -> None:
-    """Consolidated metadata exists and lists every node as stored (a stale one hides nodes from readers): v3, the
-    root's teacher list and each teacher's own document; v1/v2, the root's document."""
-    fix = ("Fix: rerun `ktc extract` with the store's manifest (it re-finalizes), or ask the producer to."
-           if report.made_by.startswith("ktc extract") and not report.packed else f"Fix: {report.repair}.")
-    if not reader.consolidated:
-        report.add("store", "zarr.json", f"no consolidated metadata: readers over https cannot discover teachers. {fix}")
-        return
-    keys = list(manifest or {}) + (list_keys(reader.store) if reader.location is None or reader.location.listable else [])
-    stored = {k[: -len("/zarr.json")] for k in keys if k.endswith("/zarr.json")}
-    if reader.meta.teachers is None:
-        check_root_consolidation(reader, stored, fix, report)
-        return
-    groups = {node.split("/")[1] for node in stored if node.startswith("teachers/") and node.count("/") == 1}
-    for teacher_id in sorted(groups - set(reader.meta.teachers)):
-        report.add(f"teachers/{teacher_id}", f"teachers/{teacher_id}/zarr.json", "stored but missing from the root's "
-                   f"teacher list (attrs['ktc']['teachers'], stale): readers do not see this teacher. {fix}")
-    groups = {"samples", *(node for node in stored if node.startswith("teachers/") and node.count("/") >= 1)}
-    for group in sorted(groups):
-        if (json_document(reader, f"{group}/zarr.json") or {}).get("node_type") == "group":
-            check_group_consolidation(reader, group, stored, fix, report)
-
-
-def check_group_consolidation(reader: fmt.StoreReader, group: str, stored: set[str], fix: str,
-                              report: VerifyReport) -> None:
-    """v3: a teacher's (or samples') ``zarr.json`` holds every node under it, each as its own document says."""
-    from kt_cache.finalize import minimal_node
-
-    consolidated = (json_document(reader, f"{group}/zarr.json") or {}).get("consolidated_metadata")
-    if not isinstance(consolidated, dict):
-        report.add(group, f"{group}/zarr.json", f"no consolidated metadata for the nodes under {group}: readers "
-                   f"over https cannot find its arrays. {fix}")
-        return
-    nodes = consolidated.get("metadata") or {}
-    for node in sorted(n for n in stored if n.startswith(group + "/")):
-        name = node[len(group) + 1:]
-        own = json_document(reader, f"{node}/zarr.json")
-        if name not in nodes:
-            report.add(node, f"{node}/zarr.json", f"stored but missing from {group}/zarr.json's consolidated "
-                       f"metadata (stale). {fix}")
-        elif own is not None and without_copies(minimal_node(own)) != without_copies(nodes[name]):
-            report.add(node, f"{node}/zarr.json", f"differs from its copy in {group}/zarr.json's consolidated "
-                       f"metadata (stale). {fix}")
-
-
-def without_copies(node: dict[str, Any]) -> dict[str, Any]:
-    """A node's metadata without its own consolidated copy of its children (v3: checked where it is kept)."""
-    return {k: v for k, v in node.items() if k != "consolidated_metadata"} if isinstance(node, dict) else node
-
-
-def check_root_consolidation(reader: fmt.StoreReader, stored: set[str], fix: str, report: VerifyReport) -> None:
-    """v1/v2: the root's consolidated metadata lists every node, with each teacher's current attributes."""
-    nodes = dict(((json_document(reader, "zarr.json") or {}).get("consolidated_metadata") or {}).get("metadata") or {})
-    for node in sorted(stored - set(nodes)):
-        report.add(node, f"{node}/zarr.json", f"stored but missing from the consolidated metadata (stale). {fix}")
-    for teacher_id in reader.teacher_ids():
-        node = f"teachers/{teacher_id}"
-        own = (json_document(reader, f"{node}/zarr.json") or {}).get("attributes")
-        if own is not None and own != ((nodes.get(node) or {}).get("attributes") or {}):   # {} is left out there
-            report.add(node, f"{node}/zarr.json", f"attributes differ from the consolidated copy (stale). {fix}")
 
 
 def check_keys(reader: fmt.StoreReader, manifest: dict[str, Any], report: VerifyReport) -> None:
