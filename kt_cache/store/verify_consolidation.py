@@ -12,7 +12,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from kt_cache.store import format as fmt
-from kt_cache.store.location import get_bytes, list_keys
+from kt_cache.store.location import get_bytes, get_many, list_keys
 
 if TYPE_CHECKING:
     from kt_cache.store.verify import VerifyReport
@@ -20,11 +20,7 @@ if TYPE_CHECKING:
 
 def json_document(reader: fmt.StoreReader, key: str) -> dict[str, Any] | None:
     """A metadata document as a dict; None when absent or not a JSON object (other checks report that)."""
-    try:
-        doc = json.loads(get_bytes(reader.store, key) or b"null")
-    except ValueError:
-        return None
-    return doc if isinstance(doc, dict) else None
+    return parse_document(get_bytes(reader.store, key))
 
 
 def check_consolidation(reader: fmt.StoreReader, manifest: dict[str, Any] | None, report: VerifyReport) -> None:
@@ -44,26 +40,45 @@ def check_consolidation(reader: fmt.StoreReader, manifest: dict[str, Any] | None
     for teacher_id in sorted(groups - set(reader.meta.teachers)):
         report.add(f"teachers/{teacher_id}", f"teachers/{teacher_id}/zarr.json", "stored but missing from the root's "
                    f"teacher list (attrs['ktc']['teachers'], stale): readers do not see this teacher. {fix}")
-    groups = {"samples", *(node for node in stored if node.startswith("teachers/") and node.count("/") >= 1)}
-    for group in sorted(groups):
-        if (json_document(reader, f"{group}/zarr.json") or {}).get("node_type") == "group":
-            check_group_consolidation(reader, group, stored, fix, report)
+    nodes = sorted(n for n in stored | {"samples"} if n == "samples" or n.startswith(("samples/", "teachers/")))
+    docs = dict(zip(nodes, map(parse_document, get_many(reader.store, [f"{n}/zarr.json" for n in nodes]))))
+    for group, children in children_by_group(docs).items():
+        check_group_consolidation(group, docs, children, fix, report)
 
 
-def check_group_consolidation(reader: fmt.StoreReader, group: str, stored: set[str], fix: str,
+def parse_document(raw: bytes | None) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(raw or b"null")
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def children_by_group(docs: dict[str, dict[str, Any] | None]) -> dict[str, list[str]]:
+    """Every group below the root (not ``teachers`` itself), with the nodes under it at any depth."""
+    groups = {n: [] for n, doc in docs.items() if (doc or {}).get("node_type") == "group" and n != "teachers"}
+    for node in docs:
+        parts = node.split("/")
+        for depth in range(1, len(parts)):
+            parent = "/".join(parts[:depth])
+            if parent in groups:
+                groups[parent].append(node)
+    return groups
+
+
+def check_group_consolidation(group: str, docs: dict[str, dict[str, Any] | None], children: list[str], fix: str,
                               report: VerifyReport) -> None:
-    """v3: a teacher's (or samples') ``zarr.json`` holds every node under it, each as its own document says."""
+    """v3: a group's ``zarr.json`` holds every node under it, each as that node's own document has it."""
     from kt_cache.finalize import minimal_node
 
-    consolidated = (json_document(reader, f"{group}/zarr.json") or {}).get("consolidated_metadata")
+    consolidated = (docs.get(group) or {}).get("consolidated_metadata")
     if not isinstance(consolidated, dict):
         report.add(group, f"{group}/zarr.json", f"no consolidated metadata for the nodes under {group}: readers "
                    f"over https cannot find its arrays. {fix}")
         return
     nodes = consolidated.get("metadata") or {}
-    for node in sorted(n for n in stored if n.startswith(group + "/")):
-        name = node[len(group) + 1:]
-        own = json_document(reader, f"{node}/zarr.json")
+    for node in sorted(children):
+        name, own = node[len(group) + 1:], docs.get(node)
         if name not in nodes:
             report.add(node, f"{node}/zarr.json", f"stored but missing from {group}/zarr.json's consolidated "
                        f"metadata (stale). {fix}")
