@@ -95,6 +95,29 @@ def test_consolidated_nodes_leave_out_the_specs_defaults_and_parse_like_their_ow
     assert lse.shards is None and lse.chunks == (2, 2)      # per-view scalars: one plain chunk per unit
 
 
+def test_each_group_consolidates_what_zarr_consolidates(both, tmp_path):
+    """finalize builds every group's consolidated metadata from the documents it reads once; zarr's own
+    ``consolidate_metadata`` of the same group parses to the same metadata."""
+    import warnings
+
+    from zarr.core.group import GroupMetadata
+
+    from kt_cache.finalize import children_by_group, minimal_consolidated, node_documents
+
+    store = shutil.copytree(both["v2"], tmp_path / "s.zarr")
+    ours = node_documents(store)
+    groups = children_by_group(ours)
+    assert {"samples", "teachers/cnn32", "teachers/cnn32/logits_topk", "teachers/cnn32/stats"} <= set(groups)
+    for group in sorted(groups, reverse=True):     # children first: a parent's copy of a child has no copies
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            zarr.consolidate_metadata(str(store), path=group)
+    for group in groups:
+        theirs = minimal_consolidated(json.loads((store / group / "zarr.json").read_text()))
+        parsed = [GroupMetadata.from_dict(dict(doc)).to_dict() for doc in (ours[group], theirs)]
+        assert json.dumps(parsed[0], sort_keys=True, default=str) == json.dumps(parsed[1], sort_keys=True, default=str), group
+
+
 def test_every_command_reads_a_v2_store_and_the_upgrade_to_v3_rewrites_only_metadata(both):
     runner, base = CliRunner(), both["base"]
     v2 = base / "v2-committed.zarr"

@@ -184,3 +184,20 @@ def test_library_report_lists_every_bad_object(store: Path) -> None:
     assert not report.ok
     assert {p.key for p in report.problems} >= set(keys)
     assert report.bad_arrays()[:2] == ["samples/label", "teachers/cnn32/logits_topk/values"]
+
+
+def test_the_summary_names_ten_bad_arrays_then_counts_the_rest() -> None:
+    """At 1000 teachers a damaged store can have thousands of bad arrays: the first line stays readable, and
+    every problem still has its own line."""
+    from kt_cache.store.verify import VerifyReport
+
+    report = VerifyReport("s.zarr", quick=True)
+    for i in range(12):
+        report.add(f"teachers/t{i:02d}", f"teachers/t{i:02d}/zarr.json", "changed")
+    first, *rest = report.summary().splitlines()
+    assert first == ("s.zarr: 12 problem(s) in 12 array(s): " + ", ".join(f"teachers/t{i:02d}" for i in range(10))
+                     + " and 2 more (each listed below)")
+    assert len(rest) == 12 and rest[-1] == "  teachers/t11  object teachers/t11/zarr.json: changed"
+    few = VerifyReport("s.zarr", quick=True)
+    few.add("samples/id", None, "bad")
+    assert few.summary().splitlines()[0] == "s.zarr: 1 problem(s) in 1 array(s): samples/id"

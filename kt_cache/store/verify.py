@@ -88,9 +88,10 @@ class VerifyReport:
 
     def summary(self) -> str:
         what = "metadata checked" if self.quick else f"{self.objects_hashed} objects hashed, {self.arrays_scanned} arrays scanned"
+        bad = self.bad_arrays()
+        named = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more (each listed below)" if len(bad) > 10 else "")
         lines = [f"OK {self.store}: {len(self.teachers)} teacher(s), {what}" if self.ok else
-                 f"{self.store}: {len(self.problems)} problem(s) in {len(self.bad_arrays())} array(s): "
-                 f"{', '.join(self.bad_arrays())}"]
+                 f"{self.store}: {len(self.problems)} problem(s) in {len(bad)} array(s): {named}"]
         lines += [p.line() for p in self.problems]
         lines += [f"removed orphan temp file {key}" for key in self.removed]
         lines += [f"warning: {text}" for text in self.warnings]

@@ -42,6 +42,8 @@ def check_consolidation(reader: fmt.StoreReader, manifest: dict[str, Any] | None
                    f"teacher list (attrs['ktc']['teachers'], stale): readers do not see this teacher. {fix}")
     nodes = sorted(n for n in stored | {"samples"} if n == "samples" or n.startswith(("samples/", "teachers/")))
     docs = dict(zip(nodes, map(parse_document, get_many(reader.store, [f"{n}/zarr.json" for n in nodes]))))
+    from kt_cache.finalize import children_by_group
+
     for group, children in children_by_group(docs).items():
         check_group_consolidation(group, docs, children, fix, report)
 
@@ -54,22 +56,10 @@ def parse_document(raw: bytes | None) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-def children_by_group(docs: dict[str, dict[str, Any] | None]) -> dict[str, list[str]]:
-    """Every group below the root (not ``teachers`` itself), with the nodes under it at any depth."""
-    groups = {n: [] for n, doc in docs.items() if (doc or {}).get("node_type") == "group" and n != "teachers"}
-    for node in docs:
-        parts = node.split("/")
-        for depth in range(1, len(parts)):
-            parent = "/".join(parts[:depth])
-            if parent in groups:
-                groups[parent].append(node)
-    return groups
-
-
 def check_group_consolidation(group: str, docs: dict[str, dict[str, Any] | None], children: list[str], fix: str,
                               report: VerifyReport) -> None:
     """v3: a group's ``zarr.json`` holds every node under it, each as that node's own document has it."""
-    from kt_cache.finalize import minimal_node
+    from kt_cache.finalize import minimal_node, without_copies
 
     consolidated = (docs.get(group) or {}).get("consolidated_metadata")
     if not isinstance(consolidated, dict):
@@ -85,11 +75,6 @@ def check_group_consolidation(group: str, docs: dict[str, dict[str, Any] | None]
         elif own is not None and without_copies(minimal_node(own)) != without_copies(nodes[name]):
             report.add(node, f"{node}/zarr.json", f"differs from its copy in {group}/zarr.json's consolidated "
                        f"metadata (stale). {fix}")
-
-
-def without_copies(node: dict[str, Any]) -> dict[str, Any]:
-    """A node's metadata without its own consolidated copy of its children (v3: checked where it is kept)."""
-    return {k: v for k, v in node.items() if k != "consolidated_metadata"} if isinstance(node, dict) else node
 
 
 def check_root_consolidation(reader: fmt.StoreReader, stored: set[str], fix: str, report: VerifyReport) -> None:
