@@ -7,8 +7,9 @@ Accepted forms (``location`` below)::
     zip::https://host/train.zip                                    a packed store behind a URL (fsspec chaining)
     https://host/train.zarr  s3://bucket/train.zarr  gs://…         any fsspec URL (Zarr's FsspecStore)
 
-Plain ``https://`` has no listing, so a reader discovers teachers only from consolidated metadata; the
-reader refuses such a store without it (``kt_cache.store.StoreReader``).
+Plain ``https://`` has no listing, so a reader discovers teachers only from the root's teacher list (v3; the
+root's consolidated metadata in v1/v2) and a group's arrays only from its consolidated metadata; the reader
+refuses a store or teacher without them (``kt_cache.store.StoreReader``).
 
 Zarr sharding reads a shard's index with a suffix range and its chunks with byte ranges. Some servers
 (``python -m http.server``, a few CDNs) ignore ``Range`` and answer 200 with the whole object; fsspec
