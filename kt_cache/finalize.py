@@ -116,9 +116,9 @@ def consolidate(path: Path) -> None:
     without the spec defaults (``minimal_node``; ``tests/test_store_versions.py`` pins the two equal), built
     from the documents read once: zarr's call per group took 21 s at 1000 teachers. A v2 root's consolidated
     copy of every node is removed (zarr would look nowhere else for a node)."""
-    root = fmt.open_group(str(path), mode="r+", consolidated=False)
-    ids = sorted(root["teachers"].group_keys()) if "teachers" in root else []
     docs = {node: without_copies(doc) for node, doc in node_documents(path).items()}
+    ids = sorted(node.split("/")[1] for node, doc in docs.items()
+                 if node.startswith("teachers/") and node.count("/") == 1 and doc.get("node_type") == "group")
     for group, children in children_by_group(docs).items():
         nodes = {child[len(group) + 1:]: minimal_node(docs[child]) for child in sorted(children)}
         consolidated = {"kind": "inline", "must_understand": False, "metadata": nodes}

@@ -18,41 +18,30 @@ def folder_bytes(path: Path) -> int | None:
     return sum((Path(d) / f).stat().st_size for d, _, files in os.walk(path) for f in files)
 
 
-def store_bytes(reader: fmt.StoreReader, prefix: str = "") -> int | None:
-    """Bytes below ``prefix``: walked for a local folder, summed from ``ktc-objects.json`` for a remote or
-    packed store, None when neither is available."""
+def object_sizes(reader: fmt.StoreReader) -> dict[str, int] | None:
+    """Object key -> bytes: one walk of a local folder, or ``ktc-objects.json``'s sizes for a remote or packed
+    store; None when neither is available."""
     from kt_cache.errors import StoreError
 
     folder = reader.location.local_folder if reader.location else None
     if folder is not None:
-        return folder_bytes(folder / prefix if prefix else folder)
+        return {(Path(d) / f).relative_to(folder).as_posix(): (Path(d) / f).stat().st_size
+                for d, _, files in os.walk(folder) for f in files}
     try:
         manifest = reader.object_manifest()
     except StoreError:
         return None
-    return None if manifest is None else sum(e["size"] for k, e in manifest.items() if k.startswith(prefix))
+    return None if manifest is None else {key: entry["size"] for key, entry in manifest.items()}
 
 
-def teacher_bytes(reader: fmt.StoreReader) -> dict[str, int] | None:
-    """Bytes of each teacher: one walk of a local folder (not one per teacher: 1000 walks took 2.5 s), or one
-    pass over ``ktc-objects.json`` for a remote or packed store; None when neither is available."""
-    from kt_cache.errors import StoreError
-
-    folder = reader.location.local_folder if reader.location else None
-    if folder is not None:
-        sizes = ((Path(d).relative_to(folder).parts, (Path(d) / f).stat().st_size)
-                 for d, _, files in os.walk(folder / "teachers") for f in files)
-    else:
-        try:
-            manifest = reader.object_manifest()
-        except StoreError:
-            return None
-        if manifest is None:
-            return None
-        sizes = ((tuple(k.split("/")[:-1]), e["size"]) for k, e in manifest.items() if k.startswith("teachers/"))
+def teacher_bytes(sizes: dict[str, int] | None) -> dict[str, int] | None:
+    """Bytes of each teacher, from ``object_sizes`` (one walk for all: a walk per teacher took 2.5 s at 1000)."""
+    if sizes is None:
+        return None
     found: dict[str, int] = {}
-    for parts, size in sizes:
-        if len(parts) >= 2 and parts[0] == "teachers":
+    for key, size in sizes.items():
+        parts = key.split("/")
+        if len(parts) > 2 and parts[0] == "teachers":
             found[parts[1]] = found.get(parts[1], 0) + size
     return found
 
@@ -110,7 +99,8 @@ def store_summary(store: str) -> dict[str, Any]:
     reader = fmt.StoreReader(store)
     meta = reader.meta
     samples = reader.samples()
-    sizes = teacher_bytes(reader)
+    sizes = object_sizes(reader)
+    per_teacher = teacher_bytes(sizes)
     summary = {
         "store": store, "format": fmt.FORMAT_NAME, "version": meta.version,
         "n_samples": meta.n_samples, "n_views": meta.n_views, "unit_rows": meta.unit_rows,
@@ -119,8 +109,8 @@ def store_summary(store: str) -> dict[str, Any]:
         "n_classes": len(meta.classes),
         "samples_ok": int(np.asarray(samples["ok"]).sum()),
         "labelled": int((np.asarray(samples["label"]) >= 0).sum()),
-        "bytes": store_bytes(reader), "remote": reader.location is None or reader.location.local_folder is None,
-        "teachers": [teacher_summary(reader, t, sizes) for t in open_all(reader)],
+        "bytes": sum(sizes.values()) if sizes is not None else None, "remote": reader.location is None or reader.location.local_folder is None,
+        "teachers": [teacher_summary(reader, t, per_teacher) for t in open_all(reader)],
     }
     summary["codec_sizes"] = codec_sizes(summary["teachers"])
     return summary
